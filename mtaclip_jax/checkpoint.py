@@ -1,0 +1,114 @@
+"""One orbax CheckpointManager for train state + data iterator + config (STYLE 10).
+
+Layout: `WORKDIR/checkpoints/<step>/{state,data,config}`. Orbax writes each step to a
+temporary directory and renames it when complete, so a kill mid-save never leaves a
+half checkpoint that looks finished. Restore takes the latest step whose parts all
+read back; a damaged one is reported by name and the previous one is used.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from typing import Any
+
+import grain
+import ml_collections
+import orbax.checkpoint as ocp
+
+
+class CheckpointError(RuntimeError):
+  pass
+
+
+def _config_json(config: ml_collections.ConfigDict) -> dict:
+  return json.loads(config.to_json_best_effort())
+
+
+class Checkpointer:
+  """Saves/restores {state, data iterator, config} together, every N steps."""
+
+  def __init__(self, workdir: str, *, every: int, max_to_keep: int,
+               async_save: bool = True):
+    self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+    self.every = int(every)
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=max_to_keep, create=True,
+        enable_async_checkpointing=async_save,
+        cleanup_tmp_directories=True)
+    self.manager = ocp.CheckpointManager(
+        self.directory, options=options,
+        item_handlers={
+            "state": ocp.StandardCheckpointHandler(),
+            "config": ocp.JsonCheckpointHandler(),
+            "data": grain.checkpoint.CheckpointHandler(),
+        })
+
+  def all_steps(self) -> list[int]:
+    return sorted(self.manager.all_steps())
+
+  def latest_step(self) -> int | None:
+    steps = self.all_steps()
+    return steps[-1] if steps else None
+
+  def save(self, step: int, state: Any, data_iter: Any, config: ml_collections.ConfigDict,
+           force: bool = False) -> bool:
+    args = {"state": ocp.args.StandardSave(state),
+            "config": ocp.args.JsonSave(_config_json(config))}
+    if data_iter is not None:
+      args["data"] = grain.checkpoint.CheckpointSave(data_iter)
+    return self.manager.save(step, args=ocp.args.Composite(**args), force=force)
+
+  def wait(self):
+    self.manager.wait_until_finished()
+
+  def close(self):
+    self.manager.wait_until_finished()
+    self.manager.close()
+
+  def restore(self, abstract_state: Any, data_iter: Any = None, step: int | None = None
+              ) -> tuple[int, Any, dict]:
+    """Restores (step, state, config dict) into the shardings of `abstract_state`.
+
+    `step=None` takes the latest readable checkpoint, falling back to older ones
+    with a warning naming what was wrong. `data_iter` (if given) is set in place.
+    """
+    steps = self.all_steps()
+    if not steps:
+      raise CheckpointError(f"no checkpoint in {self.directory}")
+    if step is not None:
+      if step not in steps:
+        raise CheckpointError(
+            f"checkpoint step {step} not found in {self.directory}; available: {steps}")
+      candidates = [step]
+    else:
+      candidates = steps[::-1]
+    errors = []
+    for s in candidates:
+      try:
+        args = {"state": ocp.args.StandardRestore(abstract_state),
+                "config": ocp.args.JsonRestore()}
+        if data_iter is not None:
+          args["data"] = grain.checkpoint.CheckpointRestore(data_iter)
+        restored = self.manager.restore(s, args=ocp.args.Composite(**args))
+        if errors:
+          logging.warning("restored checkpoint step %d after skipping damaged ones: %s",
+                          s, "; ".join(errors))
+        return s, restored["state"], dict(restored["config"] or {})
+      except Exception as e:  # pylint: disable=broad-except
+        msg = f"{self.directory}/{s}: {type(e).__name__}: {str(e)[:400]}"
+        logging.warning("cannot restore checkpoint %s", msg)
+        errors.append(msg)
+    raise CheckpointError(
+        "no checkpoint could be restored (damaged, or saved by a different model, "
+        "number of classes or optimizer than this config): " + " | ".join(errors))
+
+
+def restore_params_only(workdir: str, abstract_state: Any, step: int | None = None):
+  """For eval/predict: restore without a data iterator."""
+  ckpt = Checkpointer(workdir, every=1, max_to_keep=1000, async_save=False)
+  try:
+    return ckpt.restore(abstract_state, None, step)
+  finally:
+    ckpt.close()

@@ -1,0 +1,51 @@
+"""Entry point: `python -m mtaclip_jax.main --config configs/X.py[:arg] --workdir DIR`.
+
+Thin by design (STYLE 1): flags, distributed init, dispatch to train or evaluate.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from mtaclip_jax import distributed
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Config file (configs/*.py), optionally with ':arg' variants.",
+    lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, logs and results go.")
+_MODE = flags.DEFINE_enum("mode", "train", ["train", "eval"], "What to run.")
+flags.DEFINE_string("coordinator_address", None,
+                    "host:port of process 0 for multi-process runs (else from env).")
+flags.DEFINE_integer("num_processes", None, "Number of processes (multi-process runs).")
+flags.DEFINE_integer("process_id", None, "This process's index (multi-process runs).")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  logging.getLogger().setLevel(logging.INFO)
+  distributed.initialize(flags.FLAGS.coordinator_address, flags.FLAGS.num_processes,
+                         flags.FLAGS.process_id)
+  config = _CONFIG.value
+  if _MODE.value == "train":
+    from mtaclip_jax import train  # pylint: disable=g-import-not-at-top
+    train.run(config, _WORKDIR.value)
+  else:
+    from mtaclip_jax import evaluate  # pylint: disable=g-import-not-at-top
+    evaluate.run(config, _WORKDIR.value)
+
+
+def cli():
+  try:
+    app.run(main)
+  except KeyboardInterrupt:
+    sys.exit(130)
+
+
+if __name__ == "__main__":
+  cli()

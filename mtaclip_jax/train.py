@@ -1,0 +1,131 @@
+"""The training loop: data -> sharded train step -> logs, checkpoints, evaluation.
+
+`run(config, workdir)` is what `python -m mtaclip_jax.main --mode train` calls. A
+restart with the same command resumes from the latest checkpoint (state, data
+iterator and RNG), bit-exact on CPU.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import time
+
+import jax
+import ml_collections
+import numpy as np
+
+from mtaclip_jax import checkpoint, optim, runtime, sharding, train_state
+from mtaclip_jax.models import mtaclip
+
+
+class NonFiniteLossError(FloatingPointError):
+  pass
+
+
+class _Preemption:
+  """SIGTERM (a preemption notice) asks the loop to save and exit cleanly."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = None
+
+  def __enter__(self):
+    try:
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+    except ValueError:  # not the main thread
+      self._previous = None
+    return self
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    logging.warning("SIGTERM received: saving a checkpoint and exiting")
+    self.requested = True
+
+  def __exit__(self, *exc):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+
+def _host_metrics(metrics: dict) -> dict:
+  return {k: float(np.asarray(v)) for k, v in jax.device_get(metrics).items()}
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Trains per `config`; returns the last logged metrics (and eval results)."""
+  runtime.validate_config(config)
+  runtime.check_workdir(workdir)
+  mesh = sharding.make_mesh(config.mesh)
+  runtime.check_batch(config, mesh)
+  rt = runtime.Runtime(config, workdir, mesh)
+
+  model = mtaclip.build_model(config.model)
+  tx = optim.make_optimizer(config.optim)
+  class_tokens = rt.class_tokens()
+  rng = jax.random.key(config.seed)
+  with jax.set_mesh(mesh):
+    state, state_shard = train_state.init_state_sharded(
+        model, tx, config, class_tokens, rng, mesh)
+    state = runtime.load_pretrained(state, config, model)
+    step_fn = train_state.jit_train_step(model, tx, config, state_shard, mesh)
+
+  data_iter = rt.train_iterator()
+  ckpt = checkpoint.Checkpointer(workdir, every=config.train.checkpoint_every,
+                                 max_to_keep=config.train.max_to_keep)
+  start = 0
+  if ckpt.latest_step() is not None:
+    start, state, _ = ckpt.restore(state, data_iter)
+    logging.info("resumed from %s at step %d", ckpt.directory, start)
+  total = int(config.train.steps)
+  writer = rt.metric_writer()
+  last: dict = {}
+  pending = None  # metrics of the step before, fetched while this one runs
+  t0, t_last = time.time(), time.time()
+  with _Preemption() as preempt, jax.set_mesh(mesh):
+    bar = rt.progress(start, total)
+    step = start
+    while step < total:
+      batch = sharding.global_batch(next(data_iter), mesh)
+      state, metrics = step_fn(state, batch, class_tokens)
+      step += 1
+      if pending is not None:
+        last = _check_and_log(pending, rt, writer, bar, config, ckpt, t_last)
+        t_last = time.time()
+      pending = (step, metrics)
+      if step % config.train.checkpoint_every == 0 or step == total or preempt.requested:
+        last = _check_and_log(pending, rt, writer, bar, config, ckpt, t_last)
+        pending = None
+        ckpt.save(step, state, data_iter, config, force=True)
+      if config.eval.every_steps and step % config.eval.every_steps == 0 and step < total:
+        rt.evaluate(model, state, class_tokens, step, writer)
+      if preempt.requested:
+        ckpt.close()
+        bar.close()
+        logging.warning("stopped at step %d after SIGTERM; restart to resume", step)
+        return last
+    bar.close()
+  ckpt.close()
+  results = dict(last)
+  if config.eval.get("at_end", True):
+    results.update(rt.evaluate(model, state, class_tokens, total, writer))
+  rt.print_summary(time.time() - t0)
+  writer.close()
+  return results
+
+
+def _check_and_log(pending, rt, writer, bar, config, ckpt, t_last) -> dict:
+  step, metrics = pending
+  m = _host_metrics(metrics)
+  if not m.get("finite", 1.0) and config.train.on_nan == "stop":
+    terms = ", ".join(f"{k}={v:.4g}" for k, v in sorted(m.items()))
+    ckpt.wait()
+    raise NonFiniteLossError(
+        f"non-finite loss or gradient at step {step} ({terms}); the last good "
+        f"checkpoint ({ckpt.latest_step()}) in {ckpt.directory} is kept. Lower the "
+        f"learning rate, check the data, or set --config.train.on_nan=skip")
+  bar.update(step - bar.n)
+  if step % config.train.log_every == 0 or step == config.train.steps:
+    m["step_time"] = (time.time() - t_last)
+    rt.log_metrics(writer, step, m, bar)
+  return m
