@@ -1,0 +1,178 @@
+"""Evaluation of semantic segmentation: mIoU over a dataset, whole / slide / MS+flip.
+
+`evaluate(predict_fn, dataset, config.eval, num_classes, class_names)` runs
+`inference.predict_scores` on every image (one at a time, any size), accumulates
+the confusion matrix on device and returns mmseg's metrics (percent);
+`write_results` stores them as JSON (workdir/eval/step_N.json) and TensorBoard
+scalars (eval/mIoU, ...). `predict_fn` comes from `inference.make_predict_fn`.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import os
+import time
+from typing import Iterable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import tqdm
+
+from mtaclip_jax import inference
+from mtaclip_jax import metrics
+
+# Flush the int32 device confusion matrix to the host before it could overflow.
+_FLUSH_PIXELS = 2**30
+
+
+@functools.partial(jax.jit, static_argnames="num_classes", donate_argnums=0)
+def _update_from_scores(cm, scores, label, num_classes):
+  return metrics.update(cm, jnp.argmax(scores, axis=-1), label, num_classes)
+
+
+def _settings(eval_config) -> inference.Settings:
+  if isinstance(eval_config, inference.Settings):
+    return eval_config
+  return inference.Settings.from_config(eval_config)
+
+
+def evaluate(predict_fn: inference.PredictFn, dataset: Iterable[dict], eval_config,
+             num_classes: int, class_names: Sequence[str] | None = None,
+             progress: bool = True, max_images: int | None = None) -> dict:
+  """mIoU of `predict_fn` on `dataset`.
+
+  Args:
+    predict_fn: normalised images [1, H, W, 3] -> scores [1, h, w, C].
+    dataset: iterable of {"image": uint8 [H, W, 3], "label": int [H, W] (255 =
+      ignore), "name": str} (CONTRACT.md).
+    eval_config: `config.eval` (mode, test_scale, crop_size, stride, scales, flip,
+      optional pad_size, pad_multiple, out_multiple, ms_mode, tta_softmax,
+      max_images) or an `inference.Settings`.
+    num_classes: C.
+    class_names: C names for the per-class results.
+    progress: show a tqdm bar.
+    max_images: stop after this many images (None: config.eval.max_images, 0 = all).
+
+  Returns:
+    {"mIoU", "mAcc", "aAcc" (percent), "per_class": {name: {"IoU", "Acc"}},
+     "IoU", "Acc" (lists, class order), "confusion_matrix" (int64 [C, C]), "mode",
+     "num_images", "seconds"}.
+  """
+  settings = _settings(eval_config)
+  if max_images is None:
+    get = getattr(eval_config, "get", None)
+    max_images = int(get("max_images", 0) or 0) if get else 0
+  total = len(dataset) if hasattr(dataset, "__len__") else None
+  if max_images and total is not None:
+    total = min(total, max_images)
+  elif max_images:
+    total = max_images
+
+  cm_host = np.zeros((num_classes, num_classes), np.int64)
+  cm = metrics.new_confusion_matrix(num_classes)
+  pending = 0
+  num_images = 0
+  start = time.perf_counter()
+  bar = tqdm.tqdm(total=total, desc=f"eval {settings.mode}", disable=not progress,
+                  unit="img")
+  for example in dataset:
+    if max_images and num_images >= max_images:
+      break
+    image = np.asarray(example["image"])
+    label = np.asarray(example["label"])
+    if label.shape != image.shape[:2]:
+      raise ValueError(f"{example.get('name', num_images)}: label shape {label.shape} "
+                       f"does not match image shape {image.shape}")
+    scores = inference.predict_scores(predict_fn, image, settings)
+    padded = np.full(scores.shape[:2], metrics.IGNORE_INDEX, np.int32)
+    padded[:label.shape[0], :label.shape[1]] = label
+    if pending + padded.size >= _FLUSH_PIXELS:
+      cm_host += np.asarray(cm, np.int64)
+      cm, pending = metrics.new_confusion_matrix(num_classes), 0
+    cm = _update_from_scores(cm, scores, padded, num_classes)
+    pending += padded.size
+    num_images += 1
+    bar.update(1)
+  bar.close()
+  cm_host += np.asarray(cm, np.int64)
+  seconds = time.perf_counter() - start
+
+  result = metrics.compute_metrics(cm_host, class_names)
+  return {
+      "mIoU": result["mIoU"],
+      "mAcc": result["mAcc"],
+      "aAcc": result["aAcc"],
+      "per_class": result["per_class"],
+      "IoU": result["IoU"].tolist(),
+      "Acc": result["Acc"].tolist(),
+      "confusion_matrix": cm_host,
+      "mode": settings.mode,
+      "num_images": num_images,
+      "seconds": seconds,
+  }
+
+
+def format_table(results: dict) -> str:
+  """Per-class IoU / Acc table and the summary line, mmseg style."""
+  names = list(results["per_class"])
+  width = max([len("Class")] + [len(n) for n in names])
+  rule = f"+{'-' * (width + 2)}+-------+-------+"
+
+  def fmt(x):
+    return "  nan" if x is None or math.isnan(x) else f"{x:5.2f}"
+
+  lines = [rule, f"| {'Class':<{width}} |  IoU  |  Acc  |", rule]
+  for name in names:
+    row = results["per_class"][name]
+    lines.append(f"| {name:<{width}} | {fmt(row['IoU'])} | {fmt(row['Acc'])} |")
+  lines.append(rule)
+  lines.append(f"{results['mode']}: mIoU {fmt(results['mIoU'])}  mAcc "
+               f"{fmt(results['mAcc'])}  aAcc {fmt(results['aAcc'])}  "
+               f"({results['num_images']} images, {results['seconds']:.1f} s)")
+  return "\n".join(lines)
+
+
+def _jsonable(x):
+  if isinstance(x, dict):
+    return {str(k): _jsonable(v) for k, v in x.items()}
+  if isinstance(x, (list, tuple)):
+    return [_jsonable(v) for v in x]
+  if isinstance(x, (np.ndarray, jax.Array)):
+    return _jsonable(np.asarray(x).tolist())
+  if isinstance(x, (np.floating, float)):
+    return None if math.isnan(x) else float(x)
+  if isinstance(x, np.integer):
+    return int(x)
+  return x
+
+
+def write_results(results: dict, workdir: str, step: int) -> str | None:
+  """Writes workdir/eval/step_{step}.json and TensorBoard scalars in workdir/eval.
+
+  Only process 0 writes. nan values become null in the JSON. Returns the JSON path
+  (None on other processes).
+  """
+  if jax.process_index() != 0:
+    return None
+  out_dir = os.path.join(workdir, "eval")
+  os.makedirs(out_dir, exist_ok=True)
+  path = os.path.join(out_dir, f"step_{int(step)}.json")
+  with open(path, "w") as f:
+    json.dump(_jsonable(dict(results, step=int(step))), f, indent=1)
+
+  import tensorboardX  # pylint: disable=g-import-not-at-top
+  writer = tensorboardX.SummaryWriter(out_dir)
+  try:
+    for key in ("mIoU", "mAcc", "aAcc", "seconds"):
+      if not math.isnan(results[key]):
+        writer.add_scalar(f"eval/{key}", results[key], int(step))
+    for name, row in results["per_class"].items():
+      for key in ("IoU", "Acc"):
+        if not math.isnan(row[key]):
+          writer.add_scalar(f"eval_per_class/{key}/{name}", row[key], int(step))
+  finally:
+    writer.close()
+  return path
