@@ -1,0 +1,271 @@
+"""Registered data transforms (mmsegmentation semantics) and the spec parser.
+
+A pipeline is a list of strings such as
+
+    ["random_resize(scale=(2048, 512), ratio_range=(0.5, 2.0))",
+     "random_crop(size=(512, 512), cat_max_ratio=0.75)",
+     "random_flip(prob=0.5)", "photometric_distortion()", "normalize()",
+     "pad(size=(512, 512))"]
+
+(or one string joined by "|"). Each name is a registered function
+`op(example, rng, **kwargs) -> example`; kwargs are Python literals. An example
+is `{"image": [H, W, 3], "label": uint8 [H, W] (255 = ignore), "name": str}`;
+images stay uint8 until `normalize`.
+"""
+
+import ast
+import inspect
+import logging
+
+import numpy as np
+from PIL import Image
+
+from mtaclip_jax.data import classes
+
+IGNORE = classes.IGNORE_LABEL
+MEAN = (123.675, 116.28, 103.53)
+STD = (58.395, 57.12, 57.375)
+REGISTRY = {}
+log = logging.getLogger(__name__)
+
+
+def register(fn):
+  REGISTRY[fn.__name__] = fn
+  return fn
+
+
+def parse(specs):
+  """Spec strings -> [(name, kwargs)], checked against the registry."""
+  if isinstance(specs, str):
+    specs = [s for s in specs.split("|") if s.strip()]
+  ops = []
+  for spec in specs:
+    try:
+      node = ast.parse(spec.strip(), mode="eval").body
+      if isinstance(node, ast.Name):
+        name, args, kwargs = node.id, [], {}
+      elif isinstance(node, ast.Call) and isinstance(node.func, ast.Name):
+        name = node.func.id
+        args = [ast.literal_eval(a) for a in node.args]
+        kwargs = {k.arg: ast.literal_eval(k.value) for k in node.keywords}
+      else:
+        raise ValueError("not a call")
+    except (SyntaxError, ValueError) as e:
+      raise ValueError(
+          f"config.data.transforms entry {spec!r}: expected name(key=literal, ...)"
+          f" ({e})") from e
+    if name not in REGISTRY:
+      raise ValueError(f"config.data.transforms entry {spec!r}: unknown transform "
+                       f"{name!r}, expected one of {sorted(REGISTRY)}")
+    try:
+      bound = inspect.signature(REGISTRY[name]).bind(None, None, *args, **kwargs)
+    except TypeError as e:
+      raise ValueError(f"config.data.transforms entry {spec!r}: {e}") from e
+    ops.append((name, {k: v for k, v in bound.arguments.items()
+                       if k not in ("example", "rng")}))
+  return ops
+
+
+def apply(ops, example, rng):
+  for name, kwargs in ops:
+    example = REGISTRY[name](example, rng, **kwargs)
+  return example
+
+
+# ---------------------------------------------------------------- geometry
+
+def rescale_size(height, width, scale):
+  """mmcv.rescale_size with keep_ratio: fit the long side to max(scale) and the
+  short side to min(scale), whichever is tighter. Returns (new_h, new_w)."""
+  long_edge, short_edge = max(scale), min(scale)
+  factor = min(long_edge / max(height, width), short_edge / min(height, width))
+  return int(height * factor + 0.5), int(width * factor + 0.5)
+
+
+def resize_image(image, size):
+  """Bilinear resize of a uint8 [H, W, 3] image to size (h, w) (PIL)."""
+  if image.shape[:2] == tuple(size):
+    return image
+  return np.asarray(Image.fromarray(image).resize((size[1], size[0]), Image.BILINEAR))
+
+
+def nearest_index(src, dst):
+  """Source index of each of dst output pixels, pixel centres aligned."""
+  return np.minimum(((np.arange(dst) + 0.5) * (src / dst)).astype(np.int64), src - 1)
+
+
+def resize_label(label, size):
+  """Nearest-neighbour resize of a label map; never interpolates values."""
+  if label.shape == tuple(size):
+    return label
+  rows = nearest_index(label.shape[0], size[0])
+  cols = nearest_index(label.shape[1], size[1])
+  return label[rows[:, None], cols[None, :]]
+
+
+def _resize_example(example, size):
+  return dict(example, image=resize_image(example["image"], size),
+              label=resize_label(example["label"], size))
+
+
+@register
+def resize(example, rng, scale=(2048, 512)):
+  """Test-time resize keeping the aspect ratio (mmseg Resize, keep_ratio=True)."""
+  del rng
+  h, w = example["image"].shape[:2]
+  return _resize_example(example, rescale_size(h, w, scale))
+
+
+@register
+def random_resize(example, rng, scale=(2048, 512), ratio_range=(0.5, 2.0)):
+  """mmseg RandomResize(scale, ratio_range, keep_ratio=True)."""
+  ratio = rng.uniform(*ratio_range)
+  target = (int(scale[0] * ratio), int(scale[1] * ratio))
+  h, w = example["image"].shape[:2]
+  return _resize_example(example, rescale_size(h, w, target))
+
+
+def crop_box(label, size, cat_max_ratio, rng):
+  """mmseg RandomCrop.crop_bbox: up to 10 re-draws until no class covers
+  cat_max_ratio or more of the non-ignored crop pixels."""
+  h, w = label.shape
+
+  def draw():
+    y = int(rng.integers(0, max(h - size[0], 0) + 1))
+    x = int(rng.integers(0, max(w - size[1], 0) + 1))
+    return y, x
+
+  y, x = draw()
+  if cat_max_ratio < 1.0:
+    for _ in range(10):
+      cnt = np.bincount(label[y:y + size[0], x:x + size[1]].ravel(), minlength=256)
+      cnt = cnt[:IGNORE][cnt[:IGNORE] > 0]
+      if len(cnt) > 1 and cnt.max() / cnt.sum() < cat_max_ratio:
+        break
+      y, x = draw()
+  return y, x
+
+
+@register
+def random_crop(example, rng, size=(512, 512), cat_max_ratio=0.75):
+  """mmseg RandomCrop(crop_size=size, cat_max_ratio); size is (h, w)."""
+  y, x = crop_box(example["label"], size, cat_max_ratio, rng)
+  sl = (slice(y, y + size[0]), slice(x, x + size[1]))
+  return dict(example, image=example["image"][sl], label=example["label"][sl])
+
+
+@register
+def random_flip(example, rng, prob=0.5):
+  """Horizontal flip of image and label with probability prob."""
+  if rng.random() < prob:
+    return dict(example, image=example["image"][:, ::-1], label=example["label"][:, ::-1])
+  return example
+
+
+# ---------------------------------------------------------------- photometric
+
+def _convert(x, alpha=1.0, beta=0.0):
+  return np.clip(x.astype(np.float32) * alpha + beta, 0, 255).astype(np.uint8)
+
+
+def shift_saturation_hue(image, sat_alpha, hue_delta):
+  """Scales saturation by sat_alpha and rotates hue by hue_delta (OpenCV units of
+  2 degrees, as mmseg) in 8-bit HSV; PIL's hue unit is 360/256 degrees."""
+  hsv = np.array(Image.fromarray(np.ascontiguousarray(image)).convert("HSV"))
+  if sat_alpha is not None:
+    hsv[..., 1] = _convert(hsv[..., 1], sat_alpha)
+  if hue_delta is not None:
+    hsv[..., 0] = (hsv[..., 0].astype(np.int32) + round(hue_delta * 256 / 180)) % 256
+  return np.asarray(Image.fromarray(hsv, "HSV").convert("RGB"))
+
+
+@register
+def photometric_distortion(example, rng, brightness_delta=32,
+                           contrast_range=(0.5, 1.5), saturation_range=(0.5, 1.5),
+                           hue_delta=18):
+  """mmseg PhotoMetricDistortion: random brightness, contrast (before or after
+  the colour changes), saturation, hue; each applied with probability 0.5.
+  Saturation and hue share one HSV round trip."""
+  img = example["image"]
+  if rng.integers(2):
+    img = _convert(img, beta=rng.uniform(-brightness_delta, brightness_delta))
+  mode = rng.integers(2)
+  if mode == 1 and rng.integers(2):
+    img = _convert(img, alpha=rng.uniform(*contrast_range))
+  sat = rng.uniform(*saturation_range) if rng.integers(2) else None
+  hue = int(rng.integers(-hue_delta, hue_delta)) if rng.integers(2) else None
+  if sat is not None or hue is not None:
+    img = shift_saturation_hue(img, sat, hue)
+  if mode == 0 and rng.integers(2):
+    img = _convert(img, alpha=rng.uniform(*contrast_range))
+  return dict(example, image=img)
+
+
+# ---------------------------------------------------------------- finishing
+
+@register
+def normalize(example, rng, mean=MEAN, std=STD):
+  """(image - mean) / std as float32 (RGB order)."""
+  del rng
+  image = example["image"].astype(np.float32)
+  image -= np.asarray(mean, np.float32)
+  image *= 1.0 / np.asarray(std, np.float32)
+  return dict(example, image=image)
+
+
+@register
+def pad(example, rng, size=(512, 512), image_value=0.0, label_value=IGNORE):
+  """Pads bottom/right to size (h, w): image with image_value, label with label_value."""
+  del rng
+  image, label = example["image"], example["label"]
+  h, w = label.shape
+  if h > size[0] or w > size[1]:
+    raise ValueError(f"{example.get('name')}: {h}x{w} is larger than pad size {size}; "
+                     "put random_crop before pad")
+  if (h, w) == tuple(size):
+    return example
+  out_img = np.full((size[0], size[1], image.shape[2]), image_value, image.dtype)
+  out_img[:h, :w] = image
+  out_lab = np.full(tuple(size), label_value, label.dtype)
+  out_lab[:h, :w] = label
+  return dict(example, image=out_img, label=out_lab)
+
+
+@register
+def map_labels(example, rng, mapping=None):
+  """Remaps label values with a {from: to} dict (e.g. merging classes); others kept."""
+  del rng
+  lut = np.arange(256, dtype=np.uint8)
+  for src, dst in (mapping or {}).items():
+    lut[int(src)] = int(dst)
+  return dict(example, label=lut[example["label"]])
+
+
+_warned_segments = []
+
+
+def make_targets(example, max_segments):
+  """Final training example: float32 image, int32 label, and one binary mask per
+  class present (ignore excluded), padded to max_segments with `valid`."""
+  label = np.ascontiguousarray(example["label"])
+  counts = np.bincount(label.ravel(), minlength=256)[:IGNORE]
+  present = np.nonzero(counts)[0]
+  if len(present) > max_segments:
+    if not _warned_segments:
+      _warned_segments.append(True)
+      log.warning("%s has %d classes, more than data.max_segments=%d: keeping the "
+                  "largest (warned once)", example.get("name"), len(present),
+                  max_segments)
+    order = np.argsort(-counts[present], kind="stable")[:max_segments]
+    present = np.sort(present[order])
+  n = len(present)
+  masks = np.zeros((max_segments,) + label.shape, np.uint8)
+  masks[:n] = label[None] == present[:, None, None]
+  cls = np.zeros(max_segments, np.int32)
+  cls[:n] = present
+  image = example["image"]
+  if image.dtype != np.float32:
+    raise ValueError("the transform list must end with normalize (and pad): got a "
+                     f"{image.dtype} image")
+  return {"image": np.ascontiguousarray(image), "label": label.astype(np.int32),
+          "masks": masks, "classes": cls, "valid": np.arange(max_segments) < n}
