@@ -1,0 +1,231 @@
+"""MTA-CLIP / Mask2Former training losses (DESIGN §4).
+
+On every supervised layer: class cross-entropy over C+1 ("none" weighted
+`no_object_weight`), sigmoid BCE and dice on points chosen by uncertainty
+importance sampling (as Mask2Former's `get_uncertain_point_coords_with_randomness`),
+and, with text queries, the mask-text similarity loss (MixNeg / SeparateNeg). Terms
+are summed over layers, as Mask2Former's auxiliary losses.
+
+Normalisation: mask/dice sums over matched pairs are divided by the number of valid
+ground-truth segments of the whole (global) batch, clamped to >= 1; class CE and the
+similarity loss are weighted means over all queries of the global batch. Under a
+jit with batch shardings these reductions are global by construction.
+
+Random points are drawn from `rng`; a `points` dict (see `draw_points`) can be
+passed instead, which the parity tests use to feed transformers the same points.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from mtaclip_jax import matching
+
+
+def _num_uncertain(loss_config) -> tuple[int, int, int]:
+    """(oversampled, importance-sampled, uniform) point counts, as Mask2Former."""
+    num_points = int(loss_config.num_points)
+    oversampled = int(num_points * loss_config.oversample_ratio)
+    uncertain = int(loss_config.importance_sample_ratio * num_points)
+    return oversampled, uncertain, num_points - uncertain
+
+
+def draw_points(rng: jax.Array, num_layers: int, batch: int, targets: int,
+                loss_config) -> dict:
+    """All uniform draws of one step.
+
+    Returns {"match": [L, B, P, 2] points of the matching costs, "over": [L, B, T,
+    P*oversample, 2] candidates for importance sampling, "random": [L, B, T,
+    P - P*importance, 2] uniform points of the mask losses}, (x, y) in [0, 1].
+    Only for tests and small shapes: `compute_loss` draws per layer by default,
+    which keeps the peak memory of one layer.
+    """
+    oversampled, _, uniform = _num_uncertain(loss_config)
+    k_match, k_over, k_rand = jax.random.split(rng, 3)
+    shape = (num_layers, batch, targets)
+    return {
+        "match": matching.sample_match_points(k_match, num_layers, batch,
+                                              int(loss_config.num_points)),
+        "over": jax.random.uniform(k_over, shape + (oversampled, 2)),
+        "random": jax.random.uniform(k_rand, shape + (uniform, 2)),
+    }
+
+
+def sample_queries(masks: jax.Array, query_index: jax.Array, points: jax.Array) -> jax.Array:
+    """Samples query `query_index[b, t]`'s mask at `points[b, t]`, bilinearly.
+
+    masks [B, Q, h, w], query_index [B, T] (in range), points [B, T, P, 2] ->
+    [B, T, P] float32 (gathered straight from masks: no [B, T, h, w] copy).
+    """
+    b, q, h, w = masks.shape
+    indices, weights = matching.bilinear_taps(points, h, w)  # [B, T, P, 4]
+    indices = indices + (query_index * (h * w))[:, :, None, None]
+    taps = jnp.take_along_axis(masks.reshape(b, q * h * w), indices.reshape(b, -1), axis=-1)
+    taps = taps.reshape(indices.shape).astype(jnp.float32)
+    return jnp.sum(taps * weights, axis=-1)
+
+
+def uncertain_points(masks: jax.Array, query_index: jax.Array, over: jax.Array,
+                     uniform: jax.Array, num_uncertain: int) -> jax.Array:
+    """Mask2Former's uncertainty importance sampling (no gradient).
+
+    Of the candidates `over` [B, T, P_over, 2], keeps the `num_uncertain` where the
+    mask logit is closest to 0 (uncertainty -|logit|), then appends `uniform`
+    [B, T, P_rand, 2]. Returns [B, T, num_uncertain + P_rand, 2].
+    """
+    logits = sample_queries(jax.lax.stop_gradient(masks), query_index, over)
+    _, top = jax.lax.top_k(-jnp.abs(logits), num_uncertain)
+    chosen = jnp.take_along_axis(over, top[..., None], axis=-2)
+    return jax.lax.stop_gradient(jnp.concatenate([chosen, uniform], axis=-2))
+
+
+def _mask_losses(masks, target_masks, query_index, valid, points):
+    """Sums over valid targets of point BCE (mean over points) and dice, one layer."""
+    logits = sample_queries(masks, query_index, points)  # [B, T, P]
+    labels = matching.point_sample(target_masks[:, :, None], points)[:, :, 0]
+    bce = jnp.mean(jax.nn.softplus(logits) - logits * labels, axis=-1)
+    probs = jax.nn.sigmoid(logits)
+    dice = 1.0 - (2.0 * jnp.sum(probs * labels, -1) + 1.0) / (
+        jnp.sum(probs, -1) + jnp.sum(labels, -1) + 1.0)
+    return jnp.sum(jnp.where(valid, bce, 0.0)), jnp.sum(jnp.where(valid, dice, 0.0))
+
+
+def query_targets(indices: jax.Array, classes: jax.Array, valid: jax.Array,
+                  num_queries: int, none_class: int) -> tuple[jax.Array, jax.Array]:
+    """Per-query target class and matched flag from per-target matches.
+
+    indices [L, B, T] (query per target, -1 invalid), classes/valid [B, T] ->
+    (target class [L, B, Q] int32, "none" where unmatched; matched [L, B, Q] bool).
+    """
+    onehot = (indices[..., None] == jnp.arange(num_queries)) & valid[None, :, :, None]
+    matched = jnp.any(onehot, axis=-2)
+    cls = jnp.sum(jnp.where(onehot, classes[None, :, :, None], 0), axis=-2)
+    return jnp.where(matched, cls, none_class).astype(jnp.int32), matched
+
+
+def class_loss(logits: jax.Array, target: jax.Array, weights: jax.Array) -> jax.Array:
+    """Weighted-mean CE per layer (torch CrossEntropyLoss(weight=...) semantics).
+
+    logits [L, B, Q, C+1], target [L, B, Q], weights [L, B, Q] -> [L].
+    """
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    nll = -jnp.take_along_axis(logp, target[..., None], axis=-1)[..., 0]
+    return jnp.sum(weights * nll, axis=(1, 2)) / jnp.sum(weights, axis=(1, 2))
+
+
+def similarity_loss(m_proj: jax.Array, t_proj: jax.Array, target: jax.Array,
+                    weights: jax.Array, neg: str = "mix", tau: float = 1.0) -> jax.Array:
+    """Mask-text contrastive loss of MTA-CLIP (paper Eq. 8 MixNeg, Eq. 9 SeparateNeg).
+
+    S(m, t) = m'.t' / tau. Query i with target class j (C = "none" when unmatched)
+    takes as positive (j, k~), k~ = argmax_k S(m_i, t_{j,k}) (not differentiated).
+    MixNeg normalises over all K*(C+1) embeddings; SeparateNeg over the positive and
+    the K embeddings of every other class (K*C of them, "none" included as a class).
+
+    Args:
+      m_proj: [L, B, Q, D]; t_proj: [L, B, K, C+1, D] (L2-normalised).
+      target: [L, B, Q] int class per query; weights: [L, B, Q].
+      neg: "mix" | "separate".
+
+    Returns:
+      [L] weighted mean over queries of -log softmax(positive).
+    """
+    if neg not in ("mix", "separate"):
+        raise ValueError(f"config.loss.neg must be 'mix' or 'separate', got {neg!r}.")
+    s = jnp.einsum("lbqd,lbkcd->lbqkc", m_proj.astype(jnp.float32),
+                   t_proj.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST) / tau
+    l, b, q, k, c = s.shape
+    own = jnp.arange(c) == target[..., None]  # [L, B, Q, C+1]
+    s_own = jnp.take_along_axis(s, jnp.broadcast_to(target[..., None, None], (l, b, q, k, 1)),
+                                axis=-1)[..., 0]  # [L, B, Q, K]
+    k_pos = jnp.argmax(jax.lax.stop_gradient(s_own), axis=-1)
+    s_pos = jnp.take_along_axis(s_own, k_pos[..., None], axis=-1)[..., 0]
+    if neg == "mix":
+        keep = jnp.ones((l, b, q, k, c), bool)
+    else:
+        pos = (jnp.arange(k) == k_pos[..., None])[..., None] & own[..., None, :]
+        keep = ~own[..., None, :] | pos
+    denom = jax.nn.logsumexp(jnp.where(keep, s, -jnp.inf), axis=(-2, -1))
+    nll = denom - s_pos
+    return jnp.sum(weights * nll, axis=(1, 2)) / jnp.sum(weights, axis=(1, 2))
+
+
+def compute_loss(outputs: dict, batch: dict, rng: jax.Array, loss_config, num_classes: int,
+                 *, mesh=None, points: dict | None = None) -> tuple[jax.Array, dict]:
+    """Total training loss and its terms (CONTRACT.md "Losses").
+
+    Args:
+      outputs: model dict: logits [L, B, Q, C+1], masks [L, B, Q, h, w], and
+        optionally m_proj [L, B, Q, D], t_proj [L, B, K, C+1, D].
+      batch: masks [B, T, H, W], classes [B, T], valid [B, T].
+      rng: PRNG key for the point draws.
+      loss_config: `config.loss`.
+      num_classes: C (without "none").
+      mesh: mesh for the matching callback (default: the current mesh).
+      points: optional dict of `draw_points` arrays to use instead of `rng`.
+
+    Returns:
+      (loss, metrics): metrics hold the per-term sums over layers (`loss_ce`,
+      `loss_mask`, `loss_dice`, `loss_sim`), the last layer's terms (`*_last`) and
+      `total` (= loss), all unweighted except `total`.
+    """
+    logits, masks = outputs["logits"], outputs["masks"]
+    num_layers, b, q, num_labels = logits.shape
+    if num_labels != num_classes + 1:
+        raise ValueError(f"outputs['logits'] has {num_labels} classes, expected "
+                         f"num_classes + 1 = {num_classes + 1} (config.model.num_classes).")
+    target_masks, classes = batch["masks"], batch["classes"].astype(jnp.int32)
+    valid = batch["valid"].astype(bool)
+    t = classes.shape[-1]
+    if masks.shape[:3] != (num_layers, b, q) or target_masks.shape[:2] != (b, t):
+        raise ValueError(f"inconsistent shapes: logits {logits.shape}, masks {masks.shape}, "
+                         f"batch masks {target_masks.shape}, classes {classes.shape}.")
+    oversampled, uncertain, uniform = _num_uncertain(loss_config)
+    k_match, k_layers = jax.random.split(rng)
+    if points is None:
+        match_points = matching.sample_match_points(k_match, num_layers, b,
+                                                    int(loss_config.num_points))
+    else:
+        match_points = points["match"]
+
+    indices = matching.match(outputs, batch, match_points, loss_config, mesh=mesh)  # [L, B, T]
+    query_index = jnp.clip(indices, 0, q - 1)
+
+    def layer_mask_losses(xs):
+        masks_l, index_l, key_l, draws = xs
+        if draws is None:
+            k_over, k_rand = jax.random.split(key_l)
+            over = jax.random.uniform(k_over, (b, t, oversampled, 2))
+            rand = jax.random.uniform(k_rand, (b, t, uniform, 2))
+        else:
+            over, rand = draws
+        pts = uncertain_points(masks_l, index_l, over, rand, uncertain)
+        return _mask_losses(masks_l, target_masks, index_l, valid, pts)
+
+    draws = None if points is None else (points["over"], points["random"])
+    keys = jax.random.split(k_layers, num_layers)
+    # One layer at a time (recomputed in the backward pass): the oversampled
+    # candidates of all layers at once would take GBs at ADE20k shapes.
+    bce_sum, dice_sum = jax.lax.map(jax.checkpoint(layer_mask_losses),
+                                    (masks, query_index, keys, draws))
+    num_masks = jnp.maximum(jnp.sum(valid).astype(jnp.float32), 1.0)
+    loss_mask = bce_sum / num_masks
+    loss_dice = dice_sum / num_masks
+
+    target_q, matched = query_targets(indices, classes, valid, q, num_classes)
+    weights = jnp.where(matched, 1.0, loss_config.no_object_weight)
+    loss_ce = class_loss(logits, target_q, weights)
+
+    terms = {"loss_ce": loss_ce, "loss_mask": loss_mask, "loss_dice": loss_dice}
+    weight = {"loss_ce": loss_config.class_weight, "loss_mask": loss_config.mask_weight,
+              "loss_dice": loss_config.dice_weight}
+    if loss_config.similarity and "m_proj" in outputs:
+        terms["loss_sim"] = similarity_loss(outputs["m_proj"], outputs["t_proj"], target_q,
+                                            weights, neg=loss_config.neg, tau=loss_config.tau)
+        weight["loss_sim"] = loss_config.sim_weight
+    total = sum(weight[name] * jnp.sum(v) for name, v in terms.items())
+    metrics = {name: jnp.sum(v) for name, v in terms.items()}
+    metrics.update({f"{name}_last": v[-1] for name, v in terms.items()})
+    metrics["total"] = total
+    return total, metrics

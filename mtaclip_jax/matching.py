@@ -1,0 +1,220 @@
+"""Hungarian matching between mask-query predictions and ground-truth segments.
+
+Costs are computed on device, vectorised over the supervised layers L and the
+batch B; the assignment itself runs on the host (scipy's linear_sum_assignment)
+through one `jax.pure_callback` per step, inside `jax.shard_map` over the "data"
+mesh axis when a mesh is active (a callback in a sharded jit without shard_map
+hangs on fake CPU devices, see NOTES.md).
+
+Points are (x, y) in [0, 1]^2 with `grid_sample(align_corners=False)` semantics:
+pixel centre i of a length-n axis sits at (i + 0.5) / n; outside the image the
+value is 0 (padding_mode="zeros"), as in Mask2Former's `point_sample`.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import PartitionSpec as P
+from scipy.optimize import linear_sum_assignment
+
+DATA_AXIS = "data"
+# Stands in for NaN/inf costs (as transformers' matcher does with the dtype's max),
+# small enough that scipy's sums of costs stay finite.
+_HUGE = 1e30
+
+
+def bilinear_taps(points: jax.Array, height: int, width: int) -> tuple[jax.Array, jax.Array]:
+    """Flat indices and weights of the 4 bilinear taps of each point.
+
+    Args:
+        points: [..., 2] (x, y) in [0, 1].
+        height, width: size of the sampled map.
+
+    Returns:
+        (indices [..., 4] int32 into the flattened map, weights [..., 4]); taps outside
+        the map get weight 0 (zero padding) and a clipped, harmless index.
+    """
+    x = points[..., 0] * width - 0.5
+    y = points[..., 1] * height - 0.5
+    x0 = jnp.floor(x)
+    y0 = jnp.floor(y)
+    fx = x - x0
+    fy = y - y0
+    x0 = x0.astype(jnp.int32)
+    y0 = y0.astype(jnp.int32)
+    xs = jnp.stack([x0, x0 + 1, x0, x0 + 1], axis=-1)
+    ys = jnp.stack([y0, y0, y0 + 1, y0 + 1], axis=-1)
+    wx = jnp.stack([1 - fx, fx, 1 - fx, fx], axis=-1)
+    wy = jnp.stack([1 - fy, 1 - fy, fy, fy], axis=-1)
+    inside = (xs >= 0) & (xs < width) & (ys >= 0) & (ys < height)
+    weights = jnp.where(inside, wx * wy, 0.0)
+    indices = jnp.clip(ys, 0, height - 1) * width + jnp.clip(xs, 0, width - 1)
+    return indices, weights
+
+
+def point_sample(maps: jax.Array, points: jax.Array) -> jax.Array:
+    """Bilinearly samples maps at points (torch grid_sample, align_corners=False).
+
+    Args:
+        maps: [..., M, H, W] (any dtype; uint8 target masks are gathered as uint8).
+        points: [..., P, 2] (x, y) in [0, 1]; leading dims broadcast against maps'
+            leading dims (the M maps of a row share that row's points).
+
+    Returns:
+        [..., M, P] float32.
+    """
+    *lead, m, h, w = maps.shape
+    indices, weights = bilinear_taps(points, h, w)  # [..., P, 4]
+    p = points.shape[-2]
+    flat = maps.reshape(*lead, m, h * w)
+    idx = indices.reshape(*indices.shape[:-2], 1, p * 4)
+    taps = jnp.take_along_axis(flat, idx, axis=-1).astype(jnp.float32)
+    taps = taps.reshape(*taps.shape[:-1], p, 4)
+    return jnp.sum(taps * weights[..., None, :, :].astype(jnp.float32), axis=-1)
+
+
+def pairwise_sigmoid_ce(pred: jax.Array, target: jax.Array) -> jax.Array:
+    """Mean over points of BCE-with-logits for every (prediction, target) pair.
+
+    pred [..., Q, P] logits, target [..., T, P] in [0, 1] -> [..., Q, T].
+    """
+    num_points = pred.shape[-1]
+    pos = jax.nn.softplus(-pred) / num_points  # BCE against label 1
+    neg = jax.nn.softplus(pred) / num_points  # BCE against label 0
+    hi = jax.lax.Precision.HIGHEST
+    return (jnp.einsum("...qp,...tp->...qt", pos, target, precision=hi)
+            + jnp.einsum("...qp,...tp->...qt", neg, 1.0 - target, precision=hi))
+
+
+def pairwise_dice(pred: jax.Array, target: jax.Array) -> jax.Array:
+    """1 - (2|x.y| + 1) / (|x| + |y| + 1) for every pair; pred logits [..., Q, P]."""
+    probs = jax.nn.sigmoid(pred)
+    numerator = 2.0 * jnp.einsum("...qp,...tp->...qt", probs, target,
+                                 precision=jax.lax.Precision.HIGHEST)
+    denominator = probs.sum(-1)[..., :, None] + target.sum(-1)[..., None, :]
+    return 1.0 - (numerator + 1.0) / (denominator + 1.0)
+
+
+def match_costs(logits: jax.Array, masks: jax.Array, target_masks: jax.Array,
+                target_classes: jax.Array, points: jax.Array, *,
+                class_weight: float = 2.0, mask_weight: float = 5.0,
+                dice_weight: float = 5.0) -> jax.Array:
+    """Matching cost of every (query, target) pair, for every layer and image.
+
+    Args:
+        logits: [L, B, Q, C+1] class logits.
+        masks: [L, B, Q, h, w] mask logits (stride 4).
+        target_masks: [B, T, H, W] binary masks (full resolution, any dtype).
+        target_classes: [B, T] int; entries of invalid targets may hold anything.
+        points: [L, B, P, 2] uniform points, shared by all pairs of an image.
+
+    Returns:
+        [L, B, Q, T] float32 cost = class_weight * (-p[class]) + mask_weight * BCE +
+        dice_weight * dice (the cost of invalid targets is meaningless: mask it).
+    """
+    logits = jax.lax.stop_gradient(logits).astype(jnp.float32)
+    masks = jax.lax.stop_gradient(masks)
+    num_labels = logits.shape[-1]
+    classes = jnp.clip(target_classes, 0, num_labels - 1)
+    probs = jax.nn.softmax(logits, axis=-1)  # [L, B, Q, C+1]
+    index = jnp.broadcast_to(classes[None, :, None, :],
+                             probs.shape[:-1] + classes.shape[-1:])
+    cost_class = -jnp.take_along_axis(probs, index, axis=-1)  # [L, B, Q, T]
+
+    def layer_mask_costs(xs):
+        masks_l, points_l = xs
+        pred = point_sample(masks_l, points_l)  # [B, Q, P]
+        target = point_sample(target_masks, points_l)  # [B, T, P]
+        return (mask_weight * pairwise_sigmoid_ce(pred, target)
+                + dice_weight * pairwise_dice(pred, target))
+
+    # One layer at a time: the sampled taps of all layers at once take GBs.
+    return class_weight * cost_class + jax.lax.map(layer_mask_costs, (masks, points))
+
+
+def _assign_host(cost: np.ndarray, valid: np.ndarray) -> np.ndarray:
+    """scipy assignment for costs [N, B, Q, T], valid [B, T] -> [N, B, T] int32."""
+    cost = np.asarray(cost)
+    valid = np.asarray(valid)
+    n, b, _, t = cost.shape
+    out = np.full((n, b, t), -1, dtype=np.int32)
+    for j in range(b):
+        cols = np.flatnonzero(valid[j])
+        if cols.size == 0:
+            continue
+        for i in range(n):
+            c = cost[i, j][:, cols].astype(np.float64)
+            # A NaN/inf pair is only taken when nothing else fits.
+            c = np.nan_to_num(c, nan=_HUGE, posinf=_HUGE, neginf=_HUGE)
+            rows, tgt = linear_sum_assignment(c)
+            out[i, j, cols[tgt]] = rows
+    return out
+
+
+def _assign(cost: jax.Array, valid: jax.Array) -> jax.Array:
+    """One host callback for costs [N, B, Q, T] -> [N, B, T] int32."""
+    n, b, _, t = cost.shape
+    return jax.pure_callback(
+        _assign_host, jax.ShapeDtypeStruct((n, b, t), jnp.int32),
+        jax.lax.stop_gradient(cost), valid, vmap_method="sequential")
+
+
+def _data_mesh(mesh):
+    """The mesh to shard the callback over, or None (no mesh / no "data" axis)."""
+    if mesh is None:
+        mesh = jax.sharding.get_abstract_mesh()
+    if mesh is None or mesh.empty or DATA_AXIS not in mesh.axis_names:
+        return None
+    return mesh
+
+
+def hungarian_match(cost: jax.Array, valid: jax.Array, mesh=None) -> jax.Array:
+    """Minimum-cost matching of queries to targets, per image (and per leading index).
+
+    Args:
+        cost: [..., B, Q, T] cost of assigning query q to target t.
+        valid: [B, T] bool; invalid (padding) targets are never matched.
+        mesh: mesh whose "data" axis shards B; default: the current mesh
+            (`jax.set_mesh`). Without a mesh (or without a "data" axis) the callback
+            runs directly.
+
+    Returns:
+        [..., B, T] int32: the query matched to each target, -1 for invalid targets.
+    """
+    *lead, b, q, t = cost.shape
+    if t > q:
+        raise ValueError(
+            f"hungarian_match: {t} target slots (config.data.max_segments) exceed "
+            f"{q} queries (config.model.num_queries); every target must get a query.")
+    if valid.shape != (b, t):
+        raise ValueError(f"hungarian_match: valid has shape {valid.shape}, expected {(b, t)}.")
+    cost = jnp.reshape(jax.lax.stop_gradient(cost).astype(jnp.float32), (-1, b, q, t))
+    valid = valid.astype(bool)
+    mesh = _data_mesh(mesh)
+    if mesh is None:
+        out = _assign(cost, valid)
+    else:
+        out = jax.shard_map(
+            _assign, mesh=mesh, in_specs=(P(None, DATA_AXIS), P(DATA_AXIS)),
+            out_specs=P(None, DATA_AXIS), check_vma=False)(cost, valid)
+    return out.reshape(*lead, b, t)
+
+
+def sample_match_points(rng: jax.Array, num_layers: int, batch: int,
+                        num_points: int) -> jax.Array:
+    """Uniform points [L, B, P, 2] for the matching costs."""
+    return jax.random.uniform(rng, (num_layers, batch, num_points, 2), jnp.float32)
+
+
+def match(outputs: dict, batch: dict, points: jax.Array, loss_config, mesh=None) -> jax.Array:
+    """Matches every supervised layer of `outputs` to `batch`'s segments.
+
+    Returns [L, B, T] int32 (query per target, -1 for invalid targets).
+    """
+    cost = match_costs(
+        outputs["logits"], outputs["masks"], batch["masks"], batch["classes"], points,
+        class_weight=loss_config.class_weight, mask_weight=loss_config.mask_weight,
+        dice_weight=loss_config.dice_weight)
+    return hungarian_match(cost, batch["valid"], mesh=mesh)
