@@ -61,11 +61,11 @@ def render(rng, height, width, num_classes):
   ignore = Image.new("L", (width, height), 0)
   draw_ignore = ImageDraw.Draw(ignore)
   short = min(height, width)
-  for _ in range(int(rng.integers(1, 5)) if num_classes > 1 else 0):
+  for _ in range(int(rng.integers(2, 7)) if num_classes > 1 else 0):
     c = int(rng.integers(1, num_classes))
     mask = Image.new("L", (width, height), 0)
     draw = ImageDraw.Draw(mask)
-    size = short * rng.uniform(0.15, 0.6)
+    size = short * rng.uniform(0.2, 0.7)
     cy, cx = rng.uniform(0, height), rng.uniform(0, width)
     kind = int(rng.integers(3))
     box = [cx - size / 2, cy - size * rng.uniform(0.3, 0.7),

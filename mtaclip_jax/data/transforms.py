@@ -89,18 +89,13 @@ def resize_image(image, size):
   return np.asarray(Image.fromarray(image).resize((size[1], size[0]), Image.BILINEAR))
 
 
-def nearest_index(src, dst):
-  """Source index of each of dst output pixels, pixel centres aligned."""
-  return np.minimum(((np.arange(dst) + 0.5) * (src / dst)).astype(np.int64), src - 1)
-
-
 def resize_label(label, size):
-  """Nearest-neighbour resize of a label map; never interpolates values."""
+  """Nearest-neighbour resize of a uint8 label map (PIL NEAREST, pixel centres
+  aligned with the bilinear image resize); never interpolates values."""
   if label.shape == tuple(size):
     return label
-  rows = nearest_index(label.shape[0], size[0])
-  cols = nearest_index(label.shape[1], size[1])
-  return label[rows[:, None], cols[None, :]]
+  return np.asarray(Image.fromarray(np.ascontiguousarray(label)).resize(
+      (size[1], size[0]), Image.NEAREST))
 
 
 def _resize_example(example, size):
