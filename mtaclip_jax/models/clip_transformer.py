@@ -1,0 +1,122 @@
+"""Transformer pieces shared by the CLIP image (ViT) and text towers.
+
+Names mirror OpenAI CLIP's `clip/model.py` (`transformer.resblocks.N.attn`, `ln_1`,
+`mlp.c_fc`...). The attention keeps PyTorch's packed `in_proj_weight` [3*width, width]
+layout so that weight conversion is a plain copy.
+"""
+from typing import Optional, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm computed in float32 whatever the compute dtype (as CLIP's subclass).
+
+    Params `scale`/`bias` directly under the module (torch `weight`/`bias`).
+    """
+    epsilon: float = 1e-5
+
+    @nn.compact
+    def __call__(self, x):
+        dtype = x.dtype
+        d = x.shape[-1]
+        scale = self.param("scale", nn.initializers.ones, (d,), jnp.float32)
+        bias = self.param("bias", nn.initializers.zeros, (d,), jnp.float32)
+        x = x.astype(jnp.float32)
+        mean = x.mean(-1, keepdims=True)
+        var = jnp.square(x - mean).mean(-1, keepdims=True)
+        y = (x - mean) * jax.lax.rsqrt(var + self.epsilon) * scale + bias
+        return y.astype(dtype)
+
+
+def quick_gelu(x):
+    return x * jax.nn.sigmoid(1.702 * x)
+
+
+class MultiheadAttention(nn.Module):
+    """torch.nn.MultiheadAttention (batch-first here), packed in-projection."""
+    width: int
+    heads: int
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, mask: Optional[jax.Array] = None):
+        """x: [B, L, width]; mask: additive [L, L] (0 or -inf) or None."""
+        w = self.width
+        in_w = self.param("in_proj_weight", nn.initializers.normal(w ** -0.5), (3 * w, w),
+                          jnp.float32)
+        in_b = self.param("in_proj_bias", nn.initializers.zeros, (3 * w,), jnp.float32)
+        qkv = jnp.einsum("bld,ed->ble", x.astype(self.dtype), in_w.astype(self.dtype))
+        qkv = qkv + in_b.astype(self.dtype)
+        q, k, v = jnp.split(qkv, 3, axis=-1)
+        b, l, _ = x.shape
+        hd = w // self.heads
+        q, k, v = (t.reshape(b, l, self.heads, hd) for t in (q, k, v))
+        logits = jnp.einsum("bqhd,bkhd->bhqk", q * (hd ** -0.5), k).astype(jnp.float32)
+        if mask is not None:
+            logits = logits + mask
+        probs = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
+        out = jnp.einsum("bhqk,bkhd->bqhd", probs, v).reshape(b, l, w)
+        return nn.Dense(w, dtype=self.dtype, param_dtype=jnp.float32, name="out_proj")(out)
+
+
+class Mlp(nn.Module):
+    width: int
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        x = nn.Dense(4 * self.width, dtype=self.dtype, param_dtype=jnp.float32, name="c_fc")(x)
+        x = quick_gelu(x)
+        return nn.Dense(self.width, dtype=self.dtype, param_dtype=jnp.float32, name="c_proj")(x)
+
+
+class ResidualAttentionBlock(nn.Module):
+    width: int
+    heads: int
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, mask=None):
+        x = x + MultiheadAttention(self.width, self.heads, self.dtype, name="attn")(
+            LayerNorm(name="ln_1")(x), mask)
+        x = x + Mlp(self.width, self.dtype, name="mlp")(LayerNorm(name="ln_2")(x))
+        return x
+
+
+class Resblocks(nn.Module):
+    """`transformer.resblocks`: blocks named "0".."layers-1"; returns every block output."""
+    width: int
+    layers: int
+    heads: int
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, mask=None):
+        outputs = []
+        for i in range(self.layers):
+            x = ResidualAttentionBlock(self.width, self.heads, self.dtype, name=str(i))(x, mask)
+            outputs.append(x)
+        return outputs
+
+
+class Transformer(nn.Module):
+    width: int
+    layers: int
+    heads: int
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, mask=None, taps: Sequence[int] = ()):
+        """x [B, L, width] -> (final output, [outputs after the blocks listed in taps])."""
+        outputs = Resblocks(self.width, self.layers, self.heads, self.dtype,
+                            name="resblocks")(x, mask)
+        return outputs[-1], [outputs[i] for i in taps]
+
+
+def causal_mask(length: int) -> jax.Array:
+    """Additive mask: position i attends to positions <= i."""
+    return jnp.asarray(np.triu(np.full((length, length), -np.inf, np.float32), 1))
