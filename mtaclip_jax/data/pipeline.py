@@ -8,6 +8,7 @@ per-process batch -> optional multiprocess prefetch. The iterator's
 
 import logging
 
+from absl import flags
 import grain
 import numpy as np
 
@@ -81,6 +82,8 @@ def make_train_iterator(data_config, seed, process_index=None, process_count=Non
       prefetch_buffer_size=data_config.get("prefetch", 4)))
   workers = data_config.get("num_workers", 0)
   if workers > 0:
+    if not flags.FLAGS.is_parsed():  # grain's workers read absl flags (not run via app.run)
+      flags.FLAGS.mark_as_parsed()
     it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
   return iter(it)
 
