@@ -33,6 +33,20 @@ def _update_from_scores(cm, scores, label, num_classes):
   return metrics.update(cm, jnp.argmax(scores, axis=-1), label, num_classes)
 
 
+def sum_over_processes(cm: np.ndarray, num_images: int) -> tuple[np.ndarray, int]:
+  """Sums confusion matrices and image counts of all processes (multi-host eval,
+  each process evaluating its shard). Counts travel as two int32 halves of 30 bits,
+  since jax without x64 would truncate int64."""
+  if jax.process_count() == 1:
+    return cm, num_images
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  cm = np.asarray(cm, np.int64)
+  parts = np.stack([cm & (2**30 - 1), cm >> 30]).astype(np.int32)
+  gathered = np.asarray(multihost_utils.process_allgather(parts), np.int64)
+  counts = np.asarray(multihost_utils.process_allgather(np.int32(num_images)))
+  return (gathered[:, 0] + (gathered[:, 1] << 30)).sum(axis=0), int(counts.sum())
+
+
 def _settings(eval_config) -> inference.Settings:
   if isinstance(eval_config, inference.Settings):
     return eval_config
@@ -47,7 +61,8 @@ def evaluate(predict_fn: inference.PredictFn, dataset: Iterable[dict], eval_conf
   Args:
     predict_fn: normalised images [1, H, W, 3] -> scores [1, h, w, C].
     dataset: iterable of {"image": uint8 [H, W, 3], "label": int [H, W] (255 =
-      ignore), "name": str} (CONTRACT.md).
+      ignore), "name": str} (CONTRACT.md); with several processes, this process's
+      shard (the confusion matrices are summed over processes).
     eval_config: `config.eval` (mode, test_scale, crop_size, stride, scales, flip,
       optional pad_size, pad_multiple, out_multiple, ms_mode, tta_softmax,
       max_images) or an `inference.Settings`.
@@ -98,6 +113,7 @@ def evaluate(predict_fn: inference.PredictFn, dataset: Iterable[dict], eval_conf
     bar.update(1)
   bar.close()
   cm_host += np.asarray(cm, np.int64)
+  cm_host, num_images = sum_over_processes(cm_host, num_images)
   seconds = time.perf_counter() - start
 
   result = metrics.compute_metrics(cm_host, class_names)

@@ -155,6 +155,8 @@ class Settings:
     resized image is padded to a multiple of `pad_multiple`.
   out_multiple: scores at the original size live in a buffer rounded up to this.
   ms_mode: "whole" or "slide" for each pass of "ms_flip".
+  slide_batch: windows per predict_fn call in slide mode (the last call is padded
+    with blank windows, so the batch shape and the compile stay fixed).
   tta_softmax: softmax over classes before averaging "ms_flip" passes (mmseg).
   """
   mode: str = "whole"
@@ -168,6 +170,7 @@ class Settings:
   out_multiple: int = 128
   ms_mode: str = "whole"
   tta_softmax: bool = True
+  slide_batch: int = 1
 
   def __post_init__(self):
     if self.mode not in MODES:
@@ -180,8 +183,9 @@ class Settings:
                        "slide inference")
     if self.mode == "ms_flip" and not self.scales:
       raise ValueError("config.eval.scales: expected at least one ratio for ms_flip")
-    if self.pad_multiple <= 0 or self.out_multiple <= 0:
-      raise ValueError("config.eval.pad_multiple / out_multiple must be positive")
+    if min(self.pad_multiple, self.out_multiple, self.slide_batch) <= 0:
+      raise ValueError("config.eval.pad_multiple / out_multiple / slide_batch must be "
+                       "positive")
 
   @property
   def pass_mode(self) -> str:
@@ -215,6 +219,7 @@ class Settings:
         out_multiple=int(get("out_multiple", defaults.out_multiple)),
         ms_mode=get("ms_mode", defaults.ms_mode),
         tta_softmax=bool(get("tta_softmax", defaults.tta_softmax)),
+        slide_batch=int(get("slide_batch", defaults.slide_batch)),
     )
 
 
@@ -294,10 +299,11 @@ def slide_windows(height: int, width: int, crop: tuple[int, int],
 
 @functools.partial(jax.jit, static_argnames="size")
 def _fit(scores, size):
-  """[1, h, w, C] -> [H, W, C]: bilinear upsampling to the input size if needed."""
-  scores = jnp.asarray(scores, jnp.float32)[0]
-  if scores.shape[:2] != tuple(size):
-    scores = jax.image.resize(scores, tuple(size) + scores.shape[2:], "bilinear")
+  """[B, h, w, C] -> [B, H, W, C]: bilinear upsampling to the input size if needed."""
+  scores = jnp.asarray(scores, jnp.float32)
+  if scores.shape[1:3] != tuple(size):
+    b, c = scores.shape[0], scores.shape[-1]
+    scores = jax.image.resize(scores, (b,) + tuple(size) + (c,), "bilinear")
   return scores
 
 
@@ -334,10 +340,15 @@ def resize_region(buf, valid, out_size, out_shape, flip=False):
 
 
 @functools.partial(jax.jit, donate_argnums=0)
-def _add_window(buf, scores, y1, x1):
-  c = scores.shape[-1]
-  old = jax.lax.dynamic_slice(buf, (y1, x1, 0), scores.shape[:2] + (c,))
-  return jax.lax.dynamic_update_slice(buf, old + scores, (y1, x1, 0))
+def _add_windows(buf, scores, offsets, used):
+  """buf[y1:y1+h, x1:x1+w] += scores[i] for the windows i with used[i]."""
+
+  def add(i, buf):
+    start = (offsets[i, 0], offsets[i, 1], 0)
+    old = jax.lax.dynamic_slice(buf, start, scores.shape[1:])
+    return jax.lax.dynamic_update_slice(buf, old + used[i] * scores[i], start)
+
+  return jax.lax.fori_loop(0, scores.shape[0], add, buf)
 
 
 @functools.partial(jax.jit, static_argnames="softmax", donate_argnums=0)
@@ -353,7 +364,7 @@ def _add_pass(total, scores, weight, softmax):
 def _run_whole(predict_fn: PredictFn, image: np.ndarray, settings: Settings):
   size = padded_size(image.shape[:2], settings)
   x = pad_image(normalise(image), size)
-  return _fit(predict_fn(x[None]), size)
+  return _fit(predict_fn(x[None]), size)[0]
 
 
 def _run_slide(predict_fn: PredictFn, image: np.ndarray, settings: Settings):
@@ -363,13 +374,22 @@ def _run_slide(predict_fn: PredictFn, image: np.ndarray, settings: Settings):
   size = (max(size[0], crop[0]), max(size[1], crop[1]))
   x = normalise(image)
   count = np.zeros(size, np.float32)
+  windows = slide_windows(h, w, crop, stride)
+  n = settings.slide_batch
   buf = None
-  for y1, x1, y2, x2 in slide_windows(h, w, crop, stride):
-    scores = _fit(predict_fn(pad_image(x[y1:y2, x1:x2], crop)[None]), crop)
+  for start in range(0, len(windows), n):
+    group = windows[start:start + n]
+    batch = np.zeros((n,) + tuple(crop) + (3,), np.float32)
+    offsets = np.zeros((n, 2), np.int32)
+    used = np.zeros((n,), np.float32)
+    for i, (y1, x1, y2, x2) in enumerate(group):
+      batch[i, :y2 - y1, :x2 - x1] = x[y1:y2, x1:x2]
+      offsets[i], used[i] = (y1, x1), 1.0
+      count[y1:y2, x1:x2] += 1
+    scores = _fit(predict_fn(batch), crop)
     if buf is None:
       buf = jnp.zeros(size + scores.shape[-1:], jnp.float32)
-    buf = _add_window(buf, scores, np.int32(y1), np.int32(x1))
-    count[y1:y2, x1:x2] += 1
+    buf = _add_windows(buf, scores, offsets, used)
   # Outside the image nothing is read later; avoid dividing by zero there.
   return buf / jnp.asarray(np.maximum(count, 1.0))[:, :, None]
 

@@ -131,3 +131,15 @@ def test_write_results_json_and_tensorboard(tmp_path):
   assert "eval_per_class/Acc/tree" not in scalars  # nan is not logged
   table = evaluate.format_table(results)
   assert "| tree" in table and "mIoU" in table and "nan" in table
+
+
+def test_sum_over_processes_keeps_int64_counts(monkeypatch):
+  from jax.experimental import multihost_utils
+  monkeypatch.setattr(evaluate.jax, "process_count", lambda: 2)
+  # Two processes holding the same values.
+  monkeypatch.setattr(multihost_utils, "process_allgather",
+                      lambda x: np.stack([np.asarray(x)] * 2))
+  cm = np.array([[3 * 2**31 + 5, 7], [0, 2**30 - 1]], np.int64)
+  total, n = evaluate.sum_over_processes(cm, 4)
+  np.testing.assert_array_equal(total, 2 * cm)
+  assert n == 8

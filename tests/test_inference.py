@@ -168,7 +168,7 @@ def test_bilinear_resizes_match_torch():
   low = rng.randn(1, 8, 12, 4).astype(np.float32)
   ref = f.interpolate(torch.from_numpy(low).permute(0, 3, 1, 2), size=(32, 48),
                       mode="bilinear", align_corners=False)[0].permute(1, 2, 0).numpy()
-  np.testing.assert_allclose(np.asarray(inference._fit(low, (32, 48))), ref, atol=1e-5)
+  np.testing.assert_allclose(np.asarray(inference._fit(low, (32, 48)))[0], ref, atol=1e-5)
 
 
 # ------------------------------------------------------- whole / slide / pad
@@ -239,13 +239,27 @@ def test_slide_averages_overlapping_windows():
   np.testing.assert_allclose(got, np.tile(want_row, (6, 1)), atol=1e-6)
   assert calls == [(1, 6, 6, 3)] * 3
 
+  # Two windows per call: the third call slot is a blank window that must not count.
+  calls.clear()
+
+  def batched_counting_fn(x):
+    calls.append(x.shape)
+    k = 2 * (len(calls) - 1) + np.arange(x.shape[0], dtype=np.float32)
+    return np.broadcast_to(k[:, None, None, None], x.shape[:3] + (NUM_CLASSES,))
+
+  s = inference.Settings(mode="slide", test_scale=(10, 6), crop_size=(6, 6),
+                         stride=(3, 3), slide_batch=2)
+  got = _scores(batched_counting_fn, image, s)[..., 0]
+  np.testing.assert_allclose(got, np.tile(want_row, (6, 1)), atol=1e-6)
+  assert calls == [(2, 6, 6, 3)] * 2
+
 
 def test_slide_equals_whole_for_a_pixel_local_model():
   image = _image(45, 70)
   whole = _scores(pixel_fn, image, inference.Settings(test_scale=(70, 45)))
   for crop, stride in [((32, 32), (21, 21)), ((64, 64), (43, 43)), ((16, 48), (16, 40))]:
     s = inference.Settings(mode="slide", test_scale=(70, 45), crop_size=crop,
-                           stride=stride)
+                           stride=stride, slide_batch=3)
     np.testing.assert_allclose(_scores(pixel_fn, image, s), whole, atol=1e-5)
 
 
