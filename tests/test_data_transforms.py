@@ -3,7 +3,6 @@
 import colorsys
 
 import numpy as np
-from PIL import Image
 import pytest
 
 from mtaclip_jax.data import transforms as T
@@ -48,12 +47,27 @@ def test_random_resize_ratio_and_nearest_labels():
   r = ref.uniform(0.5, 2.0)
   size = T.rescale_size(40, 60, (int(200 * r), int(50 * r)))
   assert out["image"].shape == size + (3,) and out["label"].shape == size
-  # labels: exactly PIL's nearest neighbour, never interpolated
-  pil = np.asarray(Image.fromarray(ex["label"]).resize(size[::-1], Image.NEAREST))
-  np.testing.assert_array_equal(out["label"], pil)
+  # labels: nearest neighbour as mmseg (cv2 INTER_NEAREST: floor(i * src / dst))
+  rows = np.floor(np.arange(size[0]) * 40 / size[0]).astype(int)
+  cols = np.floor(np.arange(size[1]) * 60 / size[1]).astype(int)
+  np.testing.assert_array_equal(out["label"], ex["label"][rows[:, None], cols[None, :]])
   assert set(np.unique(out["label"])) <= set(np.unique(ex["label"]))
-  pil_img = np.asarray(Image.fromarray(ex["image"]).resize(size[::-1], Image.BILINEAR))
-  np.testing.assert_array_equal(out["image"], pil_img)
+  np.testing.assert_allclose(out["image"], _bilinear(ex["image"], size), atol=1)
+
+
+def _bilinear(img, size):
+  """Half-pixel-centre bilinear interpolation with clamped borders (float)."""
+  def axis(n_in, n_out):
+    x = np.clip((np.arange(n_out) + 0.5) * n_in / n_out - 0.5, 0, n_in - 1)
+    i0 = np.floor(x).astype(int)
+    i1 = np.minimum(i0 + 1, n_in - 1)
+    return i0, i1, x - i0
+  y0, y1, fy = axis(img.shape[0], size[0])
+  x0, x1, fx = axis(img.shape[1], size[1])
+  f = img.astype(np.float64)
+  top = f[y0][:, x0] * (1 - fx)[None, :, None] + f[y0][:, x1] * fx[None, :, None]
+  bot = f[y1][:, x0] * (1 - fx)[None, :, None] + f[y1][:, x1] * fx[None, :, None]
+  return np.round(top * (1 - fy)[:, None, None] + bot * fy[:, None, None])
 
 
 def test_image_resize_is_bilinear():
@@ -156,7 +170,7 @@ def _reference_photometric(img, rng):
   return img
 
 
-@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("seed", range(12))
 def test_photometric_distortion_against_float_reference(seed):
   g = np.random.default_rng(seed + 50)
   # saturated-enough colours so 8-bit HSV quantisation stays small
@@ -166,7 +180,7 @@ def test_photometric_distortion_against_float_reference(seed):
   ref = _reference_photometric(img, np.random.default_rng(seed))
   assert out.dtype == np.uint8 and out.shape == img.shape
   err = np.abs(out.astype(int) - ref.astype(int))
-  assert err.mean() < 2.5 and np.percentile(err, 95) <= 8, (err.mean(), err.max())
+  assert err.mean() < 1.0 and err.max() <= 4, (err.mean(), err.max())
   np.testing.assert_array_equal(ex["label"], 0)
 
 

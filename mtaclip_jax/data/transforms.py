@@ -17,8 +17,8 @@ import ast
 import inspect
 import logging
 
+import cv2
 import numpy as np
-from PIL import Image
 
 from mtaclip_jax.data import classes
 
@@ -83,19 +83,21 @@ def rescale_size(height, width, scale):
 
 
 def resize_image(image, size):
-  """Bilinear resize of a uint8 [H, W, 3] image to size (h, w) (PIL)."""
+  """Bilinear resize of a uint8 [H, W, 3] image to size (h, w) (cv2 INTER_LINEAR,
+  as mmcv.imresize: no antialiasing)."""
   if image.shape[:2] == tuple(size):
     return image
-  return np.asarray(Image.fromarray(image).resize((size[1], size[0]), Image.BILINEAR))
+  return cv2.resize(np.ascontiguousarray(image), (size[1], size[0]),
+                    interpolation=cv2.INTER_LINEAR)
 
 
 def resize_label(label, size):
-  """Nearest-neighbour resize of a uint8 label map (PIL NEAREST, pixel centres
-  aligned with the bilinear image resize); never interpolates values."""
+  """Nearest-neighbour resize of a uint8 label map (cv2 INTER_NEAREST, as mmseg:
+  source index floor(i * src / dst)); never interpolates values."""
   if label.shape == tuple(size):
     return label
-  return np.asarray(Image.fromarray(np.ascontiguousarray(label)).resize(
-      (size[1], size[0]), Image.NEAREST))
+  return cv2.resize(np.ascontiguousarray(label), (size[1], size[0]),
+                    interpolation=cv2.INTER_NEAREST)
 
 
 def _resize_example(example, size):
@@ -159,19 +161,11 @@ def random_flip(example, rng, prob=0.5):
 
 # ---------------------------------------------------------------- photometric
 
-def _convert(x, alpha=1.0, beta=0.0):
-  return np.clip(x.astype(np.float32) * alpha + beta, 0, 255).astype(np.uint8)
-
-
-def shift_saturation_hue(image, sat_alpha, hue_delta):
-  """Scales saturation by sat_alpha and rotates hue by hue_delta (OpenCV units of
-  2 degrees, as mmseg) in 8-bit HSV; PIL's hue unit is 360/256 degrees."""
-  hsv = np.array(Image.fromarray(np.ascontiguousarray(image)).convert("HSV"))
-  if sat_alpha is not None:
-    hsv[..., 1] = _convert(hsv[..., 1], sat_alpha)
-  if hue_delta is not None:
-    hsv[..., 0] = (hsv[..., 0].astype(np.int32) + round(hue_delta * 256 / 180)) % 256
-  return np.asarray(Image.fromarray(hsv, "HSV").convert("RGB"))
+def _convert_lut(alpha=1.0, beta=0.0):
+  """mmseg's convert (x * alpha + beta in float32, clipped, truncated to uint8) as
+  a 256-entry table; applying it to uint8 pixels is exactly convert()."""
+  x = np.arange(256, dtype=np.float32) * np.float32(alpha) + np.float32(beta)
+  return np.clip(x, 0, 255).astype(np.uint8)
 
 
 @register
@@ -180,19 +174,33 @@ def photometric_distortion(example, rng, brightness_delta=32,
                            hue_delta=18):
   """mmseg PhotoMetricDistortion: random brightness, contrast (before or after
   the colour changes), saturation, hue; each applied with probability 0.5.
-  Saturation and hue share one HSV round trip."""
-  img = example["image"]
+
+  Same random draws and per-pixel maths as mmseg (OpenCV 8-bit HSV, hue in
+  units of 2 degrees), with brightness/contrast/saturation as lookup tables and
+  one HSV round trip for saturation and hue together (mmseg makes two; the
+  difference is 8-bit rounding).
+  """
+  img = np.ascontiguousarray(example["image"])
+  before = None
   if rng.integers(2):
-    img = _convert(img, beta=rng.uniform(-brightness_delta, brightness_delta))
+    before = _convert_lut(beta=rng.uniform(-brightness_delta, brightness_delta))
   mode = rng.integers(2)
   if mode == 1 and rng.integers(2):
-    img = _convert(img, alpha=rng.uniform(*contrast_range))
+    contrast = _convert_lut(alpha=rng.uniform(*contrast_range))
+    before = contrast if before is None else contrast[before]
+  if before is not None:
+    img = cv2.LUT(img, before)
   sat = rng.uniform(*saturation_range) if rng.integers(2) else None
   hue = int(rng.integers(-hue_delta, hue_delta)) if rng.integers(2) else None
   if sat is not None or hue is not None:
-    img = shift_saturation_hue(img, sat, hue)
+    hsv = cv2.cvtColor(img, cv2.COLOR_RGB2HSV)
+    if sat is not None:
+      hsv[..., 1] = cv2.LUT(hsv[..., 1], _convert_lut(alpha=sat))
+    if hue is not None:
+      hsv[..., 0] = ((np.arange(256) + hue) % 180).astype(np.uint8)[hsv[..., 0]]
+    img = cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)
   if mode == 0 and rng.integers(2):
-    img = _convert(img, alpha=rng.uniform(*contrast_range))
+    img = cv2.LUT(img, _convert_lut(alpha=rng.uniform(*contrast_range)))
   return dict(example, image=img)
 
 
