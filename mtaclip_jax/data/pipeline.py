@@ -73,6 +73,13 @@ def make_train_dataset(data_config, seed, process_index=None, process_count=None
   return ds.batch(batch // process_count, drop_remainder=True)
 
 
+def _init_worker(worker_index, worker_count):
+  """One OpenCV thread per prefetch worker: the workers already use the cores."""
+  del worker_index, worker_count
+  import cv2  # pylint: disable=g-import-not-at-top
+  cv2.setNumThreads(1)
+
+
 def make_train_iterator(data_config, seed, process_index=None, process_count=None):
   """Endless iterator of this process's training batches (numpy dicts:
   image, label, masks, classes, valid), with get_state()/set_state()."""
@@ -84,7 +91,8 @@ def make_train_iterator(data_config, seed, process_index=None, process_count=Non
   if workers > 0:
     if not flags.FLAGS.is_parsed():  # grain's workers read absl flags (not run via app.run)
       flags.FLAGS.mark_as_parsed()
-    it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers))
+    it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers),
+                        worker_init_fn=_init_worker)
   return iter(it)
 
 
