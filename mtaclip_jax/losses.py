@@ -61,9 +61,12 @@ def sample_queries(masks: jax.Array, query_index: jax.Array, points: jax.Array) 
     b, q, h, w = masks.shape
     indices, weights = matching.bilinear_taps(points, h, w)  # [B, T, P, 4]
     indices = indices + (query_index * (h * w))[:, :, None, None]
-    taps = jnp.take_along_axis(masks.reshape(b, q * h * w), indices.reshape(b, -1), axis=-1)
-    taps = taps.reshape(indices.shape).astype(jnp.float32)
-    return jnp.sum(taps * weights, axis=-1)
+    flat = masks.reshape(b, q * h * w)
+    out = 0.0
+    for c in range(4):  # one gather per tap (faster than one gather of all 4)
+        taps = jax.vmap(lambda f, i: f[i])(flat, indices[..., c].reshape(b, -1))
+        out = out + taps.reshape(weights.shape[:-1]).astype(jnp.float32) * weights[..., c]
+    return out
 
 
 def uncertain_points(masks: jax.Array, query_index: jax.Array, over: jax.Array,
@@ -192,23 +195,27 @@ def compute_loss(outputs: dict, batch: dict, rng: jax.Array, loss_config, num_cl
     indices = matching.match(outputs, batch, match_points, loss_config, mesh=mesh)  # [L, B, T]
     query_index = jnp.clip(indices, 0, q - 1)
 
-    def layer_mask_losses(xs):
-        masks_l, index_l, key_l, draws = xs
-        if draws is None:
+    def layer_points(xs):
+        masks_l, index_l, key_l, draws_l = xs
+        if draws_l is None:
             k_over, k_rand = jax.random.split(key_l)
-            over = jax.random.uniform(k_over, (b, t, oversampled, 2))
-            rand = jax.random.uniform(k_rand, (b, t, uniform, 2))
-        else:
-            over, rand = draws
-        pts = uncertain_points(masks_l, index_l, over, rand, uncertain)
-        return _mask_losses(masks_l, target_masks, index_l, valid, pts)
+            draws_l = (jax.random.uniform(k_over, (b, t, oversampled, 2)),
+                       jax.random.uniform(k_rand, (b, t, uniform, 2)))
+        return uncertain_points(masks_l, index_l, *draws_l, uncertain)
 
+    def layer_mask_losses(xs):
+        masks_l, index_l, points_l = xs
+        return _mask_losses(masks_l, target_masks, index_l, valid, points_l)
+
+    # Layer by layer: the oversampled candidates of all layers at once would take
+    # GBs at ADE20k shapes; the checkpoint keeps the backward pass from storing
+    # every layer's bilinear taps.
     draws = None if points is None else (points["over"], points["random"])
     keys = jax.random.split(k_layers, num_layers)
-    # One layer at a time (recomputed in the backward pass): the oversampled
-    # candidates of all layers at once would take GBs at ADE20k shapes.
+    loss_points = jax.lax.map(layer_points, (jax.lax.stop_gradient(masks), query_index,
+                                             keys, draws))  # [L, B, T, P, 2]
     bce_sum, dice_sum = jax.lax.map(jax.checkpoint(layer_mask_losses),
-                                    (masks, query_index, keys, draws))
+                                    (masks, query_index, loss_points))
     num_masks = jnp.maximum(jnp.sum(valid).astype(jnp.float32), 1.0)
     loss_mask = bce_sum / num_masks
     loss_dice = dice_sum / num_masks
