@@ -135,12 +135,12 @@ def format_table(results: dict) -> str:
   """Per-class IoU / Acc table and the summary line, mmseg style."""
   names = list(results["per_class"])
   width = max([len("Class")] + [len(n) for n in names])
-  rule = f"+{'-' * (width + 2)}+-------+-------+"
+  rule = f"+{'-' * (width + 2)}+--------+--------+"
 
   def fmt(x):
-    return "  nan" if x is None or math.isnan(x) else f"{x:5.2f}"
+    return "   nan" if x is None or math.isnan(x) else f"{x:6.2f}"
 
-  lines = [rule, f"| {'Class':<{width}} |  IoU  |  Acc  |", rule]
+  lines = [rule, f"| {'Class':<{width}} |  IoU   |  Acc   |", rule]
   for name in names:
     row = results["per_class"][name]
     lines.append(f"| {name:<{width}} | {fmt(row['IoU'])} | {fmt(row['Acc'])} |")
