@@ -25,7 +25,7 @@ def _config(root, **kw):
   defaults = dict(num_classes=K, crop_size=CROP, test_scale=(192, 48), batch_size=2,
                   max_segments=8, num_threads=1)
   defaults.update(kw)
-  return recipes.data_config("ade20k", str(root), **defaults)
+  return recipes.data_config(defaults.pop("name", "ade20k"), str(root), **defaults)
 
 
 def _take(it, n):
@@ -95,9 +95,18 @@ def test_eval_dataset(root):
   assert [e["name"] for e in ev] == ["ADE_val_00000001", "ADE_val_00000002"]
 
 
-def test_raw_and_tfds_identical(root, tmp_path):
-  raw_cfg = _config(root)
-  tfds_cfg = _config(root, source="tfds", tfds_dir=str(tmp_path / "tfds"))
+@pytest.fixture(scope="module")
+def cs_root(tmp_path_factory):
+  base = tmp_path_factory.mktemp("pipe_cs")
+  generate.write_dataset("cityscapes", str(base / "cs"), {"train": 4, "val": 2}, 0, SIZE, K)
+  return base / "cs"
+
+
+@pytest.mark.parametrize("name", ["ade20k", "cityscapes"])
+def test_raw_and_tfds_identical(root, cs_root, tmp_path, name):
+  r = root if name == "ade20k" else cs_root
+  raw_cfg = _config(r, name=name)
+  tfds_cfg = _config(r, name=name, source="tfds", tfds_dir=str(tmp_path / "tfds"))
   for split in ("train", "val"):
     a = pipeline.make_eval_dataset(raw_cfg, split)
     b = pipeline.make_eval_dataset(tfds_cfg, split)
