@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import ml_collections
 
+from mtaclip_jax.data import recipes as data_recipes
+
 # DESIGN §5. Values follow the authors' released config (lr 1e-4; the paper says 2e-4).
 RECIPES = {
     "ade20k": dict(crop=(512, 512), batch=16, steps=160_000, test_scale=(2048, 512),
@@ -110,24 +112,12 @@ def paper_config(dataset: str, backbone: str, arg: str | None = None
   c.model = model_defaults(backbone, r["num_classes"])
   c.loss = loss_defaults()
   c.optim = optim_defaults(r["steps"])
-  c.data = ml_collections.ConfigDict(dict(
-      name=dataset,
-      root=f"data/{'ADEChallengeData2016' if dataset == 'ade20k' else 'cityscapes'}",
-      source="raw",
-      tfds_dir="",
-      num_classes=r["num_classes"],
-      crop_size=r["crop"],
-      batch_size=r["batch"],
-      max_segments=r["max_segments"],
-      scale=r["test_scale"],
-      ratio_range=(0.5, 2.0),
-      cat_max_ratio=0.75,
-      num_workers=4,
-      prefetch_buffer_size=2,
-      seed=0,
-      on_bad_sample="error",
-      generate=False,
-  ))
+  root = "data/" + ("ADEChallengeData2016" if dataset == "ade20k" else "cityscapes")
+  c.data = data_recipes.data_config(dataset, root, max_segments=r["max_segments"],
+                                    num_workers=4)
+  c.data.none_class_name = "background"  # text of the extra "none" class
+  c.data.generate = ml_collections.ConfigDict(dict(enabled=False, train=0, val=0,
+                                                   size=(0, 0), seed=0))
   c.eval = ml_collections.ConfigDict(dict(
       mode="whole",
       crop_size=r["crop"],

@@ -1,0 +1,92 @@
+"""Every config builds, and its recipe equals DESIGN §5."""
+
+import glob
+import importlib.util
+import os
+
+import pytest
+
+from mtaclip_jax import config_lib
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIGS = sorted(glob.glob(os.path.join(ROOT, "configs", "*.py")))
+
+
+def load(path, arg=None):
+  spec = importlib.util.spec_from_file_location("cfg_" + os.path.basename(path)[:-3], path)
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  return mod.get_config(arg)
+
+
+def test_there_are_configs_for_every_paper_row():
+  names = {os.path.basename(p)[:-3] for p in CONFIGS}
+  assert {"ade20k_r50", "ade20k_r101", "ade20k_vitb16", "cityscapes_r50",
+          "cityscapes_r101", "demo"} <= names
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: os.path.basename(p))
+def test_config_builds(path):
+  c = load(path)
+  assert c.model.num_classes == c.data.num_classes
+  assert c.optim.total_steps == c.train.steps
+
+
+@pytest.mark.parametrize("name,dataset,backbone", [
+    ("ade20k_r50", "ade20k", "RN50"), ("ade20k_r101", "ade20k", "RN101"),
+    ("ade20k_vitb16", "ade20k", "ViT-B/16"), ("cityscapes_r50", "cityscapes", "RN50"),
+    ("cityscapes_r101", "cityscapes", "RN101")])
+def test_paper_recipe(name, dataset, backbone):
+  c = load(os.path.join(ROOT, "configs", name + ".py"))
+  assert c.model.backbone == backbone and c.data.name == dataset
+  if dataset == "ade20k":
+    assert tuple(c.data.crop_size) == (512, 512) and c.data.batch_size == 16
+    assert c.train.steps == 160_000 and c.model.num_classes == 150
+    assert tuple(c.eval.stride) == (341, 341)
+  else:
+    assert tuple(c.data.crop_size) == (1024, 1024) and c.data.batch_size == 8
+    assert c.train.steps == 90_000 and c.model.num_classes == 19
+    assert tuple(c.eval.stride) == (683, 683)
+  o = c.optim
+  assert (o.lr, o.weight_decay, o.b1, o.b2, o.eps) == (1e-4, 0.02, 0.9, 0.999, 1e-8)
+  assert (o.warmup_steps, o.poly_power, o.min_lr, o.clip_norm) == (1500, 0.9, 0.0, 0.01)
+  mults = {pattern: m for pattern, m in o.lr_mult_rules}
+  assert mults["^backbone/"] == 0.1 and mults["^text_encoder/"] == 0.0
+  assert mults["^contexts$"] == 1.0
+  m = c.model
+  assert (m.num_queries, m.hidden_dim, m.dec_layers, m.enc_layers) == (100, 256, 9, 6)
+  assert (m.num_contexts, m.context_length, m.class_length) == (3, 8, 5)
+  assert m.text_queries and m.joint_self_attn and m.gamma_init == 1e-4
+  l = c.loss
+  assert (l.class_weight, l.mask_weight, l.dice_weight, l.sim_weight) == (2, 5, 5, 1)
+  assert (l.no_object_weight, l.num_points) == (0.1, 12544)
+  assert (l.oversample_ratio, l.importance_sample_ratio) == (3.0, 0.75)
+  assert l.similarity and l.neg == "mix" and l.tau == 1.0
+
+
+@pytest.mark.parametrize("arg,expect", [
+    ("baseline", dict(text_queries=False, similarity=False)),
+    ("text_only", dict(text_queries=True, similarity=False)),
+    ("sim,K=1", dict(text_queries=True, similarity=True, K=1)),
+    ("K=4,neg=separate", dict(K=4, neg="separate")),
+    ("K=5,neg=mix", dict(K=5, neg="mix")),
+    ("joint=0", dict(joint=False)),
+    ("bf16", dict(dtype="bfloat16")),
+])
+def test_ablation_variants(arg, expect):
+  c = config_lib.paper_config("ade20k", "RN50", arg)
+  got = dict(text_queries=c.model.text_queries, similarity=c.loss.similarity,
+             K=c.model.num_contexts, neg=c.loss.neg, joint=c.model.joint_self_attn,
+             dtype=c.model.dtype)
+  for k, v in expect.items():
+    assert got[k] == v, (arg, k)
+
+
+@pytest.mark.parametrize("arg,match", [
+    ("K3", "unknown config variant 'K3'"),
+    ("neg=both", "neg must be"),
+    ("baseline,sim=1", "similarity loss needs text queries"),
+])
+def test_bad_variants_are_named(arg, match):
+  with pytest.raises(ValueError, match=match):
+    config_lib.paper_config("ade20k", "RN50", arg)
