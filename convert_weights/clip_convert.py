@@ -131,7 +131,7 @@ def convert_state_dict(state: Mapping[str, np.ndarray],
     arch = infer_arch(state) if arch is None else clip.get_arch(arch)
     expected = expected_variables(arch)
     out = {"image": {}, "text": {}}
-    unknown, misshaped = [], []
+    unknown, misshaped, misshaped_paths = [], [], set()
     for key, value in state.items():
         if key in _SKIP or key.endswith("num_batches_tracked"):
             continue
@@ -147,13 +147,15 @@ def convert_state_dict(state: Mapping[str, np.ndarray],
         if tuple(value.shape) != tuple(want):
             misshaped.append(f"{key}: {tuple(value.shape)} (as {'/'.join(path)}), "
                              f"expected {tuple(want)}")
+            misshaped_paths.add((tower, collection, path))
             continue
         _set(out[tower].setdefault(collection, {}), path, value.astype(np.float32))
     missing = []
     for tower in ("image", "text"):
         for collection, tree in expected[tower].items():
             for path, _ in _flatten(tree):
-                if path[0] in _NEW_MODULES and tower == "image":
+                if (path[0] in _NEW_MODULES and tower == "image") or \
+                        (tower, collection, path) in misshaped_paths:
                     continue
                 if _get(out[tower].get(collection, {}), path) is None:
                     missing.append(f"{tower}:{collection}/{'/'.join(path)}")
