@@ -162,7 +162,7 @@ def compute_loss(outputs: dict, batch: dict, rng: jax.Array, loss_config, num_cl
       outputs: model dict: logits [L, B, Q, C+1], masks [L, B, Q, h, w], and
         optionally m_proj [L, B, Q, D], t_proj [L, B, K, C+1, D].
       batch: masks [B, T, H, W], classes [B, T], valid [B, T].
-      rng: PRNG key for the point draws.
+      rng: PRNG key for the point draws (unused when `points` is given).
       loss_config: `config.loss`.
       num_classes: C (without "none").
       mesh: mesh for the matching callback (default: the current mesh).
@@ -185,12 +185,13 @@ def compute_loss(outputs: dict, batch: dict, rng: jax.Array, loss_config, num_cl
         raise ValueError(f"inconsistent shapes: logits {logits.shape}, masks {masks.shape}, "
                          f"batch masks {target_masks.shape}, classes {classes.shape}.")
     oversampled, uncertain, uniform = _num_uncertain(loss_config)
-    k_match, k_layers = jax.random.split(rng)
     if points is None:
+        k_match, k_layers = jax.random.split(rng)
         match_points = matching.sample_match_points(k_match, num_layers, b,
                                                     int(loss_config.num_points))
+        keys, draws = jax.random.split(k_layers, num_layers), None
     else:
-        match_points = points["match"]
+        match_points, keys, draws = points["match"], None, (points["over"], points["random"])
 
     indices = matching.match(outputs, batch, match_points, loss_config, mesh=mesh)  # [L, B, T]
     query_index = jnp.clip(indices, 0, q - 1)
@@ -210,8 +211,6 @@ def compute_loss(outputs: dict, batch: dict, rng: jax.Array, loss_config, num_cl
     # Layer by layer: the oversampled candidates of all layers at once would take
     # GBs at ADE20k shapes; the checkpoint keeps the backward pass from storing
     # every layer's bilinear taps.
-    draws = None if points is None else (points["over"], points["random"])
-    keys = jax.random.split(k_layers, num_layers)
     loss_points = jax.lax.map(layer_points, (jax.lax.stop_gradient(masks), query_index,
                                              keys, draws))  # [L, B, T, P, 2]
     bce_sum, dice_sum = jax.lax.map(jax.checkpoint(layer_mask_losses),
