@@ -158,17 +158,29 @@ def test_bilinear_resizes_match_torch():
     ref = f.interpolate(region, size=out, mode="bilinear",
                         align_corners=False)[0].permute(1, 2, 0).numpy()
     got = inference.resize_region(buf, np.array(valid), np.array(out), (64, 64))
-    np.testing.assert_allclose(np.asarray(got)[:out[0], :out[1]], ref, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(got)[:out[0], :out[1]], ref, atol=1e-4)
     flipped = np.zeros_like(buf)
     flipped[:valid[0], :valid[1]] = buf[:valid[0], :valid[1]][:, ::-1]
     got = inference.resize_region(flipped, np.array(valid), np.array(out), (64, 64), True)
-    np.testing.assert_allclose(np.asarray(got)[:out[0], :out[1]], ref, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(got)[:out[0], :out[1]], ref, atol=1e-4)
 
   # Stride-4 scores upsampled to the input size.
   low = rng.randn(1, 8, 12, 4).astype(np.float32)
   ref = f.interpolate(torch.from_numpy(low).permute(0, 3, 1, 2), size=(32, 48),
                       mode="bilinear", align_corners=False)[0].permute(1, 2, 0).numpy()
-  np.testing.assert_allclose(np.asarray(inference._fit(low, (32, 48)))[0], ref, atol=1e-5)
+  np.testing.assert_allclose(np.asarray(inference._fit(low, (32, 48)))[0], ref, atol=1e-4)
+
+
+@pytest.mark.parity
+def test_resize_image_matches_cv2_inter_linear():
+  # mmcv imresize = cv2.resize INTER_LINEAR; cv2's 11-bit fixed point rounds
+  # differently, so up to one grey level apart.
+  cv2 = pytest.importorskip("cv2")
+  rng = np.random.RandomState(4)
+  for (h, w), (nh, nw) in [((75, 100), (102, 137)), ((68, 51), (51, 38)), ((37, 53), (20, 90))]:
+    image = rng.randint(0, 256, (h, w, 3)).astype(np.uint8)
+    ref = cv2.resize(image, (nw, nh), interpolation=cv2.INTER_LINEAR).astype(int)
+    assert np.abs(inference.resize_image(image, (nh, nw)).astype(int) - ref).max() <= 1
 
 
 # ------------------------------------------------------- whole / slide / pad
@@ -186,8 +198,9 @@ def test_padding_does_not_leak_and_one_compile_per_bucket():
     image = _image(h, w)
     s = inference.Settings(test_scale=(w, h), pad_multiple=32)
     got = _scores(predict_fn, image, s)
+    # Padding read into the scores would show as a difference of ~100.
     np.testing.assert_allclose(got, np.asarray(pixel_fn(inference.normalise(image))),
-                               atol=1e-6)
+                               atol=1e-4)
     fixed = _scores(predict_fn, image, inference.Settings(test_scale=(w, h),
                                                           pad_size=(64, 64)))
     np.testing.assert_array_equal(fixed, got)
@@ -204,7 +217,7 @@ def test_whole_resizes_to_the_test_scale_and_back():
   assert size == (60, 100) and buf.shape == (64, 128, NUM_CLASSES)
   resized = inference.resize_image(image, (60, 100))
   np.testing.assert_allclose(np.asarray(buf)[:60, :100],
-                             np.asarray(pixel_fn(inference.normalise(resized))), atol=1e-6)
+                             np.asarray(pixel_fn(inference.normalise(resized))), atol=1e-4)
   got = _scores(pixel_fn, image, s)
   want = inference.resize_region(buf, np.array(size), np.array((30, 50)), (30, 50))
   np.testing.assert_allclose(got, np.asarray(want), atol=1e-6)
