@@ -90,6 +90,7 @@ def evaluate(predict_fn: inference.PredictFn, dataset: Iterable[dict], eval_conf
   cm = metrics.new_confusion_matrix(num_classes)
   pending = 0
   num_images = 0
+  in_flight = None
   start = time.perf_counter()
   bar = tqdm.tqdm(total=total, desc=f"eval {settings.mode}", disable=not progress,
                   unit="img")
@@ -108,6 +109,11 @@ def evaluate(predict_fn: inference.PredictFn, dataset: Iterable[dict], eval_conf
       cm_host += np.asarray(cm, np.int64)
       cm, pending = metrics.new_confusion_matrix(num_classes), 0
     cm = _update_from_scores(cm, scores, padded, num_classes)
+    # Dispatch is asynchronous: let the host prepare the next image while this one
+    # runs, but no further ahead, or queued images would pile up in device memory.
+    if in_flight is not None:
+      in_flight.block_until_ready()
+    in_flight = scores
     pending += padded.size
     num_images += 1
     bar.update(1)
@@ -129,6 +135,29 @@ def evaluate(predict_fn: inference.PredictFn, dataset: Iterable[dict], eval_conf
       "num_images": num_images,
       "seconds": seconds,
   }
+
+
+def evaluate_model(model, variables, class_tokens, dataset, config,
+                   class_names: Sequence[str] | None = None, workdir: str | None = None,
+                   step: int = 0, progress: bool = True) -> dict:
+  """Evaluates flax `variables` of `model` with the settings of `config`.
+
+  The head is `config.eval.head` ("class" or "similarity", with tau =
+  `config.loss.tau`); C = `config.model.num_classes`. Prints the per-class table and,
+  with `workdir`, writes the results (`write_results`) on process 0.
+  """
+  head = config.eval.get("head", "class")
+  tau = float(config.loss.get("tau", 1.0)) if "loss" in config else 1.0
+  predict_fn = inference.make_predict_fn(model, variables, class_tokens, head=head,
+                                         tau=tau)
+  results = evaluate(predict_fn, dataset, config.eval, int(config.model.num_classes),
+                     class_names, progress=progress)
+  results["head"] = head
+  if jax.process_index() == 0:
+    print(format_table(results), flush=True)
+  if workdir is not None:
+    write_results(results, workdir, step)
+  return results
 
 
 def format_table(results: dict) -> str:

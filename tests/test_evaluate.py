@@ -7,6 +7,8 @@ import struct
 
 import jax.numpy as jnp
 import ml_collections
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -143,3 +145,24 @@ def test_sum_over_processes_keeps_int64_counts(monkeypatch):
   total, n = evaluate.sum_over_processes(cm, 4)
   np.testing.assert_array_equal(total, 2 * cm)
   assert n == 8
+
+
+@pytest.mark.parametrize("head", ["class", "similarity"])
+def test_evaluate_model_with_a_contract_model(head, tmp_path, capsys):
+  from tests.test_inference import _ContractModel
+  model = _ContractModel(num_classes=NUM_CLASSES)
+  tokens = np.zeros((NUM_CLASSES + 1, 5), np.int32)
+  variables = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)), tokens)
+  config = ml_collections.ConfigDict(dict(
+      model=dict(num_classes=NUM_CLASSES), loss=dict(tau=0.5),
+      eval=dict(_config(mode="slide"), head=head)))
+  data = _dataset([(16, 30), (16, 20)])
+  results = evaluate.evaluate_model(model, variables, tokens, data, config, NAMES,
+                                    workdir=str(tmp_path), step=7, progress=False)
+  predict_fn = inference.make_predict_fn(model, variables, tokens, head=head, tau=0.5)
+  direct = evaluate.evaluate(predict_fn, data, config.eval, NUM_CLASSES, NAMES,
+                             progress=False)
+  np.testing.assert_array_equal(results["confusion_matrix"], direct["confusion_matrix"])
+  assert results["head"] == head and results["num_images"] == 2
+  assert "| road" in capsys.readouterr().out
+  assert os.path.exists(os.path.join(str(tmp_path), "eval", "step_7.json"))
