@@ -29,6 +29,17 @@ def _l2_normalize(x: jax.Array) -> jax.Array:
   return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
 
 
+def attention_blocked(masks: jax.Array, size: tuple[int, int]) -> jax.Array:
+  """Masked attention's block from mask logits [B, Q, H, W]: bilinearly resized
+  to the memory level `size`, blocked where sigmoid < 0.5 -> [B, Q, h*w] bool.
+  A query whose mask is empty at this level attends everywhere."""
+  b, q = masks.shape[:2]
+  small = resize_bilinear(jnp.moveaxis(masks.astype(jnp.float32), 1, -1), size)
+  blocked = jnp.moveaxis(jax.nn.sigmoid(small) < 0.5, -1, 1).reshape(b, q, -1)
+  blocked = blocked & ~jnp.all(blocked, axis=-1, keepdims=True)
+  return jax.lax.stop_gradient(blocked)
+
+
 class Attention(nn.Module):
   """Multi-head attention; `blocked` [B or 1, Lq, Lk] True = may not attend.
   Softmax in fp32."""
@@ -118,12 +129,7 @@ class MaskTextDecoder(nn.Module):
     logits = self.class_predictor(normed[:, :self.num_queries]).astype(jnp.float32)
     embed = self.mask_predictor(normed)
     masks = jnp.einsum("bqc,bhwc->bqhw", embed, mask_features).astype(jnp.float32)
-    small = resize_bilinear(jnp.moveaxis(masks, 1, -1), target_size)  # [B, h, w, Qt]
-    blocked = jax.nn.sigmoid(small) < 0.5
-    blocked = jnp.moveaxis(blocked, -1, 1).reshape(x.shape[0], x.shape[1], -1)
-    # A query whose mask is empty at this level attends everywhere.
-    blocked = blocked & ~jnp.all(blocked, axis=-1, keepdims=True)
-    return normed, logits, masks, jax.lax.stop_gradient(blocked)
+    return normed, logits, masks, attention_blocked(masks, target_size)
 
   def setup(self):
     ln = lambda: nn.LayerNorm(epsilon=1e-5, use_fast_variance=False, dtype=jnp.float32)

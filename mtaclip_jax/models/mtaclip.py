@@ -1,0 +1,114 @@
+"""The full MTA-CLIP model (docs/CONTRACT.md): CLIP image tower -> MSDeformAttn
+pixel decoder -> Mask-Text decoder, with text queries from the frozen CLIP text
+tower on learnable contexts. `text_queries=False` is the Mask2Former baseline
+(no text tower, no contexts).
+
+    model = build_model(config.model)
+    variables = model.init(rng, images, class_tokens)
+    out = model.apply(variables, images, class_tokens, train=False)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import flax.linen as nn
+
+from mtaclip_jax.models import clip
+from mtaclip_jax.models.decoder import MaskTextDecoder
+from mtaclip_jax.models.pixel_decoder import PixelDecoder
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+class MTACLIP(nn.Module):
+  """`(images [B,H,W,3] normalised, class_tokens [C+1, class_length] int32,
+  train=False) -> {"logits", "masks"[, "m_proj", "t_proj"]}` stacked over the
+  supervised layers (see docs/CONTRACT.md). BatchNorm statistics live in
+  `batch_stats`; with backbone_norm="bn" and train=True pass mutable=["batch_stats"]."""
+  backbone: str = "RN50"
+  text_encoder: str = "RN50"
+  backbone_norm: str = "frozen_bn"
+  num_classes: int = 150
+  num_queries: int = 100
+  hidden_dim: int = 256
+  mask_dim: int = 256
+  enc_layers: int = 6
+  enc_ffn_dim: int = 1024
+  enc_heads: int = 8
+  enc_points: int = 4
+  num_feature_levels: int = 3
+  dec_layers: int = 9
+  dec_ffn_dim: int = 2048
+  dec_heads: int = 8
+  text_queries: bool = True
+  joint_self_attn: bool = True
+  num_contexts: int = 3
+  context_length: int = 8
+  deform_attn_impl: str = "gather"
+  gamma_init: float = 1e-4
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, images: jax.Array, class_tokens: jax.Array | None = None,
+               train: bool = False) -> dict[str, jax.Array]:
+    if images.ndim != 4 or images.shape[-1] != 3:
+      raise ValueError(f"images must be [B, H, W, 3], got {images.shape}")
+    feats = clip.ImageEncoder(self.backbone, dtype=self.dtype, norm=self.backbone_norm,
+                              name="backbone")(images, train=train)
+    pix = PixelDecoder(conv_dim=self.hidden_dim, mask_dim=self.mask_dim,
+                       enc_layers=self.enc_layers, enc_ffn_dim=self.enc_ffn_dim,
+                       enc_heads=self.enc_heads, enc_points=self.enc_points,
+                       num_feature_levels=self.num_feature_levels,
+                       deform_attn_impl=self.deform_attn_impl, dtype=self.dtype,
+                       name="pixel_decoder")(feats)
+    text_arch = clip.get_arch(self.text_encoder)
+    t0 = None
+    if self.text_queries:
+      if class_tokens is None or class_tokens.ndim != 2 or \
+          class_tokens.shape[0] != self.num_classes + 1:
+        raise ValueError(
+            f"class_tokens must be [num_classes + 1 = {self.num_classes + 1}, length] "
+            f"(class names + 'none'), got {None if class_tokens is None else class_tokens.shape}")
+      contexts = self.param("contexts", nn.initializers.normal(0.02),
+                            (self.num_contexts, self.context_length, text_arch.text_width))
+      # The text tower is frozen by the optimizer (lr x0), not by stop_gradient:
+      # gradients must reach the contexts through it.
+      t0 = clip.TextEncoder(text_arch, dtype=self.dtype, name="text_encoder").encode_prompts(
+          class_tokens, contexts)
+      t0 = t0.astype(jnp.float32)
+    decoder = MaskTextDecoder(
+        num_classes=self.num_classes, num_queries=self.num_queries,
+        hidden_dim=self.hidden_dim, mask_dim=self.mask_dim, num_heads=self.dec_heads,
+        ffn_dim=self.dec_ffn_dim, num_layers=self.dec_layers,
+        num_feature_levels=self.num_feature_levels, text_queries=self.text_queries,
+        joint_self_attn=self.joint_self_attn, embed_dim=text_arch.embed_dim,
+        num_contexts=self.num_contexts, gamma_init=self.gamma_init, dtype=self.dtype,
+        name="decoder")
+    return decoder(pix["multi_scale_features"], pix["mask_features"], t0)
+
+
+def build_model(model_config) -> MTACLIP:
+  """`config.model` (ml_collections.ConfigDict or dict) -> MTACLIP."""
+  c = dict(model_config)
+  dtype = c.get("dtype", "float32")
+  if dtype not in DTYPES:
+    raise ValueError(f"config.model.dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+  backbone = c.get("backbone", "RN50")
+  text_encoder = c.get("text_encoder") or backbone
+  for key, arch in (("backbone", backbone), ("text_encoder", text_encoder)):
+    if arch not in clip.ARCHS:
+      raise ValueError(f"config.model.{key} must be one of {sorted(clip.ARCHS)}, got {arch!r}")
+  if "num_classes" not in c:
+    raise ValueError("config.model.num_classes is required (dataset classes without 'none')")
+  if c.get("class_length", 5) + c.get("context_length", 8) > clip.ARCHS[text_encoder].context_length:
+    raise ValueError("config.model.class_length + context_length exceeds the text context length")
+  fields = ("backbone_norm", "num_queries", "hidden_dim", "mask_dim", "enc_layers",
+            "enc_ffn_dim", "enc_heads", "enc_points", "num_feature_levels", "dec_layers",
+            "dec_ffn_dim", "dec_heads", "text_queries", "joint_self_attn", "num_contexts",
+            "context_length", "deform_attn_impl", "gamma_init")
+  kwargs = {k: c[k] for k in fields if k in c}
+  return MTACLIP(backbone=backbone, text_encoder=text_encoder,
+                 num_classes=int(c["num_classes"]), dtype=DTYPES[dtype], **kwargs)
