@@ -17,6 +17,8 @@ import grain
 import ml_collections
 import orbax.checkpoint as ocp
 
+log = logging.getLogger(__name__)
+
 
 class CheckpointError(RuntimeError):
   pass
@@ -93,12 +95,12 @@ class Checkpointer:
           args["data"] = grain.checkpoint.CheckpointRestore(data_iter)
         restored = self.manager.restore(s, args=ocp.args.Composite(**args))
         if errors:
-          logging.warning("restored checkpoint step %d after skipping damaged ones: %s",
+          log.warning("restored checkpoint step %d after skipping damaged ones: %s",
                           s, "; ".join(errors))
         return s, restored["state"], dict(restored["config"] or {})
       except Exception as e:  # pylint: disable=broad-except
         msg = f"{self.directory}/{s}: {type(e).__name__}: {str(e)[:400]}"
-        logging.warning("cannot restore checkpoint %s", msg)
+        log.warning("cannot restore checkpoint %s", msg)
         errors.append(msg)
     raise CheckpointError(
         "no checkpoint could be restored (damaged, or saved by a different model, "

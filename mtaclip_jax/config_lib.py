@@ -130,6 +130,7 @@ def paper_config(dataset: str, backbone: str, arg: str | None = None
       max_images=0,
       step=-1,
       head="class",
+      at_end=True,
   ))
   c.train = ml_collections.ConfigDict(dict(
       steps=r["steps"],

@@ -12,6 +12,8 @@ import os
 
 import jax
 
+log = logging.getLogger(__name__)
+
 
 def _env_int(name: str) -> int | None:
   value = os.environ.get(name)
@@ -46,5 +48,5 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
     kwargs["process_id"] = process_id
   jax.distributed.initialize(**kwargs)
   if jax.process_index() == 0:
-    logging.info("jax.distributed: %d processes, %d devices (%d local)",
+    log.info("jax.distributed: %d processes, %d devices (%d local)",
                  jax.process_count(), jax.device_count(), jax.local_device_count())

@@ -9,6 +9,7 @@ import logging
 import sys
 
 from absl import app, flags
+from absl import logging as absl_logging
 from ml_collections import config_flags
 
 from mtaclip_jax import distributed
@@ -28,7 +29,10 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  logging.getLogger().setLevel(logging.INFO)
+  # Our own messages at INFO; libraries (orbax is chatty) at WARNING.
+  absl_logging.set_verbosity(absl_logging.WARNING)
+  logging.getLogger("mtaclip_jax").setLevel(logging.INFO)
+  logging.getLogger("convert_weights").setLevel(logging.INFO)
   distributed.initialize(flags.FLAGS.coordinator_address, flags.FLAGS.num_processes,
                          flags.FLAGS.process_id)
   config = _CONFIG.value

@@ -21,6 +21,8 @@ from mtaclip_jax import optim
 from mtaclip_jax.data import classes as data_classes
 from mtaclip_jax.data import pipeline
 
+log = logging.getLogger(__name__)
+
 MIN_FREE_BYTES = 1 << 30
 
 
@@ -51,7 +53,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     raise ConfigError(f"config.data.crop_size={tuple(config.data.crop_size)}: both sides "
                       "must be multiples of 32 (the backbone's largest stride)")
   if config.optim.total_steps != config.train.steps:
-    logging.warning("config.optim.total_steps=%d differs from config.train.steps=%d: "
+    log.warning("config.optim.total_steps=%d differs from config.train.steps=%d: "
                     "the poly schedule ends at optim.total_steps",
                     config.optim.total_steps, config.train.steps)
 
@@ -98,7 +100,7 @@ def ensure_dataset(config: ml_collections.ConfigDict) -> None:
   if config.data.name == "cityscapes":
     out = os.path.abspath(config.data.root)
   if jax.process_index() == 0:
-    logging.info("generating a dataset at %s", config.data.root)
+    log.info("generating a dataset at %s", config.data.root)
     generate.write_dataset(config.data.name, out, {"train": g.train, "val": g.val},
                            g.seed, tuple(g.size), config.data.num_classes)
 
@@ -137,7 +139,7 @@ def load_pretrained(state, config: ml_collections.ConfigDict, model):
   new_params = dict(params, **updates["params"])
   new_stats = dict(stats, **updates["batch_stats"])
   loaded = len(updates["params"]) + len(updates["batch_stats"])
-  logging.info("loaded %d CLIP tensors (%s) from %s", loaded, arch, config.init.clip)
+  log.info("loaded %d CLIP tensors (%s) from %s", loaded, arch, config.init.clip)
   shard = lambda tree, like: jax.tree.map(
       lambda v, l: jax.device_put(np.asarray(v, l.dtype), l.sharding), tree, like)
   return state.replace(
@@ -179,7 +181,7 @@ class Runtime:
     if self.is_main:
       evaluate_lib.write_results(results, self.workdir, step)
       writer.write(step, {f"eval/{k}": results[k] for k in ("mIoU", "mAcc", "aAcc")})
-      logging.info("step %d: mIoU %.2f mAcc %.2f aAcc %.2f", step, results["mIoU"],
+      log.info("step %d: mIoU %.2f mAcc %.2f aAcc %.2f", step, results["mIoU"],
                    results["mAcc"], results["aAcc"])
     return {f"eval_{k}": results[k] for k in ("mIoU", "mAcc", "aAcc")}
 
@@ -205,7 +207,7 @@ class MetricWriter:
         from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
         self._tb = SummaryWriter(os.path.join(workdir, "tb"))
       except ImportError:
-        logging.warning("tensorboardX is not installed: no TensorBoard logs")
+        log.warning("tensorboardX is not installed: no TensorBoard logs")
 
   def write(self, step: int, scalars: dict) -> None:
     if not self.enabled:

@@ -19,6 +19,8 @@ import numpy as np
 from mtaclip_jax import checkpoint, optim, runtime, sharding, train_state
 from mtaclip_jax.models import mtaclip
 
+log = logging.getLogger(__name__)
+
 
 class NonFiniteLossError(FloatingPointError):
   pass
@@ -40,7 +42,7 @@ class _Preemption:
 
   def _handle(self, signum, frame):
     del signum, frame
-    logging.warning("SIGTERM received: saving a checkpoint and exiting")
+    log.warning("SIGTERM received: saving a checkpoint and exiting")
     self.requested = True
 
   def __exit__(self, *exc):
@@ -76,7 +78,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   start = 0
   if ckpt.latest_step() is not None:
     start, state, _ = ckpt.restore(state, data_iter)
-    logging.info("resumed from %s at step %d", ckpt.directory, start)
+    log.info("resumed from %s at step %d", ckpt.directory, start)
   total = int(config.train.steps)
   writer = rt.metric_writer()
   last: dict = {}
@@ -102,7 +104,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
       if preempt.requested:
         ckpt.close()
         bar.close()
-        logging.warning("stopped at step %d after SIGTERM; restart to resume", step)
+        log.warning("stopped at step %d after SIGTERM; restart to resume", step)
         return last
     bar.close()
   ckpt.close()
