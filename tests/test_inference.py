@@ -100,6 +100,7 @@ class _ContractModel(nn.Module):
                 t_proj=stack(t))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("head", ["class", "similarity"])
 def test_make_predict_fn_uses_last_layer_and_upsamples(head):
   model = _ContractModel()
