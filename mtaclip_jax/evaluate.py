@@ -103,6 +103,9 @@ def evaluate(predict_fn: inference.PredictFn, dataset: Iterable[dict], eval_conf
       raise ValueError(f"{example.get('name', num_images)}: label shape {label.shape} "
                        f"does not match image shape {image.shape}")
     scores = inference.predict_scores(predict_fn, image, settings)
+    if scores.shape[-1] != num_classes:
+      raise ValueError(f"predict_fn returns {scores.shape[-1]} class scores, expected "
+                       f"num_classes = {num_classes} (config.model.num_classes)")
     padded = np.full(scores.shape[:2], metrics.IGNORE_INDEX, np.int32)
     padded[:label.shape[0], :label.shape[1]] = label
     if pending + padded.size >= _FLUSH_PIXELS:

@@ -84,6 +84,8 @@ def test_max_images_and_bad_labels():
   data[0]["label"] = data[0]["label"][:, :5]
   with pytest.raises(ValueError, match="img0"):
     evaluate.evaluate(decode_fn, data, _config(), NUM_CLASSES, progress=False)
+  with pytest.raises(ValueError, match="num_classes"):
+    evaluate.evaluate(decode_fn, data[1:], _config(), NUM_CLASSES + 1, progress=False)
 
 
 def test_confusion_matrix_flush(monkeypatch):
