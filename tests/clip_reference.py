@@ -27,20 +27,18 @@ def openai_simple_tokenizer():
     return _load("simple_tokenizer").SimpleTokenizer()
 
 
-def reference_clip(arch_name: str, seed: int = 0):
-    """Random-init OpenAI CLIP(...) with the hyper-parameters of clip.ARCHS[arch_name],
+def reference_clip(arch_name, seed: int = 0):
+    """Random-init OpenAI CLIP(...) with the hyper-parameters of clip.ARCHS[arch_name]
+    (or of a CLIPArch),
     in eval mode, biases / norm affine params / BN running stats randomised."""
     import torch
 
-    arch = clip.ARCHS[arch_name]
+    arch = clip.get_arch(arch_name)
     torch.manual_seed(seed)
     model = openai_model_module().CLIP(
         arch.embed_dim, arch.image_resolution, arch.vision_layers, arch.vision_width,
         arch.vision_patch_size, arch.context_length, arch.vocab_size,
         arch.transformer_width, arch.transformer_heads, arch.transformer_layers)
-    if arch.transformer_heads != arch.transformer_width // 64:
-        # CLIP(...) derives no text heads; it takes them as given, like ours.
-        pass
     g = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
         for module in model.modules():

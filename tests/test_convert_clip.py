@@ -78,6 +78,7 @@ def test_torchscript_needs_flag(tiny, files):
                                               allow_torchscript=True))
 
 
+@pytest.mark.slow
 def test_cli_writes_orbax_and_meta(tiny, files, tmp_path, capsys):
     out = tmp_path / "converted"
     assert cli_main(["--src", str(files["safetensors"]), "--out", str(out)]) == 0

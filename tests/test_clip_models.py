@@ -1,0 +1,157 @@
+"""CLIP tower behaviour on small shapes: output strides/channels, norms, dtypes, and the
+resized positional embeddings (ViT and attention pool) against PyTorch."""
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+from convert_weights import convert_clip, merge_into
+from mtaclip_jax.models import clip
+from tests.clip_reference import reference_clip, rel_err
+
+# A 12-block ViT small enough for CPU tests (the dense taps need blocks 3/5/7/11).
+SMALL_VIT = clip.CLIPArch("small-vit", embed_dim=32, image_resolution=64, vision_layers=12,
+                          vision_width=64, vision_patch_size=16, transformer_width=64,
+                          transformer_heads=4, transformer_layers=2)
+
+
+def test_arch_registry():
+    assert set(clip.ARCHS) == {"RN50", "RN101", "ViT-B/16", "tiny"}
+    assert clip.ARCHS["RN50"].feature_channels == {"res2": 256, "res3": 512, "res4": 1024,
+                                                   "res5": 2048}
+    assert clip.ARCHS["ViT-B/16"].feature_channels == {f"res{i}": 768 for i in range(2, 6)}
+    assert clip.ARCHS["tiny"].feature_channels == {"res2": 64, "res3": 128, "res4": 256,
+                                                   "res5": 512}
+    assert (clip.ARCHS["RN50"].embed_dim, clip.ARCHS["RN101"].embed_dim,
+            clip.ARCHS["ViT-B/16"].embed_dim) == (1024, 512, 512)
+    assert clip.ARCHS["ViT-B/16"].text_width == 512 and clip.ARCHS["tiny"].text_width == 64
+    with pytest.raises(ValueError, match="unknown CLIP arch 'RN5'"):
+        clip.ImageEncoder("RN5")
+    with pytest.raises(ValueError, match="norm must be one of"):
+        clip.ImageEncoder("tiny", norm="group")
+
+
+@pytest.fixture(scope="module")
+def tiny_ref():
+    """Random PyTorch reference and its converted towers (no flax init to compile)."""
+    model = reference_clip("tiny", seed=2)
+    return model, convert_clip(model.state_dict())
+
+
+@pytest.fixture(scope="module")
+def tiny_variables(tiny_ref):
+    return tiny_ref[1]["image"]
+
+
+def _check_dense(out, arch, batch, h, w):
+    for i, stride in zip(range(2, 6), (4, 8, 16, 32)):
+        assert out[f"res{i}"].shape == (batch, h // stride, w // stride,
+                                        arch.feature_channels[f"res{i}"])
+    assert out["embedding"].shape == (batch, arch.embed_dim)
+    assert all(bool(jnp.isfinite(v).all()) for v in out.values())
+
+
+def test_dense_outputs_any_size(tiny_variables):
+    images = jnp.ones((2, 96, 128, 3))
+    out = jax.jit(clip.ImageEncoder("tiny").apply)(tiny_variables, images)
+    _check_dense(out, clip.ARCHS["tiny"], 2, 96, 128)
+
+
+def _apply_fn(norm):
+    enc = clip.ImageEncoder("tiny", norm=norm)
+
+    @jax.jit
+    def fn(variables, images):
+        evaluation = enc.apply(variables, images, train=False)
+        training, upd = enc.apply(variables, images, train=True, mutable=["batch_stats"])
+        return evaluation, training, upd["batch_stats"]
+    return fn
+
+
+@pytest.mark.slow
+def test_frozen_bn_ignores_train_and_bn_uses_batch_stats(tiny_variables):
+    images = jax.random.normal(jax.random.key(1), (2, 64, 64, 3))
+    variables = tiny_variables
+    a, b, stats = _apply_fn("frozen_bn")(variables, images)
+    np.testing.assert_array_equal(a["res5"], b["res5"])
+    jax.tree.map(np.testing.assert_array_equal, stats, variables["batch_stats"])
+    a2, c, stats = _apply_fn("bn")(variables, images)
+    np.testing.assert_array_equal(a2["res5"], a["res5"])
+    assert not np.allclose(c["res5"], a["res5"])
+    assert not np.allclose(stats["bn1"]["mean"], variables["batch_stats"]["bn1"]["mean"])
+
+
+@pytest.mark.slow
+@pytest.mark.parity
+def test_bn_train_mode_matches_torch(tiny_ref):
+    """norm="bn", train=True normalises with batch statistics like torch train mode."""
+    model, towers = tiny_ref
+    images = np.random.default_rng(0).standard_normal((2, 3, 64, 64)).astype(np.float32)
+    feats = {}
+    model.visual.train()
+    hook = model.visual.layer4.register_forward_hook(lambda m, i, o: feats.update(o=o))
+    with torch.no_grad():
+        try:
+            model.visual(torch.from_numpy(images))
+        except RuntimeError:  # attention pool needs 224 inputs; layer4 ran already
+            pass
+    hook.remove()
+    model.visual.eval()
+    _, out, _ = _apply_fn("bn")(towers["image"], jnp.asarray(images.transpose(0, 2, 3, 1)))
+    assert rel_err(out["res5"], feats["o"].permute(0, 2, 3, 1).numpy()) <= 1e-4
+
+
+@pytest.mark.slow
+def test_bfloat16_compute_close_to_float32(tiny_ref, tiny_variables):
+    images = jax.random.normal(jax.random.key(1), (1, 64, 64, 3))
+    variables = tiny_variables
+    f32 = jax.jit(clip.ImageEncoder("tiny").apply)(variables, images)
+    bf16 = jax.jit(clip.ImageEncoder("tiny", dtype=jnp.bfloat16).apply)(variables, images)
+    assert bf16["res5"].dtype == jnp.bfloat16
+    assert jax.tree.leaves(variables["params"])[0].dtype == jnp.float32
+    assert rel_err(bf16["res5"].astype(jnp.float32), f32["res5"]) < 5e-2
+    text = clip.TextEncoder("tiny", dtype=jnp.bfloat16)
+    tv = tiny_ref[1]["text"]
+    out = jax.jit(functools.partial(text.apply, method="encode_prompts"))(
+        tv, jnp.array([[49406, 320, 49407, 0, 0]]), jnp.zeros((3, 8, 64)))
+    assert out.shape == (3, 1, 64) and out.dtype == jnp.bfloat16
+
+
+def test_encode_prompts_shapes_and_context_sensitivity(tiny_ref):
+    text = clip.TextEncoder("tiny")
+    tv = tiny_ref[1]["text"]
+    tokens = jnp.array([[49406, 320, 49407, 0, 0], [49406, 320, 321, 322, 49407]])
+    ctx = jax.random.normal(jax.random.key(2), (3, 8, 64)) * 0.02
+    prompts = lambda c: text.apply(tv, tokens, c, method="encode_prompts")
+    out, vjp = jax.vjp(jax.jit(prompts), ctx)
+    assert out.shape == (3, 2, 64)
+    assert not np.allclose(out[0], out[1])  # different contexts, different prompts
+    (grad,) = vjp(jnp.ones_like(out))
+    assert float(jnp.abs(grad).sum()) > 0
+
+
+@pytest.mark.slow
+@pytest.mark.parity
+def test_vit_resized_positional_embedding_matches_torch():
+    """At a non-native size the ViT equals PyTorch's VisionTransformer whose positional
+    grid was resized with F.interpolate(bicubic, align_corners=False)."""
+    model = reference_clip(SMALL_VIT, seed=3)
+    towers = convert_clip(model.state_dict(), arch=SMALL_VIT)
+    ref = model.visual
+    images = np.random.default_rng(0).standard_normal((1, 3, 96, 128)).astype(np.float32)
+    pos = ref.positional_embedding.data
+    grid = torch.nn.functional.interpolate(
+        pos[1:].reshape(1, 4, 4, -1).permute(0, 3, 1, 2), size=(6, 8), mode="bicubic",
+        align_corners=False).permute(0, 2, 3, 1).reshape(48, -1)
+    ref.positional_embedding = torch.nn.Parameter(torch.cat([pos[:1], grid]))
+    with torch.no_grad():
+        want = ref(torch.from_numpy(images)).numpy()
+    enc = clip.ImageEncoder(SMALL_VIT)
+    x = jnp.asarray(images.transpose(0, 2, 3, 1))
+    init = jax.jit(enc.init)(jax.random.key(0), x)
+    got = jax.jit(enc.apply)(merge_into(init, towers["image"]), x)
+    assert rel_err(got["embedding"], want) <= 1e-4
+    _check_dense(got, SMALL_VIT, 1, 96, 128)
