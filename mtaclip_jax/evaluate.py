@@ -99,6 +99,9 @@ def evaluate(predict_fn: inference.PredictFn, dataset: Iterable[dict], eval_conf
       break
     image = np.asarray(example["image"])
     label = np.asarray(example["label"])
+    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+      raise ValueError(f"{example.get('name', num_images)}: expected a uint8 [H, W, 3] "
+                       f"image, got {image.dtype} {image.shape}")
     if label.shape != image.shape[:2]:
       raise ValueError(f"{example.get('name', num_images)}: label shape {label.shape} "
                        f"does not match image shape {image.shape}")

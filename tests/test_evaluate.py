@@ -81,6 +81,9 @@ def test_max_images_and_bad_labels():
                               progress=False)
   assert results["num_images"] == 2
   assert list(results["per_class"]) == ["0", "1", "2", "3"]
+  bad = dict(data[0], image=data[0]["image"][..., :1], name="grey")
+  with pytest.raises(ValueError, match="grey: expected a uint8"):
+    evaluate.evaluate(decode_fn, [bad], _config(), NUM_CLASSES, progress=False)
   data[0]["label"] = data[0]["label"][:, :5]
   with pytest.raises(ValueError, match="img0"):
     evaluate.evaluate(decode_fn, data, _config(), NUM_CLASSES, progress=False)
