@@ -53,20 +53,36 @@ def draw_points(rng: jax.Array, num_layers: int, batch: int, targets: int,
 
 
 def sample_queries(masks: jax.Array, query_index: jax.Array, points: jax.Array) -> jax.Array:
-    """Samples query `query_index[b, t]`'s mask at `points[b, t]`, bilinearly.
+    """Samples map `query_index[b, t]` of `masks[b]` at `points[b, t]`, bilinearly.
 
-    masks [B, Q, h, w], query_index [B, T] (in range), points [B, T, P, 2] ->
-    [B, T, P] float32 (gathered straight from masks: no [B, T, h, w] copy).
+    masks [B, Q, h, w] (any dtype), query_index [B, T] (in range), points
+    [B, T, P, 2] -> [B, T, P] float32, with `matching.point_sample` semantics. Each
+    point reads one 2x2 patch of the zero-padded maps (the padding is grid_sample's
+    zero padding): 3x faster on CPU than four single-pixel gathers, and no
+    [B, T, h, w] copy of the matched masks.
     """
-    b, q, h, w = masks.shape
-    indices, weights = matching.bilinear_taps(points, h, w)  # [B, T, P, 4]
-    indices = indices + (query_index * (h * w))[:, :, None, None]
-    flat = masks.reshape(b, q * h * w)
-    out = 0.0
-    for c in range(4):  # one gather per tap (faster than one gather of all 4)
-        taps = jax.vmap(lambda f, i: f[i])(flat, indices[..., c].reshape(b, -1))
-        out = out + taps.reshape(weights.shape[:-1]).astype(jnp.float32) * weights[..., c]
-    return out
+    _, _, h, w = masks.shape
+    padded = jnp.pad(masks, ((0, 0), (0, 0), (1, 1), (1, 1)))
+    x = points[..., 0] * w - 0.5
+    y = points[..., 1] * h - 0.5
+    x0 = jnp.floor(x)
+    y0 = jnp.floor(y)
+    fx = x - x0
+    fy = y - y0
+    # x0 in [-1, w - 1] for points in [0, 1]: padded column x0 + 1 in [0, w].
+    xi = jnp.clip(x0.astype(jnp.int32) + 1, 0, w)
+    yi = jnp.clip(y0.astype(jnp.int32) + 1, 0, h)
+    qi = jnp.broadcast_to(query_index[:, :, None], xi.shape)
+
+    def patch(m, qq, yy, xx):  # m [Q, h+2, w+2] -> [2, 2]
+        return jax.lax.dynamic_slice(m, (qq, yy, xx), (1, 2, 2))[0]
+
+    per_point = jax.vmap(patch, (None, 0, 0, 0))
+    patches = jax.vmap(jax.vmap(per_point, (None, 0, 0, 0)))(padded, qi, yi, xi)
+    patches = patches.astype(jnp.float32)  # [B, T, P, 2, 2]
+    top = patches[..., 0, 0] * (1 - fx) + patches[..., 0, 1] * fx
+    bottom = patches[..., 1, 0] * (1 - fx) + patches[..., 1, 1] * fx
+    return top * (1 - fy) + bottom * fy
 
 
 def uncertain_points(masks: jax.Array, query_index: jax.Array, over: jax.Array,
@@ -86,7 +102,8 @@ def uncertain_points(masks: jax.Array, query_index: jax.Array, over: jax.Array,
 def _mask_losses(masks, target_masks, query_index, valid, points):
     """Sums over valid targets of point BCE (mean over points) and dice, one layer."""
     logits = sample_queries(masks, query_index, points)  # [B, T, P]
-    labels = matching.point_sample(target_masks[:, :, None], points)[:, :, 0]
+    targets = jnp.broadcast_to(jnp.arange(target_masks.shape[1]), query_index.shape)
+    labels = sample_queries(target_masks, targets, points)
     bce = jnp.mean(jax.nn.softplus(logits) - logits * labels, axis=-1)
     probs = jax.nn.sigmoid(logits)
     dice = 1.0 - (2.0 * jnp.sum(probs * labels, -1) + 1.0) / (

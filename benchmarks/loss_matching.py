@@ -1,0 +1,96 @@
+"""Times Hungarian matching (host callback) against a full loss + gradient.
+
+ADE20k-like shapes by default (B=2, Q=100, T=30, L=9, masks 128x128 at stride 4,
+targets 512x512, C=150, K=3, D=1024, 12544 points). Prints min / median of N runs.
+
+  python benchmarks/loss_matching.py [--batch 2] [--targets 30] [--runs 5]
+"""
+
+import argparse
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from mtaclip_jax import losses, matching
+
+
+def _time(fn, *args, runs):
+    jax.block_until_ready(fn(*args))  # compile + warm up
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - start)
+    return 1e3 * min(times), 1e3 * float(np.median(times))
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--queries", type=int, default=100)
+    parser.add_argument("--targets", type=int, default=30)
+    parser.add_argument("--valid", type=int, default=15, help="valid segments per image")
+    parser.add_argument("--layers", type=int, default=9)
+    parser.add_argument("--classes", type=int, default=150)
+    parser.add_argument("--size", type=int, default=512)
+    parser.add_argument("--contexts", type=int, default=3)
+    parser.add_argument("--embed", type=int, default=1024)
+    parser.add_argument("--runs", type=int, default=5)
+    args = parser.parse_args()
+    cfg = ml_collections.ConfigDict(dict(
+        class_weight=2.0, mask_weight=5.0, dice_weight=5.0, sim_weight=1.0,
+        no_object_weight=0.1, num_points=12544, oversample_ratio=3.0,
+        importance_sample_ratio=0.75, similarity=True, neg="mix", tau=1.0))
+    L, B, Q, T, C = args.layers, args.batch, args.queries, args.targets, args.classes
+    h, H = args.size // 4, args.size
+    rng = np.random.default_rng(0)
+    unit = lambda x: x / np.linalg.norm(x, axis=-1, keepdims=True)  # noqa: E731
+    outputs = {
+        "logits": jnp.asarray(rng.normal(size=(L, B, Q, C + 1)), jnp.float32),
+        "masks": jnp.asarray(3 * rng.normal(size=(L, B, Q, h, h)), jnp.float32),
+        "m_proj": jnp.asarray(unit(rng.normal(size=(L, B, Q, args.embed))), jnp.float32),
+        "t_proj": jnp.asarray(unit(rng.normal(size=(L, B, args.contexts, C + 1, args.embed))),
+                              jnp.float32),
+    }
+    valid = np.zeros((B, T), bool)
+    valid[:, :args.valid] = True
+    batch = {"masks": jnp.asarray(rng.random((B, T, H, H)) < 0.3, jnp.uint8),
+             "classes": jnp.asarray(rng.integers(0, C, (B, T)), jnp.int32),
+             "valid": jnp.asarray(valid)}
+    print(f"devices: {jax.devices()}; L={L} B={B} Q={Q} T={T} (valid {args.valid}) "
+          f"C={C} masks {h}x{h} targets {H}x{H}")
+
+    points = matching.sample_match_points(jax.random.key(0), L, B, cfg.num_points)
+    costs = jax.jit(lambda o, bt, p: matching.match_costs(
+        o["logits"], o["masks"], bt["masks"], bt["classes"], p))
+    cost = costs(outputs, batch, points)
+    assign = jax.jit(matching.hungarian_match)
+    results = {
+        "hungarian callback (jit, all layers, one callback)": _time(
+            assign, cost, batch["valid"], runs=args.runs),
+        "matching costs on device": _time(costs, outputs, batch, points, runs=args.runs),
+        "matching total (costs + callback)": _time(
+            jax.jit(lambda o, bt, p: matching.match(o, bt, p, cfg)), outputs, batch, points,
+            runs=args.runs),
+        "loss forward": _time(jax.jit(
+            lambda o, bt, k: losses.compute_loss(o, bt, k, cfg, C)[0]),
+            outputs, batch, jax.random.key(1), runs=args.runs),
+        "loss + grad": _time(jax.jit(jax.value_and_grad(
+            lambda o, bt, k: losses.compute_loss(o, bt, k, cfg, C)[0])),
+            outputs, batch, jax.random.key(1), runs=args.runs),
+    }
+    host_cost, host_valid = np.asarray(cost), np.asarray(valid)
+    start = time.perf_counter()
+    for _ in range(args.runs):
+        matching._assign_host(host_cost, host_valid)  # pylint: disable=protected-access
+    results["scipy alone (host, no callback)"] = (
+        1e3 * (time.perf_counter() - start) / args.runs,) * 2
+    for name, (best, median) in results.items():
+        print(f"{name:55s} min {best:9.1f} ms   median {median:9.1f} ms")
+
+
+if __name__ == "__main__":
+    main()
