@@ -42,6 +42,37 @@ def _is_torchscript(path: str) -> bool:
     return any(n.endswith("/constants.pkl") or "/code/" in n for n in names)
 
 
+def _load_safetensors_bf16(path: str) -> Dict[str, np.ndarray]:
+    """safetensors.numpy cannot represent bfloat16; read such files directly (format:
+    u64 header length, JSON header of dtype/shape/offsets, raw little-endian data)."""
+    import json
+    import struct
+
+    import ml_dtypes
+
+    dtypes = {"BF16": ml_dtypes.bfloat16, "F16": np.float16, "F32": np.float32,
+              "F64": np.float64, "I64": np.int64, "I32": np.int32, "I16": np.int16,
+              "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(n))
+        data = f.read()
+    out = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        if info["dtype"] not in dtypes:
+            raise CheckpointError(f"{path!r}: tensor {name!r} has unsupported dtype "
+                                  f"{info['dtype']}")
+        start, end = info["data_offsets"]
+        if end > len(data):
+            raise CheckpointError(f"could not read safetensors file {path!r} (truncated): "
+                                  f"tensor {name!r} ends past the end of the file")
+        out[name] = np.frombuffer(data[start:end], dtype=dtypes[info["dtype"]]).reshape(
+            info["shape"]).astype(np.float32 if info["dtype"] == "BF16" else None)
+    return out
+
+
 def load_file(path: str, allow_torchscript: bool = False) -> Dict[str, Any]:
     """Raw state dict of a checkpoint file (values: tensors or numpy arrays)."""
     if not os.path.isfile(path):
@@ -50,6 +81,10 @@ def load_file(path: str, allow_torchscript: bool = False) -> Dict[str, Any]:
         from safetensors.numpy import load_file as load_safetensors
         try:
             return dict(load_safetensors(path))
+        except TypeError as e:
+            if "bfloat16" not in str(e):
+                raise
+            return _load_safetensors_bf16(path)
         except Exception as e:  # safetensors raises its own error types
             raise CheckpointError(f"could not read safetensors file {path!r} (truncated or "
                                   f"corrupt?): {e}") from e

@@ -196,15 +196,17 @@ def test_merge_into_checks_paths_and_shapes(tiny):
 
 
 def test_half_precision_checkpoint_becomes_float32(tiny, tmp_path):
-    """OpenAI's released archives hold fp16 weights; converted variables are fp32."""
+    """OpenAI's released archives hold fp16 weights, some others bf16 (which
+    safetensors.numpy cannot read); converted variables are fp32."""
     from safetensors.torch import save_file
 
-    half = {k: v.half() if v.is_floating_point() else v for k, v in tiny.state_dict().items()}
-    path = tmp_path / "half.safetensors"
-    save_file({k: v.contiguous() for k, v in half.items()}, str(path))
-    for src in (half, str(path)):
-        towers = convert_clip(src)
-        leaves = jax.tree.leaves(towers)
-        assert all(x.dtype == np.float32 for x in leaves)
-        np.testing.assert_array_equal(towers["text"]["params"]["text_projection"],
-                                      half["text_projection"].float().numpy())
+    for dtype in (torch.float16, torch.bfloat16):
+        half = {k: v.to(dtype) if v.is_floating_point() else v
+                for k, v in tiny.state_dict().items()}
+        path = tmp_path / f"{dtype}.safetensors"
+        save_file({k: v.contiguous() for k, v in half.items()}, str(path))
+        for src in (half, str(path)):
+            towers = convert_clip(src)
+            assert all(x.dtype == np.float32 for x in jax.tree.leaves(towers))
+            np.testing.assert_array_equal(towers["text"]["params"]["text_projection"],
+                                          half["text_projection"].float().numpy())
