@@ -227,3 +227,40 @@ def write_results(results: dict, workdir: str, step: int) -> str | None:
   finally:
     writer.close()
   return path
+
+
+def restore_variables(config, workdir: str, step: int | None = None):
+  """(step, model, variables, class_tokens) from the checkpoint in `workdir`,
+  restored straight into the shardings of the config's mesh."""
+  # pylint: disable=g-import-not-at-top
+  from mtaclip_jax import checkpoint, optim, runtime, sharding, train_state
+  from mtaclip_jax.models import mtaclip
+  runtime.validate_config(config)
+  model = mtaclip.build_model(config.model)
+  tx = optim.make_optimizer(config.optim)
+  tokens = runtime.class_tokens(config)
+  mesh = sharding.make_mesh(config.mesh)
+  with jax.set_mesh(mesh):
+    abstract = train_state.abstract_state(model, tx, config, tokens,
+                                          jax.random.key(config.seed))
+    shardings = train_state.state_shardings(abstract, config, mesh)
+    target = jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract,
+        shardings)
+    step, state, _ = checkpoint.restore_params_only(workdir, target, step)
+  return step, model, state.variables(), tokens
+
+
+def run(config, workdir: str) -> dict:
+  """`--mode eval`: restore the latest (or config.eval.step) checkpoint, evaluate."""
+  # pylint: disable=g-import-not-at-top
+  from mtaclip_jax.data import classes, pipeline
+  want = int(config.eval.get("step", -1))
+  step, model, variables, tokens = restore_variables(
+      config, workdir, None if want < 0 else want)
+  dataset = pipeline.make_eval_dataset(config.data, config.eval.get("split", "val"))
+  results = evaluate_model(model, variables, tokens, dataset, config,
+                           class_names=classes.class_names(config.data),
+                           workdir=workdir, step=step, progress=True)
+  results["step"] = step
+  return results

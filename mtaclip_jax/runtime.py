@@ -176,13 +176,15 @@ class Runtime:
 
   def evaluate(self, model, state, class_tokens, step, writer) -> dict:
     from mtaclip_jax import evaluate as evaluate_lib  # pylint: disable=g-import-not-at-top
-    results = evaluate_lib.evaluate_state(self.config, model, state.variables(),
-                                          class_tokens, progress=self.is_main)
-    if self.is_main:
-      evaluate_lib.write_results(results, self.workdir, step)
-      writer.write(step, {f"eval/{k}": results[k] for k in ("mIoU", "mAcc", "aAcc")})
-      log.info("step %d: mIoU %.2f mAcc %.2f aAcc %.2f", step, results["mIoU"],
-                   results["mAcc"], results["aAcc"])
+    dataset = pipeline.make_eval_dataset(self.config.data, self.config.eval.split)
+    results = evaluate_lib.evaluate_model(
+        model, state.variables(), class_tokens, dataset, self.config,
+        class_names=data_classes.class_names(self.config.data),
+        workdir=self.workdir if self.is_main else None, step=step,
+        progress=self.is_main)
+    writer.write(step, {f"eval/{k}": results[k] for k in ("mIoU", "mAcc", "aAcc")})
+    log.info("step %d: mIoU %.2f mAcc %.2f aAcc %.2f", step, results["mIoU"],
+             results["mAcc"], results["aAcc"])
     return {f"eval_{k}": results[k] for k in ("mIoU", "mAcc", "aAcc")}
 
   def print_summary(self, seconds):

@@ -93,13 +93,14 @@ def train_step(state: TrainState, batch: dict, class_tokens: jax.Array, *, model
   updates, new_opt_state = tx.update(grads, state.opt_state, trainable)
   new_trainable = optax.apply_updates(trainable, updates)
   grad_norm = optax.global_norm(grads)
+  update_norm = optax.global_norm(updates)
   new_state = state.replace(
       step=state.step + 1,
       params=optim.unflatten({**new_trainable, **frozen}),
       batch_stats=new_stats,
       opt_state=new_opt_state,
       rng=rng)
-  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(update_norm)
   if config.train.on_nan == "skip":
     # Keep the old parameters and optimizer state, count the skip, move on.
     kept = state.replace(step=state.step + 1, rng=rng, skipped=state.skipped + 1)

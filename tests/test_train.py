@@ -1,0 +1,132 @@
+"""Training: one real step, bit-exact resume, non-finite loss handling, clear errors."""
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from mtaclip_jax import optim, runtime, sharding, train, train_state
+from mtaclip_jax.data import pipeline
+from mtaclip_jax.models import mtaclip
+
+from tests import train_fixtures
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+  return train_fixtures.make_dataset(tmp_path_factory.mktemp("data"))
+
+
+def _setup(config):
+  mesh = sharding.make_mesh(config.mesh)
+  model = mtaclip.build_model(config.model)
+  tx = optim.make_optimizer(config.optim)
+  tokens = runtime.class_tokens(config)
+  with jax.set_mesh(mesh):
+    state, shard = train_state.init_state_sharded(model, tx, config, tokens,
+                                                  jax.random.key(0), mesh)
+    step = train_state.jit_train_step(model, tx, config, shard, mesh)
+  return mesh, model, state, step, tokens
+
+
+@pytest.mark.slow
+def test_one_real_step_updates_what_it_should(data_root):
+  config = train_fixtures.tiny_config(data_root)
+  mesh, _, state, step_fn, tokens = _setup(config)
+  before = jax.device_get(optim.flatten(state.params))
+  stats_before = jax.device_get(optim.flatten(state.batch_stats))
+  batch = sharding.global_batch(
+      next(pipeline.make_train_iterator(config.data, 0)), mesh)
+  tokens = jax.device_put(tokens, sharding.replicated(mesh))
+  with jax.set_mesh(mesh), jax.transfer_guard("disallow"):
+    state, metrics = step_fn(state, batch, tokens)
+  metrics = jax.device_get(metrics)
+  assert np.isfinite(metrics["loss"]) and metrics["finite"]
+  for k in ("loss_ce", "loss_mask", "loss_dice", "loss_sim", "grad_norm", "lr"):
+    assert k in metrics, k
+  after = jax.device_get(optim.flatten(state.params))
+  changed = {k for k in before if not np.array_equal(before[k], after[k])}
+  assert not any(k.startswith("text_encoder/") for k in changed)
+  assert any(k.startswith("backbone/") for k in changed)
+  assert "contexts" in changed
+  assert any(k.startswith("decoder/") for k in changed)
+  assert any(k.startswith("pixel_decoder/") for k in changed)
+  # Frozen batch norm: running statistics never move.
+  stats_after = jax.device_get(optim.flatten(state.batch_stats))
+  for k in stats_before:
+    np.testing.assert_array_equal(stats_before[k], stats_after[k])
+  assert int(state.step) == 1
+
+
+def _final_state(workdir, step):
+  mgr = ocp.CheckpointManager(os.path.join(workdir, "checkpoints"),
+                              item_names=("state",))
+  restored = mgr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+  mgr.close()
+  return restored["state"]
+
+
+@pytest.mark.slow
+def test_resume_is_bit_exact(data_root, tmp_path):
+  full = train_fixtures.tiny_config(data_root, steps=4)
+  full.train.checkpoint_every = 2
+  train.run(full, str(tmp_path / "a"))
+
+  first = train_fixtures.tiny_config(data_root, steps=4)
+  first.train.checkpoint_every = 2
+  first.train.steps = 2  # stop half way; the schedule still ends at 4
+  train.run(first, str(tmp_path / "b"))
+  train.run(full, str(tmp_path / "b"))  # the same command again resumes
+
+  a = jax.tree_util.tree_leaves_with_path(_final_state(str(tmp_path / "a"), 4))
+  b = dict(jax.tree_util.tree_leaves_with_path(_final_state(str(tmp_path / "b"), 4)))
+  assert len(a) == len(b)
+  for path, leaf in a:
+    np.testing.assert_array_equal(np.asarray(leaf), np.asarray(b[path]),
+                                  err_msg=jax.tree_util.keystr(path))
+
+
+@pytest.mark.slow
+def test_nan_stops_with_the_step_named_and_skip_keeps_params(data_root, tmp_path):
+  config = train_fixtures.tiny_config(data_root, steps=3)
+  config.optim.lr = float("nan")
+  with pytest.raises(train.NonFiniteLossError, match=r"at step 1 .*on_nan=skip"):
+    train.run(config, str(tmp_path / "stop"))
+  assert not os.path.exists(tmp_path / "stop" / "checkpoints" / "3")
+
+  config.train.on_nan = "skip"
+  mesh, _, state, step_fn, tokens = _setup(config)
+  before = jax.device_get(optim.flatten(state.params))
+  it = pipeline.make_train_iterator(config.data, 0)
+  with jax.set_mesh(mesh):
+    for _ in range(2):
+      state, metrics = step_fn(state, sharding.global_batch(next(it), mesh), tokens)
+  assert int(state.skipped) == 2 and int(state.step) == 2
+  after = jax.device_get(optim.flatten(state.params))
+  for k in before:
+    np.testing.assert_array_equal(before[k], after[k])
+
+
+def test_bad_workdir_and_batch_are_named(tmp_path, data_root):
+  blocker = tmp_path / "file"
+  blocker.write_text("x")
+  with pytest.raises(runtime.WorkdirError, match="not writable"):
+    runtime.check_workdir(str(blocker / "sub"))
+  config = train_fixtures.tiny_config(data_root, batch=3)
+  mesh = sharding.make_mesh(config.mesh)
+  if mesh.shape["data"] > 1:
+    with pytest.raises(runtime.ConfigError, match="batch_size=3"):
+      runtime.check_batch(config, mesh)
+  config.model.num_classes = 7
+  with pytest.raises(runtime.ConfigError, match="num_classes"):
+    runtime.validate_config(config)
+
+
+def test_mesh_not_matching_devices_is_named():
+  import ml_collections
+  n = len(jax.devices())
+  with pytest.raises(sharding.MeshConfigError, match="devices"):
+    sharding.make_mesh(ml_collections.ConfigDict(dict(data=n + 1, model=1)))

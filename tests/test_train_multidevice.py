@@ -1,0 +1,28 @@
+"""8 fake CPU devices (data parallel, and + FSDP) train exactly like one device."""
+
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+from tests import train_fixtures
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.mark.slow
+def test_eight_devices_equal_one(tmp_path):
+  root = train_fixtures.make_dataset(tmp_path / "data", train=8)
+  env = dict(os.environ, PYTHONPATH=ROOT)
+  proc = subprocess.run(
+      [sys.executable, os.path.join(ROOT, "tests", "multidevice_train_check.py"), root],
+      capture_output=True, text=True, env=env, timeout=900, check=False)
+  print(proc.stdout[-3000:])
+  assert proc.returncode == 0, proc.stderr[-5000:]
+  m = re.search(r"OK max_param_diff=(\S+) max_loss_diff=(\S+)", proc.stdout)
+  assert m, proc.stdout[-2000:]
+  # Tolerance: fp32, relative to each parameter's largest magnitude / the loss.
+  assert float(m.group(1)) <= 1e-5
+  assert float(m.group(2)) <= 1e-5

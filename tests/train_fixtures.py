@@ -1,0 +1,41 @@
+"""A tiny training config on a generated dataset, shared by the train/eval tests."""
+
+import importlib.util
+import os
+
+from mtaclip_jax.data import generate, recipes
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def load_config(name="demo", arg=None):
+  path = os.path.join(ROOT, "configs", name + ".py")
+  spec = importlib.util.spec_from_file_location("cfg_" + name, path)
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  return mod.get_config(arg)
+
+
+def make_dataset(out, num_classes=4, train=8, val=2, size=(64, 80), seed=0):
+  return generate.write_dataset("ade20k", str(out), {"train": train, "val": val}, seed,
+                                size, num_classes)
+
+
+def tiny_config(root, steps=3, batch=2, arg=None, num_classes=4):
+  """The demo model made smaller still, on 64x64 crops."""
+  c = load_config("demo", arg)
+  crop = (64, 64)
+  c.model.num_classes = num_classes
+  c.model.update(dict(num_queries=8, hidden_dim=32, mask_dim=32, enc_layers=1,
+                      enc_ffn_dim=64, dec_layers=3, dec_ffn_dim=64))
+  c.loss.num_points = 256
+  c.data.update(dict(root=str(root), num_classes=num_classes, crop_size=crop,
+                     batch_size=batch, max_segments=num_classes, num_workers=0,
+                     test_scale=(80, 64)))
+  c.data.transforms = recipes.train_transforms(crop, (80, 64), ratio_range=(0.75, 1.25))
+  c.data.generate.enabled = False
+  c.train.update(dict(steps=steps, log_every=1, checkpoint_every=steps))
+  c.optim.update(dict(total_steps=steps, warmup_steps=1))
+  c.eval.update(dict(test_scale=(80, 64), crop_size=crop, stride=(32, 32),
+                     at_end=False, every_steps=0))
+  return c
