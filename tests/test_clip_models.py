@@ -159,3 +159,36 @@ def test_vit_resized_positional_embedding_matches_torch():
     print(f"\nsmall ViT 96x128 (resized positional embedding) embedding: {err:.2e}")
     assert err <= 1e-4
     _check_dense(got, SMALL_VIT, 1, 96, 128)
+
+
+@pytest.mark.parity
+def test_fpn_adapters_match_torch():
+    """fpn1/fpn2 equal PyTorch's Sequential(ConvTranspose2d, BatchNorm2d, GELU,
+    ConvTranspose2d) / ConvTranspose2d with weights mapped like a conv (OIHW -> HWIO),
+    in eval and train mode."""
+    from mtaclip_jax.models.clip_vit import Fpn1, Fpn2
+
+    torch.manual_seed(0)
+    w = 8
+    fpn1 = torch.nn.Sequential(torch.nn.ConvTranspose2d(w, w, 2, 2), torch.nn.BatchNorm2d(w),
+                               torch.nn.GELU(), torch.nn.ConvTranspose2d(w, w, 2, 2))
+    fpn2 = torch.nn.ConvTranspose2d(w, w, 2, 2)
+    with torch.no_grad():
+        fpn1[1].weight.normal_(1, 0.2), fpn1[1].bias.normal_(0, 0.1)
+        fpn1[1].running_mean.normal_(0, 0.1), fpn1[1].running_var.uniform_(0.5, 1.5)
+    conv = lambda m: {"kernel": m.weight.detach().numpy().transpose(2, 3, 1, 0),
+                      "bias": m.bias.detach().numpy()}
+    bn = fpn1[1]
+    v1 = {"params": {"0": conv(fpn1[0]), "3": conv(fpn1[3]),
+                     "1": {"scale": bn.weight.detach().numpy(),
+                           "bias": bn.bias.detach().numpy()}},
+          "batch_stats": {"1": {"mean": bn.running_mean.numpy(), "var": bn.running_var.numpy()}}}
+    x = np.random.default_rng(0).standard_normal((2, 3, 5, w)).astype(np.float32)
+    xt = torch.from_numpy(x).permute(0, 3, 1, 2)
+    to_nhwc = lambda t: t.detach().permute(0, 2, 3, 1).numpy()
+    assert rel_err(Fpn2(w).apply({"params": {"0": conv(fpn2)}}, x), to_nhwc(fpn2(xt))) <= 1e-6
+    fpn1.eval()
+    assert rel_err(Fpn1(w).apply(v1, x), to_nhwc(fpn1(xt))) <= 1e-6
+    fpn1.train()
+    got, _ = Fpn1(w).apply(v1, x, train=True, mutable=["batch_stats"])
+    assert rel_err(got, to_nhwc(fpn1(xt))) <= 1e-5

@@ -6,7 +6,10 @@ Parameter paths mirror `clip/model.py`'s `visual.*` state dict (`conv1`,
 the input's patch grid. Patch tokens after blocks `TAPS` become res2..res5 through the
 adapters `fpn1` (ConvTranspose 2x2 -> BN -> GELU -> ConvTranspose 2x2, stride 4),
 `fpn2` (ConvTranspose 2x2, stride 8), identity (stride 16) and a 2x2 max pool (stride
-32). The adapters are new (random init) and their BN is a trainable batch norm.
+32). The adapters are new (random init) and their BN is a trainable batch norm. They
+mirror PyTorch's `nn.Sequential(ConvTranspose2d, BatchNorm2d, GELU, ConvTranspose2d)`
+(`transpose_kernel=True`: a torch ConvTranspose2d weight [in, out, kh, kw] maps to the
+flax kernel by the same transpose(2, 3, 1, 0) as a convolution's).
 """
 import flax.linen as nn
 import jax.numpy as jnp
@@ -17,6 +20,13 @@ from mtaclip_jax.models.clip_transformer import LayerNorm, Transformer
 TAPS = (3, 5, 7, 11)
 
 
+def _up2(width, dtype, name):
+    """torch ConvTranspose2d(width, width, kernel_size=2, stride=2)."""
+    return nn.ConvTranspose(width, (2, 2), strides=(2, 2), padding="VALID",
+                            transpose_kernel=True, dtype=dtype, param_dtype=jnp.float32,
+                            name=name)
+
+
 class Fpn1(nn.Module):
     """Sequential names: "0" ConvTranspose, "1" BN, "2" GELU, "3" ConvTranspose."""
     width: int
@@ -24,23 +34,21 @@ class Fpn1(nn.Module):
 
     @nn.compact
     def __call__(self, x, train: bool = False):
-        x = nn.ConvTranspose(self.width, (2, 2), strides=(2, 2), padding="VALID",
-                             dtype=self.dtype, param_dtype=jnp.float32, name="0")(x)
+        x = _up2(self.width, self.dtype, "0")(x)
         x = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
                          dtype=self.dtype, param_dtype=jnp.float32, name="1")(x)
         x = nn.gelu(x, approximate=False)
-        return nn.ConvTranspose(self.width, (2, 2), strides=(2, 2), padding="VALID",
-                                dtype=self.dtype, param_dtype=jnp.float32, name="3")(x)
+        return _up2(self.width, self.dtype, "3")(x)
 
 
 class Fpn2(nn.Module):
+    """Sequential name: "0" ConvTranspose."""
     width: int
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x):
-        return nn.ConvTranspose(self.width, (2, 2), strides=(2, 2), padding="VALID",
-                                dtype=self.dtype, param_dtype=jnp.float32, name="0")(x)
+        return _up2(self.width, self.dtype, "0")(x)
 
 
 class VisionTransformer(nn.Module):
