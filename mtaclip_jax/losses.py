@@ -17,8 +17,11 @@ passed instead, which the parity tests use to feed transformers the same points.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
 from mtaclip_jax import matching
 
@@ -219,7 +222,15 @@ def compute_loss(outputs: dict, batch: dict, rng: jax.Array, loss_config, num_cl
             k_over, k_rand = jax.random.split(key_l)
             draws_l = (jax.random.uniform(k_over, (b, t, oversampled, 2)),
                        jax.random.uniform(k_rand, (b, t, uniform, 2)))
-        return uncertain_points(masks_l, index_l, *draws_l, uncertain)
+        select = functools.partial(uncertain_points, num_uncertain=uncertain)
+        data_mesh = matching.data_mesh(mesh)
+        if data_mesh is not None:
+            # Per image: without shard_map the SPMD partitioner all-gathers the
+            # uncertainties and runs top_k replicated on every device.
+            spec = P(matching.DATA_AXIS)
+            select = jax.shard_map(select, mesh=data_mesh, in_specs=(spec,) * 4,
+                                   out_specs=spec, check_vma=False)
+        return select(masks_l, index_l, *draws_l)
 
     def layer_mask_losses(xs):
         masks_l, index_l, points_l = xs

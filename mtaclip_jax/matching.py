@@ -175,7 +175,7 @@ def _assign(cost: jax.Array, valid: jax.Array) -> jax.Array:
         jax.lax.stop_gradient(cost), valid, vmap_method="sequential")
 
 
-def _data_mesh(mesh):
+def data_mesh(mesh=None):
     """The mesh to shard the callback over, or None (no mesh / no "data" axis)."""
     if mesh is None:
         mesh = jax.sharding.get_abstract_mesh()
@@ -206,7 +206,7 @@ def hungarian_match(cost: jax.Array, valid: jax.Array, mesh=None) -> jax.Array:
         raise ValueError(f"hungarian_match: valid has shape {valid.shape}, expected {(b, t)}.")
     cost = jnp.reshape(jax.lax.stop_gradient(cost).astype(jnp.float32), (-1, b, q, t))
     valid = valid.astype(bool)
-    mesh = _data_mesh(mesh)
+    mesh = data_mesh(mesh)
     if mesh is None:
         out = _assign(cost, valid)
     else:
