@@ -105,3 +105,15 @@ def test_config_errors():
   model = mtaclip.build_model(_config())
   with pytest.raises(ValueError, match="class_tokens"):
     jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.ones((1, 64, 64, 3)), _tokens(3))
+
+
+def test_summary_param_table():
+  from mtaclip_jax import summary
+  config = ml_collections.ConfigDict(dict(model=_config(), optim=dict(
+      lr_mult_rules=[[r"^text_encoder/", 0.0], [r"^backbone/", 0.1]])))
+  rows, _ = summary.param_table(config, mtaclip.build_model(config.model))
+  rows = {name: (t, f) for name, t, f in rows}
+  assert set(rows) == {"backbone", "text_encoder", "contexts", "pixel_decoder", "decoder"}
+  assert rows["text_encoder"][0] == 0 and rows["text_encoder"][1] > 0
+  assert rows["contexts"] == (2 * 8 * 64, 0)
+  assert rows["backbone"][1] == 0 and rows["decoder"][1] == 0
