@@ -5,6 +5,7 @@ become nesting; a leaf `weight` becomes `kernel` (conv OIHW -> HWIO, linear tran
 `scale` (norms) or `embedding`; BN running stats go to `batch_stats` as `mean`/`var`.
 Every other name (`positional_embedding`, `in_proj_weight`, `proj`...) is kept.
 """
+import logging
 from typing import Dict, Mapping, Optional, Tuple, Union
 
 import jax
@@ -13,6 +14,8 @@ import numpy as np
 
 from convert_weights.clip_sources import CheckpointError, read_state_dict
 from mtaclip_jax.models import clip
+
+log = logging.getLogger(__name__)
 
 _SKIP = ("logit_scale", "input_resolution", "context_length", "vocab_size")
 _SHOW = 8  # keys listed per kind of problem
@@ -167,6 +170,9 @@ def convert_state_dict(state: Mapping[str, np.ndarray],
                 more = f" (+{len(items) - _SHOW} more)" if len(items) > _SHOW else ""
                 lines.append(f"  {len(items)} {title}: {items[:_SHOW]}{more}")
         raise CheckpointError("\n".join(lines))
+    log.info("converted CLIP %s: %d image and %d text tensors", arch.name,
+             sum(1 for c in out["image"].values() for _ in _flatten(c)),
+             sum(1 for c in out["text"].values() for _ in _flatten(c)))
     return arch, out
 
 
