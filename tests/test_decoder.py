@@ -58,6 +58,7 @@ def test_attention_blocked_mask():
   np.testing.assert_array_equal(blocked[0, 2], [False] * 4)
 
 
+@pytest.mark.slow
 def test_outputs_and_gamma(setup):
   dec, params, ms, mf, t0 = setup
   out = dec.apply({"params": params}, ms, mf, t0)
@@ -72,6 +73,7 @@ def test_outputs_and_gamma(setup):
   assert params["text_pos_embed"].shape == (K * (C + 1), HID)
 
 
+@pytest.mark.slow
 def test_text_queries_reach_mask_queries(setup):
   dec, params, ms, mf, t0 = setup
   a = dec.apply({"params": params}, ms, mf, t0)
@@ -80,6 +82,7 @@ def test_text_queries_reach_mask_queries(setup):
   assert np.abs(a["masks"] - b["masks"]).max() > 1e-3
 
 
+@pytest.mark.slow
 def test_separate_self_attention(setup):
   _, params, ms, mf, t0 = setup
   dec = _decoder(joint_self_attn=False)
@@ -92,6 +95,7 @@ def test_separate_self_attention(setup):
   assert np.abs(c["t_proj"] - a["t_proj"]).max() > 0
 
 
+@pytest.mark.slow
 def test_baseline_has_extra_output_and_no_text_params():
   ms, mf, _ = _inputs(jax.random.PRNGKey(0), b=1)
   dec = _decoder(text_queries=False)
