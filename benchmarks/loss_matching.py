@@ -8,10 +8,10 @@ targets 512x512, C=150, K=3, D=1024, 12544 points). Prints min / median of N run
 
 import argparse
 import time
+import types
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 
 from mtaclip_jax import losses, matching
@@ -39,11 +39,12 @@ def main():
     parser.add_argument("--contexts", type=int, default=3)
     parser.add_argument("--embed", type=int, default=1024)
     parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--neg", default="mix")
     args = parser.parse_args()
-    cfg = ml_collections.ConfigDict(dict(
+    cfg = types.SimpleNamespace(**dict(  # attribute access, like config.loss
         class_weight=2.0, mask_weight=5.0, dice_weight=5.0, sim_weight=1.0,
         no_object_weight=0.1, num_points=12544, oversample_ratio=3.0,
-        importance_sample_ratio=0.75, similarity=True, neg="mix", tau=1.0))
+        importance_sample_ratio=0.75, similarity=True, neg=args.neg, tau=1.0))
     L, B, Q, T, C = args.layers, args.batch, args.queries, args.targets, args.classes
     h, H = args.size // 4, args.size
     rng = np.random.default_rng(0)

@@ -103,7 +103,7 @@ def uncertain_points(masks: jax.Array, query_index: jax.Array, over: jax.Array,
 
 
 def _mask_losses(masks, target_masks, query_index, valid, points):
-    """Sums over valid targets of point BCE (mean over points) and dice, one layer."""
+    """Point BCE (mean over points) and dice per target [B, T], 0 if invalid; one layer."""
     logits = sample_queries(masks, query_index, points)  # [B, T, P]
     targets = jnp.broadcast_to(jnp.arange(target_masks.shape[1]), query_index.shape)
     labels = sample_queries(target_masks, targets, points)
@@ -111,7 +111,9 @@ def _mask_losses(masks, target_masks, query_index, valid, points):
     probs = jax.nn.sigmoid(logits)
     dice = 1.0 - (2.0 * jnp.sum(probs * labels, -1) + 1.0) / (
         jnp.sum(probs, -1) + jnp.sum(labels, -1) + 1.0)
-    return jnp.sum(jnp.where(valid, bce, 0.0)), jnp.sum(jnp.where(valid, dice, 0.0))
+    # Per target, summed later: a sum here would put one cross-device reduction
+    # inside the layer loop per layer instead of one after it.
+    return jnp.where(valid, bce, 0.0), jnp.where(valid, dice, 0.0)
 
 
 def query_targets(indices: jax.Array, classes: jax.Array, valid: jax.Array,
@@ -241,11 +243,11 @@ def compute_loss(outputs: dict, batch: dict, rng: jax.Array, loss_config, num_cl
     # every layer's bilinear taps.
     loss_points = jax.lax.map(layer_points, (jax.lax.stop_gradient(masks), query_index,
                                              keys, draws))  # [L, B, T, P, 2]
-    bce_sum, dice_sum = jax.lax.map(jax.checkpoint(layer_mask_losses),
-                                    (masks, query_index, loss_points))
+    bce, dice = jax.lax.map(jax.checkpoint(layer_mask_losses),
+                            (masks, query_index, loss_points))  # [L, B, T]
     num_masks = jnp.maximum(jnp.sum(valid).astype(jnp.float32), 1.0)
-    loss_mask = bce_sum / num_masks
-    loss_dice = dice_sum / num_masks
+    loss_mask = jnp.sum(bce, axis=(1, 2)) / num_masks
+    loss_dice = jnp.sum(dice, axis=(1, 2)) / num_masks
 
     target_q, matched = query_targets(indices, classes, valid, q, num_classes)
     weights = jnp.where(matched, 1.0, loss_config.no_object_weight)
