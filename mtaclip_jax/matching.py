@@ -175,6 +175,25 @@ def _assign(cost: jax.Array, valid: jax.Array) -> jax.Array:
         jax.lax.stop_gradient(cost), valid, vmap_method="sequential")
 
 
+# Largest per-device callback operand (bytes) used with several fake CPU devices:
+# there, a pure_callback on an operand over ~100 kB per device followed by a
+# cross-device reduction deadlocked XLA:CPU's collective rendezvous (jax 0.10.2,
+# 8 fake devices: L=9 x 100 x 30 float32 hung, L=8 ran).
+_CPU_CALLBACK_BYTES = 64 * 1024
+
+
+def _assign_in_chunks(cost: jax.Array, valid: jax.Array) -> jax.Array:
+    """`_assign` in several callbacks of at most _CPU_CALLBACK_BYTES each."""
+    n, b, q, t = cost.shape
+    layers = max(1, _CPU_CALLBACK_BYTES // (q * t * cost.dtype.itemsize))
+    if n * b <= layers:
+        return _assign(cost, valid)
+    per_image = [jnp.concatenate([_assign(cost[i:i + layers, j:j + 1], valid[j:j + 1])
+                                  for i in range(0, n, layers)], axis=0)
+                 for j in range(b)]
+    return jnp.concatenate(per_image, axis=1)
+
+
 def data_mesh(mesh=None):
     """The mesh to shard the callback over, or None (no mesh / no "data" axis)."""
     if mesh is None:
@@ -210,8 +229,11 @@ def hungarian_match(cost: jax.Array, valid: jax.Array, mesh=None) -> jax.Array:
     if mesh is None:
         out = _assign(cost, valid)
     else:
+        assign = _assign
+        if jax.default_backend() == "cpu" and mesh.size > 1:
+            assign = _assign_in_chunks
         out = jax.shard_map(
-            _assign, mesh=mesh, in_specs=(P(None, DATA_AXIS), P(DATA_AXIS)),
+            assign, mesh=mesh, in_specs=(P(None, DATA_AXIS), P(DATA_AXIS)),
             out_specs=P(None, DATA_AXIS), check_vma=False)(cost, valid)
     return out.reshape(*lead, b, t)
 
