@@ -32,6 +32,8 @@ def _args(argv=None):
   p.add_argument("--warmup", type=int, default=2)
   p.add_argument("--threads", type=int, default=os.cpu_count())
   p.add_argument("--segments", type=int, default=8)
+  p.add_argument("--max-segments", type=int, default=0,
+                 help="padded ground-truth slots T (default: the ADE20k recipe's)")
   p.add_argument("--which", default="baseline,full,hf")
   p.add_argument("--inference", action="store_true",
                  help="time a forward pass at batch 1 instead of a train step")
@@ -44,7 +46,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 
-def fake_batch(batch, size, segments, num_classes=150, seed=0):
+def fake_batch(batch, size, segments, slots, num_classes=150, seed=0):
   """Images and `segments` rectangular class regions per image (CONTRACT batch)."""
   rng = np.random.default_rng(seed)
   image = rng.normal(size=(batch, size, size, 3)).astype(np.float32)
@@ -56,9 +58,9 @@ def fake_batch(batch, size, segments, num_classes=150, seed=0):
       h, w = rng.integers(size // 8, size // 2, 2)
       label[b, y0:y0 + h, x0:x0 + w] = c
     label[b, : size // 16] = classes[0]
-  masks = np.zeros((batch, segments, size, size), np.uint8)
-  cls = np.zeros((batch, segments), np.int32)
-  valid = np.zeros((batch, segments), bool)
+  masks = np.zeros((batch, slots, size, size), np.uint8)
+  cls = np.zeros((batch, slots), np.int32)
+  valid = np.zeros((batch, slots), bool)
   for b in range(batch):
     present = [c for c in np.unique(label[b]) if c != 255][:segments]
     for i, c in enumerate(present):
@@ -96,6 +98,7 @@ def ours(variant, args, batch):
   config = config_lib.paper_config("ade20k", "RN50", arg)
   config.data.crop_size = (args.size, args.size)
   config.data.batch_size = args.batch
+  config.data.max_segments = args.max_segments
   mesh = sharding.make_mesh(config.mesh)
   model = mtaclip.build_model(config.model)
   tokens = runtime.class_tokens(config)
@@ -166,7 +169,12 @@ def main(args):
   print(f"{what} at {args.size}x{args.size}, {args.threads} threads, "
         f"jax {jax.__version__} on {jax.devices()[0].platform}; LD_PRELOAD="
         f"{os.environ.get('LD_PRELOAD', '') or '(none)'}", flush=True)
-  batch = fake_batch(args.batch, args.size, args.segments)
+  if not args.max_segments:
+    from mtaclip_jax import config_lib  # pylint: disable=g-import-not-at-top
+    args.max_segments = config_lib.RECIPES["ade20k"]["max_segments"]
+  print(f"ground truth: {args.segments} segments per image, padded to "
+        f"T={args.max_segments} slots", flush=True)
+  batch = fake_batch(args.batch, args.size, args.segments, args.max_segments)
   peak = matmul_peak(args.threads)
   print(f"measured fp32 matmul peak: {peak:.0f} GFLOP/s", flush=True)
   rows = {}

@@ -1,0 +1,88 @@
+"""Where the train step's time goes: a jax.profiler trace aggregated by HLO op.
+
+  python -m benchmarks.profile_step [--size 512 --batch 2 --variant baseline|full]
+
+Runs one warm-up step and one profiled step, then prints the top ops by total time
+and the share per op category (convolution, dot, gather, scatter, sort/top-k,
+reduce, fusion, custom call / callback) read from the Perfetto trace.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import glob
+import gzip
+import json
+import os
+import re
+import tempfile
+
+import jax
+
+from benchmarks import train_step as bench
+
+CATEGORIES = [
+    ("convolution", r"conv"), ("dot", r"dot|matmul|gemm"), ("gather", r"gather"),
+    ("scatter", r"scatter"), ("sort/top-k", r"sort|topk|top_k"),
+    ("callback", r"callback|custom-call|custom_call"), ("reduce", r"reduce"),
+    ("copy/transpose", r"copy|transpose"),
+]
+
+
+def category(name: str) -> str:
+  low = name.lower()
+  for cat, pattern in CATEGORIES:
+    if re.search(pattern, low):
+      return cat
+  return "other (fusions)"
+
+
+def main():
+  p = argparse.ArgumentParser()
+  p.add_argument("--size", type=int, default=512)
+  p.add_argument("--batch", type=int, default=2)
+  p.add_argument("--variant", default="baseline", choices=("baseline", "full"))
+  p.add_argument("--top", type=int, default=25)
+  a = p.parse_args()
+  args = bench._args(["--size", str(a.size), "--batch", str(a.batch), "--steps", "1",
+                      "--warmup", "1"])
+  from mtaclip_jax import config_lib  # pylint: disable=g-import-not-at-top
+  args.max_segments = config_lib.RECIPES["ade20k"]["max_segments"]
+  batch = bench.fake_batch(args.batch, args.size, args.segments, args.max_segments)
+  out = tempfile.mkdtemp(prefix="mtaclip_profile_")
+  orig_timed = bench.timed
+
+  def traced(fn, steps, warmup):
+    fn()
+    with jax.profiler.trace(out, create_perfetto_trace=True):
+      return orig_timed(fn, 1, 0)
+
+  bench.timed = traced
+  times, flops, _ = bench.ours(a.variant, args, batch)
+  print(f"profiled step: {times[0]:.2f} s, {flops / 1e9:.0f} GFLOP")
+  paths = glob.glob(os.path.join(out, "**", "*.trace.json.gz"), recursive=True)
+  with gzip.open(paths[0], "rt") as f:
+    events = json.load(f)
+  events = events.get("traceEvents", events)
+  per_op = collections.Counter()
+  for e in events:
+    if e.get("ph") == "X" and "dur" in e:
+      per_op[e.get("name", "?")] += e["dur"] / 1e6
+  # Keep device/XLA op events (skip Python and the enclosing step/executable spans).
+  skip = re.compile(r"^(\$|PjitFunction|.*Execute|XlaModule|Thunk|jit_)", re.I)
+  ops = {k: v for k, v in per_op.items() if not skip.search(k)}
+  total = sum(ops.values())
+  print(f"sum of op times {total:.2f} s (ops on 2 threads may overlap)")
+  cats = collections.Counter()
+  for k, v in ops.items():
+    cats[category(k)] += v
+  for c, v in cats.most_common():
+    print(f"  {c:18s} {v:7.2f} s  {100 * v / total:5.1f}%")
+  print("top ops:")
+  for k, v in sorted(ops.items(), key=lambda kv: -kv[1])[:a.top]:
+    print(f"  {v:7.3f} s  {k[:100]}")
+
+
+if __name__ == "__main__":
+  main()
