@@ -1,0 +1,59 @@
+"""jax.export artifact: round trip against in-process inference, predict --artifact."""
+
+import os
+
+import numpy as np
+import pytest
+
+from mtaclip_jax import export, predict
+from tests import test_predict
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+  return test_predict.train_tiny(tmp_path_factory)
+
+SIZE = 64
+
+
+def test_export_round_trip_equals_in_process(trained, tmp_path):
+  config, workdir, images = trained
+  path = str(tmp_path / "model.jaxexport")
+  meta = export.export_checkpoint(config, workdir, path, size=SIZE)
+  assert meta["size"] == [SIZE, SIZE] and len(meta["class_names"]) == 4
+  call, meta2 = export.load(path)
+  assert meta2 == meta
+  fn, _, _, _ = predict.checkpoint_predictor(config, workdir)
+  rng = np.random.default_rng(0)
+  for batch in (1, 3):  # symbolic batch dimension
+    x = rng.normal(size=(batch, SIZE, SIZE, 3)).astype(np.float32)
+    got, want = np.asarray(call(x)), np.asarray(fn(x))
+    assert got.shape == (batch, SIZE, SIZE, 4)
+    # Same XLA program on the same backend; only constant folding may differ.
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+  out = str(tmp_path / "out")
+  assert not predict.run(None, None, images, out, artifact=path, progress=False)
+  assert len([f for f in os.listdir(out) if f.endswith("_overlay.png")]) == len(images)
+
+
+def test_export_open_vocabulary(trained, tmp_path):
+  config, workdir, _ = trained
+  path = str(tmp_path / "ov.jaxexport")
+  meta = export.export_checkpoint(config, workdir, path, size=SIZE,
+                                  classes=["partition", "edifice"])
+  call, _ = export.load(path)
+  x = np.zeros((2, SIZE, SIZE, 3), np.float32)
+  assert np.asarray(call(x)).shape == (2, SIZE, SIZE, 2)
+  assert meta["head"] == "similarity"
+
+
+def test_load_names_a_bad_file(tmp_path):
+  bad = tmp_path / "bad.jaxexport"
+  bad.write_bytes(b"garbage")
+  try:
+    export.load(str(bad))
+  except ValueError as e:
+    assert "bad.jaxexport" in str(e)
+  else:
+    raise AssertionError("expected ValueError")

@@ -1,0 +1,112 @@
+"""predict CLI pieces on a tiny model trained for 2 steps: outputs, open vocabulary,
+a corrupt image among good ones."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from mtaclip_jax import predict, train
+from tests import train_fixtures
+
+
+_TRAINED = {}
+
+
+def train_tiny(tmp_path_factory):
+  """(config, workdir, image paths) of a tiny model trained 2 steps, trained once
+  per session and shared with test_export (no conftest fixture needed)."""
+  if not _TRAINED:
+    root = train_fixtures.make_dataset(tmp_path_factory.mktemp("pdata"), train=4, val=2)
+    config = train_fixtures.tiny_config(root, steps=2)
+    workdir = str(tmp_path_factory.mktemp("pwork"))
+    train.run(config, workdir)
+    val = os.path.join(root, "images", "validation")
+    _TRAINED["value"] = (config, workdir,
+                         sorted(os.path.join(val, f) for f in os.listdir(val)))
+  return _TRAINED["value"]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+  return train_tiny(tmp_path_factory)
+
+
+def _check_outputs(out, name, image_path, num_classes):
+  label = np.asarray(Image.open(os.path.join(out, f"{name}_label.png")))
+  h, w = np.asarray(Image.open(image_path)).shape[:2]
+  assert label.shape == (h, w)
+  assert Image.open(os.path.join(out, f"{name}_label.png")).mode == "P"
+  assert label.max() < num_classes
+  ov = Image.open(os.path.join(out, f"{name}_overlay.png"))
+  assert ov.size[0] >= w and ov.size[1] >= h
+  with open(os.path.join(out, f"{name}.json")) as f:
+    info = json.load(f)
+  assert len(info["fractions"]) == num_classes
+  assert abs(sum(info["fractions"].values()) - 1.0) < 1e-6
+  counts = np.bincount(label.ravel(), minlength=num_classes)
+  np.testing.assert_allclose(list(info["fractions"].values()), counts / label.size)
+  return info
+
+
+def test_predict_writes_consistent_outputs(trained, tmp_path):
+  config, workdir, images = trained
+  out = str(tmp_path / "out")
+  failures = predict.run(config, workdir, [os.path.dirname(images[0])], out,
+                         progress=False)
+  assert not failures
+  for path in images:
+    name = os.path.splitext(os.path.basename(path))[0]
+    info = _check_outputs(out, name, path, config.model.num_classes)
+    assert info["classes"][0] == "wall"
+
+
+def test_slide_mode_and_glob(trained, tmp_path):
+  config, workdir, images = trained
+  out = str(tmp_path / "out")
+  pattern = os.path.join(os.path.dirname(images[0]), "*.jpg")
+  assert not predict.run(config, workdir, [pattern], out, mode="slide", progress=False)
+  assert len([f for f in os.listdir(out) if f.endswith("_label.png")]) == len(images)
+
+
+def test_open_vocabulary_with_renamed_classes(trained, tmp_path):
+  config, workdir, images = trained
+  out = str(tmp_path / "out")
+  names_file = tmp_path / "names.txt"
+  names_file.write_text("partition\nedifice\nheavens\n")  # 3 of the 4 slots
+  assert not predict.run(config, workdir, images[:1], out, classes=str(names_file),
+                         progress=False)
+  name = os.path.splitext(os.path.basename(images[0]))[0]
+  info = _check_outputs(out, name, images[0], 3)
+  assert info["classes"] == ["partition", "edifice", "heavens"]
+  with pytest.raises(ValueError, match="class slots"):
+    predict.run(config, workdir, images[:1], out, classes="a,b,c,d,e", progress=False)
+
+
+def test_corrupt_image_does_not_stop_the_others(trained, tmp_path):
+  config, workdir, images = trained
+  bad = tmp_path / "broken.png"
+  bad.write_bytes(b"not a png at all")
+  out = str(tmp_path / "out")
+  failures = predict.run(config, workdir, [str(bad)] + images, out, progress=False)
+  assert len(failures) == 1 and "broken.png" in failures[0]
+  assert len([f for f in os.listdir(out) if f.endswith(".json")]) == len(images)
+
+
+def test_missing_input_names_it(tmp_path):
+  with pytest.raises(FileNotFoundError, match="nope"):
+    predict.expand_images([str(tmp_path / "nope*.png")])
+
+
+def test_overlay_legend_lists_present_classes():
+  image = np.zeros((20, 30, 3), np.uint8)
+  label = np.zeros((20, 30), np.int32)
+  label[10:] = 2
+  ov = predict.overlay(image, label, ["a", "b", "c"], [(255, 0, 0), (0, 255, 0),
+                                                       (0, 0, 255)])
+  arr = np.asarray(ov)
+  assert ov.size[0] > 30 and ov.size[1] >= 20  # image + legend panel on the right
+  np.testing.assert_array_equal(arr[0, 0], [127, 0, 0])
+  np.testing.assert_array_equal(arr[15, 0], [0, 0, 127])
