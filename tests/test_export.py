@@ -1,6 +1,8 @@
 """jax.export artifact: round trip against in-process inference, predict --artifact."""
 
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -57,3 +59,22 @@ def test_load_names_a_bad_file(tmp_path):
     assert "bad.jaxexport" in str(e)
   else:
     raise AssertionError("expected ValueError")
+
+
+def test_artifact_runs_with_jax_alone(trained, tmp_path):
+  """A fresh interpreter with only jax + numpy imported runs the artifact."""
+  config, workdir, _ = trained
+  path = str(tmp_path / "m.jaxexport")
+  export.export_checkpoint(config, workdir, path, size=SIZE)
+  x = np.random.default_rng(1).normal(size=(2, SIZE, SIZE, 3)).astype(np.float32)
+  np.save(tmp_path / "x.npy", x)
+  code = (
+      "import sys, jax, numpy as np\n"
+      f"exp = jax.export.deserialize(bytearray(open({path!r}, 'rb').read()))\n"
+      f"np.save({str(tmp_path / 'y.npy')!r}, np.asarray(exp.call(np.load("
+      f"{str(tmp_path / 'x.npy')!r}))))\n"
+      "assert not [m for m in sys.modules if m.startswith(('mtaclip_jax', 'flax'))]\n")
+  subprocess.run([sys.executable, "-c", code], check=True, cwd=str(tmp_path))
+  fn, _, _, _ = predict.checkpoint_predictor(config, workdir)
+  np.testing.assert_allclose(np.load(tmp_path / "y.npy"), np.asarray(fn(x)),
+                             rtol=1e-5, atol=1e-5)
