@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 from typing import Any
 
 import grain
@@ -22,6 +23,10 @@ log = logging.getLogger(__name__)
 
 class CheckpointError(RuntimeError):
   pass
+
+
+def _damaged_name(directory: str, step: int) -> str:
+  return os.path.join(directory, f"damaged_step_{step}_{int(time.time())}")
 
 
 def _config_json(config: ml_collections.ConfigDict) -> dict:
@@ -69,6 +74,17 @@ class Checkpointer:
     self.manager.wait_until_finished()
     self.manager.close()
 
+  def _set_aside(self, steps: list[int]) -> None:
+    """Moves damaged step folders out of the way (kept, renamed) so the run can save
+    those steps again; orbax ignores folders whose names are not step numbers."""
+    for step in steps:
+      src = os.path.join(self.directory, str(step))
+      if os.path.isdir(src):
+        dst = _damaged_name(self.directory, step)
+        os.rename(src, dst)
+        log.warning("moved damaged checkpoint %s to %s", src, dst)
+    self.manager.reload()
+
   def restore(self, abstract_state: Any, data_iter: Any = None, step: int | None = None
               ) -> tuple[int, Any, dict]:
     """Restores (step, state, config dict) into the shardings of `abstract_state`.
@@ -94,14 +110,16 @@ class Checkpointer:
         if data_iter is not None:
           args["data"] = grain.checkpoint.CheckpointRestore(data_iter)
         restored = self.manager.restore(s, args=ocp.args.Composite(**args))
-        if errors:
-          log.warning("restored checkpoint step %d after skipping damaged ones: %s",
-                          s, "; ".join(errors))
-        return s, restored["state"], dict(restored["config"] or {})
       except Exception as e:  # pylint: disable=broad-except
         msg = f"{self.directory}/{s}: {type(e).__name__}: {str(e)[:400]}"
         log.warning("cannot restore checkpoint %s", msg)
         errors.append(msg)
+        continue
+      if errors:
+        log.warning("restored checkpoint step %d after skipping damaged ones: %s",
+                    s, "; ".join(errors))
+        self._set_aside(candidates[:candidates.index(s)])
+      return s, restored["state"], dict(restored["config"] or {})
     raise CheckpointError(
         "no checkpoint could be restored (damaged, or saved by a different model, "
         "number of classes or optimizer than this config): " + " | ".join(errors))

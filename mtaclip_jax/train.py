@@ -77,7 +77,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                                  max_to_keep=config.train.max_to_keep)
   start = 0
   if ckpt.latest_step() is not None:
-    start, state, _ = ckpt.restore(state, data_iter)
+    try:
+      start, state, _ = ckpt.restore(state, data_iter)
+    except checkpoint.CheckpointError:
+      ckpt.close()  # let orbax's threads finish before the error ends the process
+      raise
     log.info("resumed from %s at step %d", ckpt.directory, start)
   total = int(config.train.steps)
   writer = rt.metric_writer()
