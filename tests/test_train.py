@@ -138,3 +138,18 @@ def test_mesh_not_matching_devices_is_named():
   n = len(jax.devices())
   with pytest.raises(sharding.MeshConfigError, match="devices"):
     sharding.make_mesh(ml_collections.ConfigDict(dict(data=n + 1, model=1)))
+
+
+@pytest.mark.slow
+def test_bf16_compute_trains_with_fp32_params(data_root):
+  config = train_fixtures.tiny_config(data_root, arg="bf16")
+  assert config.model.dtype == "bfloat16"
+  mesh, _, state, step_fn, tokens = _setup(config)
+  it = pipeline.make_train_iterator(config.data, 0)
+  losses = []
+  with jax.set_mesh(mesh):
+    for _ in range(3):
+      state, metrics = step_fn(state, sharding.global_batch(next(it), mesh), tokens)
+      losses.append(float(metrics["loss"]))
+  assert all(np.isfinite(losses)) and losses[-1] < losses[0]
+  assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(state.params))
