@@ -142,7 +142,7 @@ def test_rescale_size_keep_ratio(hw, scale, want):
 
 @pytest.mark.parity
 def test_bilinear_resizes_match_torch():
-  torch = pytest.importorskip("torch")
+  import torch  # pylint: disable=g-import-not-at-top
   f = torch.nn.functional
   rng = np.random.RandomState(3)
   image = rng.randint(0, 256, (23, 37, 3)).astype(np.uint8)
@@ -176,7 +176,7 @@ def test_bilinear_resizes_match_torch():
 def test_resize_image_matches_cv2_inter_linear():
   # mmcv imresize = cv2.resize INTER_LINEAR; cv2's 11-bit fixed point rounds
   # differently, so up to one grey level apart.
-  cv2 = pytest.importorskip("cv2")
+  import cv2  # pylint: disable=g-import-not-at-top
   rng = np.random.RandomState(4)
   for (h, w), (nh, nw) in [((75, 100), (102, 137)), ((68, 51), (51, 38)), ((37, 53), (20, 90))]:
     image = rng.randint(0, 256, (h, w, 3)).astype(np.uint8)

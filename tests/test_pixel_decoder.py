@@ -7,8 +7,8 @@ import jax.numpy as jnp
 
 from mtaclip_jax.models import pixel_decoder as pd
 
-torch = pytest.importorskip("torch")
-m2f = pytest.importorskip("transformers.models.mask2former.modeling_mask2former")
+import torch  # noqa: E402  (a test dependency: never skipped)
+from transformers.models.mask2former import modeling_mask2former as m2f  # noqa: E402
 
 
 @pytest.mark.parity
