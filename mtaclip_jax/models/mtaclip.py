@@ -1,4 +1,5 @@
-"""The full MTA-CLIP model (docs/CONTRACT.md): CLIP image tower -> MSDeformAttn
+"""The full MTA-CLIP model (docs/CONTRACT.md): image tower (a registered backbone,
+mtaclip_jax/models/backbones.py) -> MSDeformAttn
 pixel decoder -> Mask-Text decoder, with text queries from the frozen CLIP text
 tower on learnable contexts. `text_queries=False` is the Mask2Former baseline
 (no text tower, no contexts).
@@ -16,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import flax.linen as nn
 
-from mtaclip_jax.models import clip
+from mtaclip_jax.models import backbones, clip
 from mtaclip_jax.models.decoder import MaskTextDecoder
 from mtaclip_jax.models.pixel_decoder import PixelDecoder
 
@@ -56,8 +57,8 @@ class MTACLIP(nn.Module):
                train: bool = False) -> dict[str, jax.Array]:
     if images.ndim != 4 or images.shape[-1] != 3:
       raise ValueError(f"images must be [B, H, W, 3], got {images.shape}")
-    feats = clip.ImageEncoder(self.backbone, dtype=self.dtype, norm=self.backbone_norm,
-                              name="backbone")(images, train=train)
+    feats = backbones.get(self.backbone).build(dtype=self.dtype, norm=self.backbone_norm,
+                                               name="backbone")(images, train=train)
     pix = PixelDecoder(conv_dim=self.hidden_dim, mask_dim=self.mask_dim,
                        enc_layers=self.enc_layers, enc_ffn_dim=self.enc_ffn_dim,
                        enc_heads=self.enc_heads, enc_points=self.enc_points,
@@ -97,10 +98,13 @@ def build_model(model_config) -> MTACLIP:
   if dtype not in DTYPES:
     raise ValueError(f"config.model.dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
   backbone = c.get("backbone", "RN50")
-  text_encoder = c.get("text_encoder") or backbone
-  for key, arch in (("backbone", backbone), ("text_encoder", text_encoder)):
-    if arch not in clip.ARCHS:
-      raise ValueError(f"config.model.{key} must be one of {sorted(clip.ARCHS)}, got {arch!r}")
+  if backbone not in backbones.REGISTRY:
+    raise ValueError(f"config.model.backbone must be one of {sorted(backbones.REGISTRY)}, "
+                     f"got {backbone!r}")
+  text_encoder = c.get("text_encoder") or backbones.get(backbone).default_text_encoder
+  if text_encoder not in clip.ARCHS:
+    raise ValueError(f"config.model.text_encoder must be a CLIP arch, one of "
+                     f"{sorted(clip.ARCHS)}, got {text_encoder!r}")
   if "num_classes" not in c:
     raise ValueError("config.model.num_classes is required (dataset classes without 'none')")
   if c.get("class_length", 5) + c.get("context_length", 8) > clip.ARCHS[text_encoder].context_length:
