@@ -1,0 +1,148 @@
+"""transformers SegFormer state dict -> params of `mit.MixVisionTransformer`.
+
+Accepts `SegformerModel` state dicts and those of the models that wrap it
+(`SegformerForSemanticSegmentation`, `SegformerForImageClassification`: keys under
+`segformer.`; their `decode_head.` / `classifier.` keys are ignored), in either naming:
+the current one (`stages.N.blocks.M.attention.q_proj`, what the pinned transformers'
+`state_dict()` gives) or the older one the model hub's files hold
+(`encoder.block.N.M.attention.self.query`), renamed here as transformers renames it on
+load. Key rewriting: dots become nesting, a leaf `weight` becomes `kernel` (conv OIHW ->
+HWIO, linear transposed) or `scale` (LayerNorm).
+"""
+import logging
+import re
+from typing import Any, Dict, Mapping, Optional, Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
+
+from convert_weights.clip_sources import CheckpointError, read_state_dict
+from mtaclip_jax.models import mit
+
+log = logging.getLogger(__name__)
+
+_SHOW = 8  # keys listed per kind of problem
+_IGNORED_PREFIXES = ("decode_head.", "classifier.")
+# Hub (transformers 4.x) names -> current names, in order (transformers'
+# conversion_mapping for "SegformerModel").
+_OLD_NAMES = [
+    (r"^encoder\.patch_embeddings\.(\d+)\.", r"stages.\1.patch_embeddings."),
+    (r"^encoder\.block\.(\d+)\.", r"stages.\1.blocks."),
+    (r"^encoder\.layer_norm\.(\d+)\.", r"stages.\1.layer_norm."),
+    (r"\.attention\.self\.query\.", ".attention.q_proj."),
+    (r"\.attention\.self\.key\.", ".attention.k_proj."),
+    (r"\.attention\.self\.value\.", ".attention.v_proj."),
+    (r"\.attention\.self\.sr\.", ".attention.sequence_reduction.sequence_reduction."),
+    (r"\.attention\.self\.layer_norm\.", ".attention.sequence_reduction.layer_norm."),
+    (r"\.attention\.output\.dense\.", ".attention.o_proj."),
+    (r"\.mlp\.dense1\.", ".mlp.fc1."),
+    (r"\.mlp\.dense2\.", ".mlp.fc2."),
+    (r"\.layer_norm_1\.", ".layernorm_before."),
+    (r"\.layer_norm_2\.", ".layernorm_after."),
+]
+
+
+def _current_name(key: str) -> str:
+    if key.startswith("encoder."):
+        for pattern, repl in _OLD_NAMES:
+            key = re.sub(pattern, repl, key)
+    return key
+
+
+def segformer_keys(state: Mapping[str, Any]) -> Dict[str, Any]:
+    """Encoder keys in the current naming; `segformer.` prefix, heads dropped."""
+    out = {}
+    for key, value in state.items():
+        if key.startswith("segformer."):
+            key = key[len("segformer."):]
+        if key.startswith(_IGNORED_PREFIXES):
+            continue
+        out[_current_name(key)] = value
+    return out
+
+
+def expected_shapes(fields: Mapping) -> Dict[tuple, tuple]:
+    """Flat {flax param path: shape} of a MixVisionTransformer, without compute."""
+    model = mit.MixVisionTransformer(**fields)
+    shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
+    return {k: v.shape for k, v in traverse_util.flatten_dict(shapes["params"]).items()}
+
+
+def infer_arch(state: Mapping[str, Any]) -> Optional[str]:
+    """The MIT_ARCHS name whose depths and widths match current-named keys, or None."""
+    depths, widths = [], []
+    for i in range(4):
+        proj = state.get(f"stages.{i}.patch_embeddings.proj.weight")
+        if proj is None:
+            return None
+        widths.append(int(np.shape(proj)[0]))
+        depths.append(len({k.split(".")[3] for k in state
+                           if k.startswith(f"stages.{i}.blocks.")}))
+    for name, fields in mit.MIT_ARCHS.items():
+        if tuple(fields["depths"]) == tuple(depths) and \
+                tuple(fields["hidden_sizes"]) == tuple(widths):
+            return name
+    return None
+
+
+def _target(expected, key: str):
+    """Flax path of a current-named key, or None if the model has no such leaf."""
+    *module, leaf = key.split(".")
+    if leaf == "weight":
+        for name in ("kernel", "scale"):
+            if tuple(module) + (name,) in expected:
+                return tuple(module) + (name,)
+        return None
+    path = tuple(module) + (leaf,)
+    return path if path in expected else None
+
+
+def _rewrite(value: np.ndarray, path) -> np.ndarray:
+    if path[-1] == "kernel":
+        if value.ndim == 4:
+            return value.transpose(2, 3, 1, 0)  # OIHW -> HWIO (depthwise: [3, 3, 1, C])
+        if value.ndim == 2:
+            return value.T
+    return value
+
+
+def _describe(arch) -> str:
+    return repr(arch) if isinstance(arch, str) else f"with fields {dict(arch)}"
+
+
+def convert_segformer(src, arch: Union[str, Mapping] = "MiT-B4") -> Dict:
+    """SegFormer checkpoint (path or loaded state dict of torch tensors / numpy arrays)
+    -> float32 numpy params tree of `mit.build(arch)` (the `params` collection).
+    `arch`: a name in `mit.MIT_ARCHS` or a dict of MixVisionTransformer fields."""
+    fields = mit.arch_config(arch)
+    state = segformer_keys(read_state_dict(src))
+    expected = expected_shapes(fields)
+    out, unknown, misshaped, misshaped_paths = {}, [], [], set()
+    for key, value in state.items():
+        path = _target(expected, key)
+        if path is None:
+            unknown.append(key)
+            continue
+        value = _rewrite(np.asarray(value, np.float32), path)
+        if tuple(value.shape) != tuple(expected[path]):
+            misshaped.append(f"{key}: {tuple(value.shape)} (as {'/'.join(path)}), "
+                             f"expected {tuple(expected[path])}")
+            misshaped_paths.add(path)
+            continue
+        out[path] = value
+    missing = ["/".join(p) for p in expected if p not in out and p not in misshaped_paths]
+    if unknown or missing or misshaped:
+        lines = [f"checkpoint does not match MiT arch {_describe(arch)}:"]
+        found = infer_arch(state)
+        if found is not None:
+            lines.append(f"  its shapes match {found!r}: pass arch={found!r}")
+        for title, items in (("unknown keys", unknown), ("missing parameters", missing),
+                             ("mis-shaped keys", misshaped)):
+            if items:
+                more = f" (+{len(items) - _SHOW} more)" if len(items) > _SHOW else ""
+                lines.append(f"  {len(items)} {title}: {items[:_SHOW]}{more}")
+        raise CheckpointError("\n".join(lines))
+    log.info("converted SegFormer encoder: %d tensors", len(out))
+    return traverse_util.unflatten_dict(out)
