@@ -19,8 +19,9 @@ import dataclasses
 from typing import Callable, Dict, Tuple
 
 import flax.linen as nn
+import jax.numpy as jnp
 
-from mtaclip_jax.models import clip
+from mtaclip_jax.models import clip, vit_imagenet
 
 STRIDES = (4, 8, 16, 32)
 FAMILIES = ("clip", "imagenet")
@@ -76,5 +77,15 @@ def _clip_backbone(arch: clip.CLIPArch) -> Backbone:
     return Backbone(arch.name, "clip", channels, STRIDES, build)
 
 
+def _imagenet_vit(arch: vit_imagenet.ViTArch) -> Backbone:
+    def build(dtype=None, norm: str = "frozen_bn", name=None):
+        del norm  # layer norms; the FPN adapter's BN is always trainable (as CLIP ViT's)
+        return vit_imagenet.ImageNetViT(arch, jnp.float32 if dtype is None else dtype,
+                                        name=name)
+
+    return Backbone(arch.name, "imagenet", (arch.hidden_size,) * 4, STRIDES, build)
+
+
 for _arch in clip.ARCHS.values():
     register(_clip_backbone(_arch))
+register(_imagenet_vit(vit_imagenet.ARCHS["ViT-S/16"]))
