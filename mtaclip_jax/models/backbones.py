@@ -16,12 +16,13 @@ Adding a backbone is one module file plus one `register(...)` line below
 (docs/BACKBONES.md).
 """
 import dataclasses
+import functools
 from typing import Callable, Dict, Tuple
 
 import flax.linen as nn
 import jax.numpy as jnp
 
-from mtaclip_jax.models import clip, vit_imagenet
+from mtaclip_jax.models import clip, mit, vit_imagenet
 
 STRIDES = (4, 8, 16, 32)
 FAMILIES = ("clip", "imagenet")
@@ -89,3 +90,5 @@ def _imagenet_vit(arch: vit_imagenet.ViTArch) -> Backbone:
 for _arch in clip.ARCHS.values():
     register(_clip_backbone(_arch))
 register(_imagenet_vit(vit_imagenet.ARCHS["ViT-S/16"]))
+register(Backbone("MiT-B4", "imagenet", tuple(mit.MIT_ARCHS["MiT-B4"]["hidden_sizes"]),
+                  STRIDES, functools.partial(mit.build, "MiT-B4")))
