@@ -10,6 +10,7 @@ from __future__ import annotations
 import ml_collections
 
 from mtaclip_jax.data import recipes as data_recipes
+from mtaclip_jax.models import backbones
 
 # DESIGN §5. Values follow the authors' released config (lr 1e-4; the paper says 2e-4).
 RECIPES = {
@@ -33,6 +34,7 @@ NO_DECAY_RULES = (
     r"(^|/)(query_feat|query_embed|query_features|query_position|level_embed)[^/]*(/embedding)?$",
     r"(^|/)[^/]*(query|queries)[^/]*/embedding$",
     r"(^|/)(queries_features|queries_embedder|text_pos_embed)$",
+    r"(^|/)cls_token$",  # class token of the ImageNet ViT (position embeddings: above)
     r"^backbone/fpn1/1/(scale|bias)$",  # BatchNorm of the ViT FPN adapter
     r"/downsample/1/(scale|bias)$",  # BatchNorm of the ResNet downsample branch
     r"(^|/)gamma$",
@@ -43,9 +45,12 @@ VARIANT_KEYS = ("baseline", "text_only", "sim", "K", "neg", "joint", "tau", "bf1
 
 
 def model_defaults(backbone: str, num_classes: int) -> ml_collections.ConfigDict:
+  """`backbone`: a name in models/backbones.py. The text encoder is a CLIP arch: the
+  backbone's own for CLIP backbones, ViT-B/16's for ImageNet ones (DESIGN §5)."""
+  text_encoder = backbones.get(backbone).default_text_encoder
   return ml_collections.ConfigDict(dict(
       backbone=backbone,
-      text_encoder=backbone,
+      text_encoder=text_encoder,
       backbone_norm="frozen_bn",
       num_classes=num_classes,
       num_queries=100,
@@ -148,7 +153,10 @@ def paper_config(dataset: str, backbone: str, arg: str | None = None
       fsdp=False,
       fsdp_min_size=2 ** 18,
   ))
-  c.init = ml_collections.ConfigDict(dict(clip="", mask2former=""))
+  # clip: a converted CLIP folder (image tower if it is the backbone, text tower if it
+  # is the text encoder); backbone: a converted backbone folder (any registered
+  # backbone, e.g. ViT-S/16 or MiT-B4 from `python -m convert_weights`).
+  c.init = ml_collections.ConfigDict(dict(clip="", backbone="", mask2former=""))
   apply_variant(c, arg)
   return c
 

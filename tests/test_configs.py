@@ -22,7 +22,7 @@ def load(path, arg=None):
 def test_there_are_configs_for_every_paper_row():
   names = {os.path.basename(p)[:-3] for p in CONFIGS}
   assert {"ade20k_r50", "ade20k_r101", "ade20k_vitb16", "cityscapes_r50",
-          "cityscapes_r101", "demo"} <= names
+          "cityscapes_r101", "demo", "ade20k_vits16", "ade20k_mitb4"} <= names
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: os.path.basename(p))
@@ -35,10 +35,15 @@ def test_config_builds(path):
 @pytest.mark.parametrize("name,dataset,backbone", [
     ("ade20k_r50", "ade20k", "RN50"), ("ade20k_r101", "ade20k", "RN101"),
     ("ade20k_vitb16", "ade20k", "ViT-B/16"), ("cityscapes_r50", "cityscapes", "RN50"),
-    ("cityscapes_r101", "cityscapes", "RN101")])
+    ("cityscapes_r101", "cityscapes", "RN101"), ("ade20k_vits16", "ade20k", "ViT-S/16"),
+    ("ade20k_mitb4", "ade20k", "MiT-B4")])
 def test_paper_recipe(name, dataset, backbone):
   c = load(os.path.join(ROOT, "configs", name + ".py"))
   assert c.model.backbone == backbone and c.data.name == dataset
+  # ImageNet backbones pair with CLIP ViT-B/16's text tower (DESIGN §5).
+  imagenet = backbone in ("ViT-S/16", "MiT-B4")
+  assert c.model.text_encoder == ("ViT-B/16" if imagenet else backbone)
+  assert c.init.clip == "" and c.init.backbone == ""
   if dataset == "ade20k":
     assert tuple(c.data.crop_size) == (512, 512) and c.data.batch_size == 16
     assert c.train.steps == 160_000 and c.model.num_classes == 150
@@ -90,3 +95,15 @@ def test_ablation_variants(arg, expect):
 def test_bad_variants_are_named(arg, match):
   with pytest.raises(ValueError, match=match):
     config_lib.paper_config("ade20k", "RN50", arg)
+
+
+@pytest.mark.parametrize("name", ["ade20k_vits16", "ade20k_mitb4"])
+def test_imagenet_backbone_baseline(name):
+  c = load(os.path.join(ROOT, "configs", name + ".py"), "baseline")
+  assert not c.model.text_queries and not c.loss.similarity
+  assert c.model.text_encoder == "ViT-B/16"
+
+
+def test_unknown_backbone_is_named():
+  with pytest.raises(ValueError, match="unknown backbone 'ViT-L/14'.*MiT-B4"):
+    config_lib.paper_config("ade20k", "ViT-L/14")

@@ -1,0 +1,15 @@
+"""MTA-CLIP, ade20k, ImageNet MiT-B4 (paper Tab. 3). Variants: see mtaclip_jax/config_lib.py.
+
+The text side is CLIP ViT-B/16's text tower (DESIGN §5; `config.model.text_encoder`).
+Weights: `config.init.backbone` (a `python -m convert_weights --arch MiT-B4` folder) and
+`config.init.clip` (a converted CLIP ViT-B/16 folder: its text tower).
+
+  python -m mtaclip_jax.main --config configs/ade20k_mitb4.py --workdir DIR
+  python -m mtaclip_jax.main --config configs/ade20k_mitb4.py:baseline --workdir DIR
+"""
+
+from mtaclip_jax import config_lib
+
+
+def get_config(arg=None):
+  return config_lib.paper_config("ade20k", "MiT-B4", arg)
