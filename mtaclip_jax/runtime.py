@@ -105,11 +105,24 @@ def ensure_dataset(config: ml_collections.ConfigDict) -> None:
                            g.seed, tuple(g.size), config.data.num_classes)
 
 
+def _prefixed(targets) -> dict:
+  """[(top-level module, converted variables)] -> {"params"|"batch_stats": {path: array}}."""
+  updates = {"params": {}, "batch_stats": {}}
+  for prefix, variables in targets:
+    for coll, tree in variables.items():
+      for path, value in optim.flatten(tree).items():
+        updates[coll][f"{prefix}/{path}"] = value
+  return updates
+
+
 def _clip_updates(config: ml_collections.ConfigDict) -> tuple[dict, list[str]]:
   """{"params"|"batch_stats": {path: array}} from config.init.clip (convert_weights)."""
   import convert_weights  # pylint: disable=g-import-not-at-top
   meta, towers = convert_weights.load_converted(config.init.clip)
   arch = meta.get("arch")
+  if "text" not in towers:
+    raise ConfigError(f"config.init.clip={config.init.clip!r} holds {arch} backbone "
+                      "weights without a CLIP text tower; pass it as config.init.backbone")
   targets = []
   if arch == config.model.backbone:
     targets.append(("backbone", towers["image"]))
@@ -119,12 +132,19 @@ def _clip_updates(config: ml_collections.ConfigDict) -> tuple[dict, list[str]]:
     raise ConfigError(f"config.init.clip={config.init.clip!r} holds {arch} weights but "
                       f"config.model.backbone={config.model.backbone!r} and "
                       f"config.model.text_encoder={config.model.text_encoder!r}")
-  updates = {"params": {}, "batch_stats": {}}
-  for prefix, variables in targets:
-    for coll, tree in variables.items():
-      for path, value in optim.flatten(tree).items():
-        updates[coll][f"{prefix}/{path}"] = value
-  return updates, [f"{arch} {p}" for p, _ in targets]
+  return _prefixed(targets), [f"{arch} {p}" for p, _ in targets]
+
+
+def _backbone_updates(config: ml_collections.ConfigDict) -> tuple[dict, list[str]]:
+  """The image tower of config.init.backbone (a convert_weights folder of any
+  registered backbone: CLIP, ViT-S/16, MiT-B4...)."""
+  import convert_weights  # pylint: disable=g-import-not-at-top
+  meta, towers = convert_weights.load_converted(config.init.backbone)
+  arch = meta.get("arch")
+  if arch != config.model.backbone:
+    raise ConfigError(f"config.init.backbone={config.init.backbone!r} holds {arch} weights "
+                      f"but config.model.backbone={config.model.backbone!r}")
+  return _prefixed([("backbone", towers["image"])]), [f"{arch} backbone"]
 
 
 def _mask2former_updates(config: ml_collections.ConfigDict) -> tuple[dict, list[str]]:
@@ -143,8 +163,9 @@ def _mask2former_updates(config: ml_collections.ConfigDict) -> tuple[dict, list[
 
 def load_pretrained(state, config: ml_collections.ConfigDict, model=None):
   """Puts converted weights into the initialised state: CLIP towers from
-  config.init.clip (a `python -m convert_weights` output folder) and the pixel decoder
-  + decoder from config.init.mask2former (a transformers Mask2Former state dict file).
+  config.init.clip (a `python -m convert_weights` output folder), a backbone from
+  config.init.backbone (same, any registered backbone) and the pixel decoder + decoder
+  from config.init.mask2former (a transformers Mask2Former state dict file).
 
   Every loaded tensor must exist in the model with the same shape (else an error
   naming it); model parameters the source lacks (e.g. the ViT FPN adapters, or the
@@ -154,14 +175,22 @@ def load_pretrained(state, config: ml_collections.ConfigDict, model=None):
   sources = []
   if config.init.get("clip"):
     sources.append((config.init.clip, _clip_updates))
+  if config.init.get("backbone"):
+    sources.append((config.init.backbone, _backbone_updates))
   if config.init.get("mask2former"):
     sources.append((config.init.mask2former, _mask2former_updates))
   if not sources:
     return state
   params = optim.flatten(jax.device_get(state.params))
   stats = optim.flatten(jax.device_get(state.batch_stats)) if state.batch_stats else {}
+  loaded_by = {}
   for source, read in sources:
     updates, what = read(config)
+    for top in {k.split("/")[0] for k in updates["params"]}:
+      if top in loaded_by:
+        raise ConfigError(f"both {loaded_by[top]!r} and {source!r} hold weights for "
+                          f"{top}/; set only one of config.init.clip / config.init.backbone")
+      loaded_by[top] = source
     for coll, flat in updates.items():
       dest = params if coll == "params" else stats
       for key, value in flat.items():
