@@ -9,6 +9,7 @@ the current one (`stages.N.blocks.M.attention.q_proj`, what the pinned transform
 load. Key rewriting: dots become nesting, a leaf `weight` becomes `kernel` (conv OIHW ->
 HWIO, linear transposed) or `scale` (LayerNorm).
 """
+import functools
 import logging
 import re
 from typing import Any, Dict, Mapping, Optional, Union
@@ -65,9 +66,15 @@ def segformer_keys(state: Mapping[str, Any]) -> Dict[str, Any]:
 
 def expected_shapes(fields: Mapping) -> Dict[tuple, tuple]:
     """Flat {flax param path: shape} of a MixVisionTransformer, without compute."""
-    model = mit.MixVisionTransformer(**fields)
+    return dict(_expected_shapes(tuple(sorted((k, tuple(v) if isinstance(v, list) else v)
+                                              for k, v in fields.items()))))
+
+
+@functools.lru_cache(maxsize=8)
+def _expected_shapes(fields: tuple):
+    model = mit.MixVisionTransformer(**dict(fields))
     shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
-    return {k: v.shape for k, v in traverse_util.flatten_dict(shapes["params"]).items()}
+    return tuple((k, v.shape) for k, v in traverse_util.flatten_dict(shapes["params"]).items())
 
 
 def infer_arch(state: Mapping[str, Any]) -> Optional[str]:

@@ -243,6 +243,9 @@ class MixVisionTransformer(nn.Module):
         if h % 32 or w % 32:
             raise ValueError(f"MixVisionTransformer: image size {h}x{w} is not a multiple "
                              f"of 32 (the stride of res5)")
+        if not 0.0 <= self.drop_path_rate < 1.0:
+            raise ValueError(f"MixVisionTransformer: drop_path_rate must be in [0, 1), got "
+                             f"{self.drop_path_rate}")
         outputs = SegformerStages(tuple(self.depths), tuple(self.hidden_sizes),
                                   tuple(self.num_attention_heads), tuple(self.sr_ratios),
                                   tuple(self.patch_sizes), tuple(self.strides),
