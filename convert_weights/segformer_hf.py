@@ -6,8 +6,12 @@ Accepts `SegformerModel` state dicts and those of the models that wrap it
 the current one (`stages.N.blocks.M.attention.q_proj`, what the pinned transformers'
 `state_dict()` gives) or the older one the model hub's files hold
 (`encoder.block.N.M.attention.self.query`), renamed here as transformers renames it on
-load. Key rewriting: dots become nesting, a leaf `weight` becomes `kernel` (conv OIHW ->
-HWIO, linear transposed) or `scale` (LayerNorm).
+load. Also the original NVlabs SegFormer names (`mit_b4.pth`: `patch_embed1.proj`,
+`block1.0.attn.q` / packed `attn.kv`, `norm1`; mmseg segmentor checkpoints add a
+`backbone.` prefix), renamed as transformers' convert_segformer_original_to_pytorch.py
+does (`kv` split into key = first half, value = second half). Key rewriting: dots become
+nesting, a leaf `weight` becomes `kernel` (conv OIHW -> HWIO, linear transposed) or
+`scale` (LayerNorm).
 """
 import functools
 import logging
@@ -25,7 +29,7 @@ from mtaclip_jax.models import mit
 log = logging.getLogger(__name__)
 
 _SHOW = 8  # keys listed per kind of problem
-_IGNORED_PREFIXES = ("decode_head.", "classifier.")
+_IGNORED_PREFIXES = ("decode_head.", "classifier.", "head.")
 # Hub (transformers 4.x) names -> current names, in order (transformers'
 # conversion_mapping for "SegformerModel").
 _OLD_NAMES = [
@@ -45,22 +49,59 @@ _OLD_NAMES = [
 ]
 
 
-def _current_name(key: str) -> str:
+# NVlabs names (1-based stage numbers) -> current names.
+_NVLABS_STAGE = re.compile(r"^(patch_embed|norm|block)([1-4])\.(.+)$")
+_NVLABS_BLOCK = [("norm1.", "layernorm_before."), ("norm2.", "layernorm_after."),
+                 ("attn.q.", "attention.q_proj."), ("attn.proj.", "attention.o_proj."),
+                 ("attn.sr.", "attention.sequence_reduction.sequence_reduction."),
+                 ("attn.norm.", "attention.sequence_reduction.layer_norm."),
+                 ("mlp.", "mlp.")]
+
+
+def _nvlabs_names(key: str, value) -> Dict[str, Any]:
+    """One NVlabs key -> {current key: value}; `attn.kv` becomes k_proj and v_proj."""
+    m = _NVLABS_STAGE.match(key)
+    if m is None:
+        return {key: value}
+    kind, stage, rest = m.group(1), int(m.group(2)) - 1, m.group(3)
+    if kind == "patch_embed":
+        if rest.startswith("norm."):
+            rest = "layer_norm." + rest[len("norm."):]
+        return {f"stages.{stage}.patch_embeddings.{rest}": value}
+    if kind == "norm":
+        return {f"stages.{stage}.layer_norm.{rest}": value}
+    block, _, rest = rest.partition(".")
+    base = f"stages.{stage}.blocks.{block}."
+    if rest.startswith("attn.kv."):
+        leaf = rest[len("attn.kv."):]
+        half = np.shape(value)[0] // 2
+        return {f"{base}attention.k_proj.{leaf}": value[:half],
+                f"{base}attention.v_proj.{leaf}": value[half:]}
+    for old, new in _NVLABS_BLOCK:
+        if rest.startswith(old):
+            return {base + new + rest[len(old):]: value}
+    return {key: value}
+
+
+def _current_names(key: str, value) -> Dict[str, Any]:
     if key.startswith("encoder."):
         for pattern, repl in _OLD_NAMES:
             key = re.sub(pattern, repl, key)
-    return key
+        return {key: value}
+    return _nvlabs_names(key, value)
 
 
 def segformer_keys(state: Mapping[str, Any]) -> Dict[str, Any]:
-    """Encoder keys in the current naming; `segformer.` prefix, heads dropped."""
+    """Encoder keys in the current naming; `segformer.` / `backbone.` prefixes
+    stripped, heads dropped."""
     out = {}
     for key, value in state.items():
-        if key.startswith("segformer."):
-            key = key[len("segformer."):]
+        for prefix in ("segformer.", "backbone."):
+            if key.startswith(prefix):
+                key = key[len(prefix):]
         if key.startswith(_IGNORED_PREFIXES):
             continue
-        out[_current_name(key)] = value
+        out.update(_current_names(key, value))
     return out
 
 

@@ -129,6 +129,45 @@ def test_hub_checkpoint_file_converts_identically(reference, params, tmp_path):
         np.testing.assert_array_equal(converted[k], expected[k], err_msg="/".join(k))
 
 
+def _nvlabs_state(state):
+    """The original NVlabs SegFormer names (mix_transformer.py), keys and values packed
+    into `attn.kv`, as transformers' convert_segformer_original_to_pytorch.py reads them."""
+    block = {"layernorm_before": "norm1", "layernorm_after": "norm2", "attention.q_proj": "attn.q",
+             "attention.o_proj": "attn.proj", "mlp.fc1": "mlp.fc1", "mlp.fc2": "mlp.fc2",
+             "mlp.dwconv.dwconv": "mlp.dwconv.dwconv",
+             "attention.sequence_reduction.sequence_reduction": "attn.sr",
+             "attention.sequence_reduction.layer_norm": "attn.norm"}
+    out = {}
+    for key, value in state.items():
+        parts = key.split(".")
+        stage, leaf = int(parts[1]) + 1, parts[-1]
+        if parts[2] == "patch_embeddings":
+            sub = {"proj": "proj", "layer_norm": "norm"}[parts[3]]
+            out[f"patch_embed{stage}.{sub}.{leaf}"] = value
+        elif parts[2] == "layer_norm":
+            out[f"norm{stage}.{leaf}"] = value
+        elif parts[4:6] == ["attention", "k_proj"]:
+            v = state[key.replace("k_proj", "v_proj")]
+            out[f"block{stage}.{parts[3]}.attn.kv.{leaf}"] = np.concatenate([value, v])
+        elif parts[4:6] != ["attention", "v_proj"]:
+            out[f"block{stage}.{parts[3]}.{block['.'.join(parts[4:-1])]}.{leaf}"] = value
+    return out
+
+
+def test_nvlabs_checkpoint_converts_identically(reference, params):
+    state = {k: v.numpy() for k, v in reference.state_dict().items()}
+    nvlabs = _nvlabs_state(state)
+    assert "block3.1.attn.kv.weight" in nvlabs and "norm4.bias" in nvlabs
+    mmseg = {"backbone." + k: v for k, v in nvlabs.items()}
+    mmseg["decode_head.conv_seg.weight"] = np.zeros((150, 768, 1, 1), np.float32)
+    for source in (dict(nvlabs, **{"head.weight": np.zeros((1000, 512), np.float32)}), mmseg):
+        converted = traverse_util.flatten_dict(convert_segformer(source, FIELDS))
+        expected = traverse_util.flatten_dict(params)
+        assert converted.keys() == expected.keys()
+        for k in expected:
+            np.testing.assert_array_equal(converted[k], expected[k], err_msg="/".join(k))
+
+
 def test_b4_full_depth_shapes_and_param_count():
     model = mit.build("MiT-B4")
     out, variables = jax.eval_shape(
@@ -160,12 +199,13 @@ def test_image_size_must_be_multiple_of_32():
         jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 64, 80, 3)))
 
 
+@pytest.mark.slow
 def test_drop_path_drops_whole_samples():
     """train=True: each sample's branch is either dropped or scaled by 1/keep."""
     layer = mit.SegformerLayer(hidden_size=8, num_heads=2, sr_ratio=2, mlp_ratio=2,
                                drop_path=0.5)
     x = jnp.asarray(np.random.RandomState(3).randn(16, 16, 8), jnp.float32)
-    variables = layer.init(jax.random.key(0), x, 4, 4)
+    variables = jax.jit(layer.init, static_argnums=(2, 3))(jax.random.key(0), x, 4, 4)
 
     @jax.jit
     def run(variables, x, rng):
@@ -187,6 +227,8 @@ def test_drop_path_drops_whole_samples():
     assert len(combos) > 1
     np.testing.assert_array_equal(train_no_rate, eval_no_rate)
     assert not np.allclose(eval_out, y)
+    with pytest.raises(ValueError, match="needs a 'dropout' rng"):
+        layer.apply(variables, x, 4, 4, train=True)
 
 
 def _zeros_state(model):

@@ -138,6 +138,9 @@ class SegformerLayer(nn.Module):
         """Per-sample stochastic depth, as torch: x / keep * floor(U + keep)."""
         if not train or self.drop_path == 0.0:
             return x
+        if not self.has_rng("dropout"):
+            raise ValueError("MiT drop path (drop_path_rate > 0) with train=True needs a "
+                             "'dropout' rng: apply(..., rngs={'dropout': key})")
         keep = 1.0 - self.drop_path
         mask = jax.random.bernoulli(self.make_rng("dropout"), keep, (x.shape[0], 1, 1))
         return jnp.where(mask, x / keep, jnp.zeros_like(x))
