@@ -18,17 +18,14 @@ import logging
 import re
 from typing import Any, Dict, Mapping, Optional, Union
 
-import jax
-import jax.numpy as jnp
 import numpy as np
-from flax import traverse_util
 
-from convert_weights.clip_sources import CheckpointError, read_state_dict
+from convert_weights import keymap
+from convert_weights.clip_sources import read_state_dict
 from mtaclip_jax.models import mit
 
 log = logging.getLogger(__name__)
 
-_SHOW = 8  # keys listed per kind of problem
 _IGNORED_PREFIXES = ("decode_head.", "classifier.", "head.")
 # Hub (transformers 4.x) names -> current names, in order (transformers'
 # conversion_mapping for "SegformerModel").
@@ -113,9 +110,7 @@ def expected_shapes(fields: Mapping) -> Dict[tuple, tuple]:
 
 @functools.lru_cache(maxsize=8)
 def _expected_shapes(fields: tuple):
-    model = mit.MixVisionTransformer(**dict(fields))
-    shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
-    return tuple((k, v.shape) for k, v in traverse_util.flatten_dict(shapes["params"]).items())
+    return tuple(keymap.expected_shapes(mit.MixVisionTransformer(**dict(fields))).items())
 
 
 def infer_arch(state: Mapping[str, Any]) -> Optional[str]:
@@ -135,62 +130,18 @@ def infer_arch(state: Mapping[str, Any]) -> Optional[str]:
     return None
 
 
-def _target(expected, key: str):
-    """Flax path of a current-named key, or None if the model has no such leaf."""
-    *module, leaf = key.split(".")
-    if leaf == "weight":
-        for name in ("kernel", "scale"):
-            if tuple(module) + (name,) in expected:
-                return tuple(module) + (name,)
-        return None
-    path = tuple(module) + (leaf,)
-    return path if path in expected else None
-
-
-def _rewrite(value: np.ndarray, path) -> np.ndarray:
-    if path[-1] == "kernel":
-        if value.ndim == 4:
-            return value.transpose(2, 3, 1, 0)  # OIHW -> HWIO (depthwise: [3, 3, 1, C])
-        if value.ndim == 2:
-            return value.T
-    return value
-
-
-def _describe(arch) -> str:
-    return repr(arch) if isinstance(arch, str) else f"with fields {dict(arch)}"
-
-
 def convert_segformer(src, arch: Union[str, Mapping] = "MiT-B4") -> Dict:
     """SegFormer checkpoint (path or loaded state dict of torch tensors / numpy arrays)
     -> float32 numpy params tree of `mit.build(arch)` (the `params` collection).
     `arch`: a name in `mit.MIT_ARCHS` or a dict of MixVisionTransformer fields."""
     fields = mit.arch_config(arch)
     state = segformer_keys(read_state_dict(src))
-    expected = expected_shapes(fields)
-    out, unknown, misshaped, misshaped_paths = {}, [], [], set()
-    for key, value in state.items():
-        path = _target(expected, key)
-        if path is None:
-            unknown.append(key)
-            continue
-        value = _rewrite(np.asarray(value, np.float32), path)
-        if tuple(value.shape) != tuple(expected[path]):
-            misshaped.append(f"{key}: {tuple(value.shape)} (as {'/'.join(path)}), "
-                             f"expected {tuple(expected[path])}")
-            misshaped_paths.add(path)
-            continue
-        out[path] = value
-    missing = ["/".join(p) for p in expected if p not in out and p not in misshaped_paths]
-    if unknown or missing or misshaped:
-        lines = [f"checkpoint does not match MiT arch {_describe(arch)}:"]
-        found = infer_arch(state)
-        if found is not None:
-            lines.append(f"  its shapes match {found!r}: pass arch={found!r}")
-        for title, items in (("unknown keys", unknown), ("missing parameters", missing),
-                             ("mis-shaped keys", misshaped)):
-            if items:
-                more = f" (+{len(items) - _SHOW} more)" if len(items) > _SHOW else ""
-                lines.append(f"  {len(items)} {title}: {items[:_SHOW]}{more}")
-        raise CheckpointError("\n".join(lines))
-    log.info("converted SegFormer encoder: %d tensors", len(out))
-    return traverse_util.unflatten_dict(out)
+    found = infer_arch(state)
+    hints = []
+    if found is not None and mit.MIT_ARCHS[found] != fields:
+        hints.append(f"its shapes match {found!r}: pass arch={found!r}")
+    what = repr(arch) if isinstance(arch, str) else f"with fields {fields}"
+    params = keymap.to_params(state, expected_shapes(fields),
+                              f"checkpoint does not match MiT arch {what}:", hints=hints)
+    log.info("converted SegFormer encoder: %d tensors", len(state))
+    return params
