@@ -66,7 +66,6 @@ class SegformerOverlapPatchEmbeddings(nn.Module):
 
 class SegformerSequenceReduction(nn.Module):
     """Keys/values grid reduced by a `ratio x ratio` conv of stride `ratio` + LayerNorm."""
-    hidden_size: int
     ratio: int
     dtype: jnp.dtype = jnp.float32
 
@@ -86,12 +85,13 @@ class SegformerAttention(nn.Module):
 
     @nn.compact
     def __call__(self, x, h, w):
-        b, n, c = x.shape
+        b, n, _ = x.shape
+        c = self.hidden_size
         hd = c // self.num_heads
         q = _dense(c, self.dtype, "q_proj")(x).reshape(b, n, self.num_heads, hd)
         kv = x
         if self.sr_ratio > 1:
-            kv = SegformerSequenceReduction(c, self.sr_ratio, self.dtype,
+            kv = SegformerSequenceReduction(self.sr_ratio, self.dtype,
                                             name="sequence_reduction")(x, h, w)
         m = kv.shape[1]
         k = _dense(c, self.dtype, "k_proj")(kv).reshape(b, m, self.num_heads, hd)
