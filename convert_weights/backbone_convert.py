@@ -23,13 +23,19 @@ def is_segformer(state: Mapping[str, Any]) -> bool:
     return any(_MIT_KEY.match(k) for k in segformer_keys(state))
 
 
-def source_kind(state: Mapping[str, Any]) -> str:
-    """"vit", "mit" or "clip" from the key names."""
+_KINDS = {"clip": "CLIP", "vit": "ImageNet ViT", "mit": "SegFormer MiT", None: "unknown"}
+
+
+def source_kind(state: Mapping[str, Any]) -> Optional[str]:
+    """"vit", "mit", "clip" (OpenAI names; `read_state_dict` renames transformers') or
+    None, from the key names."""
     if is_vit(state):
         return "vit"
     if is_segformer(state):
         return "mit"
-    return "clip"
+    if any(k.startswith("visual.") or k == "text_projection" for k in state):
+        return "clip"
+    return None
 
 
 def _kind_of_arch(arch: str) -> str:
@@ -58,7 +64,12 @@ def convert_any(state: Mapping[str, Any], arch: Optional[str] = None
     """A read state dict (`read_state_dict`) -> (arch name, towers). With `arch`, a
     state dict of another architecture fails in that arch's converter, naming the keys
     that do not fit."""
-    kind = source_kind(state) if arch is None else _kind_of_arch(arch)
+    found_kind = source_kind(state)
+    kind = (found_kind or "clip") if arch is None else _kind_of_arch(arch)
+    if arch is not None and found_kind not in (None, kind):
+        raise CheckpointError(f"arch {arch!r} needs {_KINDS[kind]} weights, but the "
+                              f"keys are {_KINDS[found_kind]} names (e.g. "
+                              f"{list(state)[:3]}); drop --arch to convert it as such")
     if kind == "clip":
         found, towers = convert_state_dict(state, arch)
         return found.name, towers

@@ -46,12 +46,13 @@ def rewrite(value: np.ndarray, path: Path) -> np.ndarray:
     return value
 
 
-def problems_message(title: str, hints: Iterable[str], **items) -> str:
+def problems_message(title: str, hints: Iterable[str], problems) -> str:
+    """`problems`: [(kind, [keys])]; the first SHOW keys of each kind are listed."""
     lines = [title, *(f"  {h}" for h in hints)]
-    for kind, keys in items.items():
+    for kind, keys in problems:
         if keys:
             more = f" (+{len(keys) - SHOW} more)" if len(keys) > SHOW else ""
-            lines.append(f"  {len(keys)} {kind.replace('_', ' ')}: {keys[:SHOW]}{more}")
+            lines.append(f"  {len(keys)} {kind}: {keys[:SHOW]}{more}")
     return "\n".join(lines)
 
 
@@ -77,7 +78,7 @@ def to_params(state: Mapping[str, Any], expected: Mapping[Path, tuple], title: s
     missing = ["/".join(p) for p in expected
                if p not in out and p not in bad_paths and not optional(p)]
     if unknown or missing or misshaped:
-        raise CheckpointError(problems_message(title, hints, unknown_keys=unknown,
-                                               missing_parameters=missing,
-                                               mis_shaped_keys=misshaped))
+        raise CheckpointError(problems_message(
+            title, hints, [("unknown keys", unknown), ("missing parameters", missing),
+                           ("mis-shaped keys", misshaped)]))
     return traverse_util.unflatten_dict(out)
