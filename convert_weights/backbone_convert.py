@@ -53,8 +53,8 @@ def _registered(kind: str, found: Optional[str]) -> str:
     if found is None or found not in backbones.REGISTRY:
         known = sorted(n for n in backbones.REGISTRY if _kind_of_arch(n) == kind)
         what = f"{found} weights" if found else "weights of no known arch"
-        raise CheckpointError(f"this {kind.upper()} checkpoint holds {what}; registered "
-                              f"{kind.upper()} backbones: {known} (pass --arch, or add a "
+        raise CheckpointError(f"this {_KINDS[kind]} checkpoint holds {what}; registered "
+                              f"{_KINDS[kind]} backbones: {known} (pass --arch, or add a "
                               f"backbone: docs/BACKBONES.md)")
     return found
 
