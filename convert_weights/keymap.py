@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
+from convert_weights.clip_convert import _rewrite as rewrite  # torch layout -> flax
 from convert_weights.clip_sources import CheckpointError
 
 SHOW = 8  # keys listed per kind of problem
@@ -35,15 +36,6 @@ def target(expected: Mapping[Path, tuple], key: str) -> Optional[Path]:
                      if tuple(module) + (n,) in expected), None)
     path = tuple(module) + (leaf,)
     return path if path in expected else None
-
-
-def rewrite(value: np.ndarray, path: Path) -> np.ndarray:
-    if path[-1] == "kernel":
-        if value.ndim == 4:
-            return value.transpose(2, 3, 1, 0)  # OIHW -> HWIO
-        if value.ndim == 2:
-            return value.T
-    return value
 
 
 def problems_message(title: str, hints: Iterable[str], problems) -> str:

@@ -15,6 +15,7 @@ import transformers
 from safetensors.torch import save_file
 
 import convert_weights
+from convert_weights import backbone_convert
 from convert_weights.__main__ import main as cli_main
 from mtaclip_jax import config_lib, optim, runtime
 from mtaclip_jax.models import backbones, mtaclip
@@ -37,6 +38,21 @@ def test_registry():
     with pytest.raises(ValueError, match="family must be one of"):
         backbones.register(backbones.Backbone("x", "imagenet21k", (1,) * 4,
                                               backbones.STRIDES, vits.build))
+
+
+@pytest.mark.parametrize("keys,kind", [
+    (["embeddings.patch_embeddings.projection.weight", "layers.0.mlp.fc1.weight"], "vit"),
+    (["vit.embeddings.patch_embeddings.projection.weight", "classifier.weight"], "vit"),
+    (["cls_token", "pos_embed", "patch_embed.proj.weight", "blocks.0.attn.qkv.weight"], "vit"),
+    (["stages.0.patch_embeddings.proj.weight"], "mit"),
+    (["segformer.encoder.patch_embeddings.0.proj.weight", "decode_head.classifier.weight"],
+     "mit"),
+    (["patch_embed1.proj.weight", "block1.0.attn.kv.weight", "norm4.weight"], "mit"),
+    (["visual.conv1.weight", "text_projection"], "clip"),
+    (["conv1.weight", "fc.weight"], None),
+])
+def test_source_kind_from_key_names(keys, kind):
+    assert backbone_convert.source_kind({k: np.zeros((2, 2)) for k in keys}) == kind
 
 
 @pytest.mark.slow
