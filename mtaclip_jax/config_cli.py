@@ -87,3 +87,48 @@ def parse_flags_or_exit(argv):
       print(f"error: --config {spec!r}: {type(e).__name__}: {e}", file=sys.stderr)
       sys.exit(2)
   return rest
+
+
+def list_flag_words(flag: str, parser=parse_flags_or_exit):
+  """A flags parser that lets `flag a b c` (e.g. shell-expanded globs) set a list
+  flag: the words after `flag` up to the next `--` flag become its comma list."""
+  def parse(argv):
+    out, i = [argv[0]], 1
+    while i < len(argv):
+      if argv[i] == flag:
+        j = i + 1
+        while j < len(argv) and not argv[j].startswith("--"):
+          j += 1
+        out.append(f"{flag}=" + ",".join(argv[i + 1:j]))
+        i = j
+      else:
+        out.append(argv[i])
+        i += 1
+    return parser(out)
+  return parse
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+  """Exceptions that describe something the user can fix: one line, no traceback."""
+  # pylint: disable=g-import-not-at-top
+  from mtaclip_jax import checkpoint, runtime, sharding, train
+  from mtaclip_jax.data import readers
+  return (runtime.ConfigError, runtime.WorkdirError, sharding.MeshConfigError,
+          checkpoint.CheckpointError, readers.BadSampleError, train.NonFiniteLossError,
+          FileNotFoundError)
+
+
+def run_app(main, flags_parser=parse_flags_or_exit,
+            also_user_errors: tuple[type[BaseException], ...] = ()) -> None:
+  """absl `app.run(main)` for the CLIs: a user error (`user_errors()` and
+  `also_user_errors`) prints one `error: ...` line and exits 1; Ctrl-C exits 130."""
+  from absl import app  # pylint: disable=g-import-not-at-top
+  try:
+    app.run(main, flags_parser=flags_parser)
+  except KeyboardInterrupt:
+    sys.exit(130)
+  except Exception as e:  # pylint: disable=broad-except
+    if isinstance(e, user_errors() + tuple(also_user_errors)):
+      print(f"error: {e}", file=sys.stderr)
+      sys.exit(1)
+    raise

@@ -7,7 +7,8 @@ The artifact maps normalised images float32 [b, S, S, 3] (b symbolic) to per-cla
 scores float32 [b, S, S, C] (the head of config.eval.head, or the similarity head
 over `--classes`); the variables and class tokens are baked in as constants. A JSON
 sidecar `<out>.json` holds the class names, palette, size and the normalisation
-mean/std. Loading (`load`) needs only jax and numpy:
+mean/std, and the test_scale and slide stride of the config, used by
+`predict --artifact --mode slide`. Loading (`load`) needs only jax and numpy:
 
   exp = jax.export.deserialize(open("model.jaxexport", "rb").read())
   scores = exp.call(images)
@@ -73,14 +74,24 @@ def export_checkpoint(config, workdir: str, out: str, size: int = 512,
   exported = export_fn(fn, size, platforms)
   with open(out, "wb") as f:
     f.write(exported.serialize())
+  crop = tuple(config.eval.get("crop_size", None) or ())
+  stride = (list(config.eval.stride) if crop == (size, size) and config.eval.get("stride")
+            else default_stride(size))
   meta = {"class_names": names, "palette": [list(map(int, p)) for p in palette],
-          "size": [size, size], "mean": list(MEAN), "std": list(STD), "head": head,
+          "size": [size, size], "test_scale": list(config.eval.test_scale),
+          "stride": stride, "mean": list(MEAN), "std": list(STD), "head": head,
           "step": int(step), "platforms": list(exported.platforms),
           "input": "float32 [b, H, W, 3], (rgb - mean) / std, zero padding",
           "output": "float32 [b, H, W, C] class scores"}
   with open(out + ".json", "w") as f:
     json.dump(meta, f, indent=1)
   return meta
+
+
+def default_stride(size: int) -> list[int]:
+  """Slide stride for S x S windows when the config's crop differs: 2/3 of S (mmseg's
+  512 / 341)."""
+  return [2 * size // 3] * 2
 
 
 def _resize_masks(masks, images):
@@ -124,7 +135,7 @@ def main(argv):
 
 
 def cli():
-  from absl import app, flags  # pylint: disable=g-import-not-at-top
+  from absl import flags  # pylint: disable=g-import-not-at-top
   from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
   from mtaclip_jax import config_cli  # pylint: disable=g-import-not-at-top
   config_flags.DEFINE_config_file("config", None, "Config the model was trained with.",
@@ -136,17 +147,7 @@ def cli():
   flags.DEFINE_list("platforms", None, "jax.export platforms, e.g. cpu,cuda (default: "
                     "the current backend).")
   flags.mark_flags_as_required(["config", "workdir", "out"])
-  try:
-    app.run(main, flags_parser=config_cli.parse_flags_or_exit)
-  except (ValueError, FileNotFoundError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(1)
-  except Exception as e:  # pylint: disable=broad-except
-    from mtaclip_jax import main as main_lib  # pylint: disable=g-import-not-at-top
-    if isinstance(e, main_lib._user_errors()):  # pylint: disable=protected-access
-      print(f"error: {e}", file=sys.stderr)
-      sys.exit(1)
-    raise
+  config_cli.run_app(main, also_user_errors=(ValueError,))
 
 
 if __name__ == "__main__":

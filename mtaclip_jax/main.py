@@ -6,7 +6,6 @@ Thin by design (STYLE 1): flags, distributed init, dispatch to train or evaluate
 from __future__ import annotations
 
 import logging
-import sys
 
 from absl import app, flags
 from absl import logging as absl_logging
@@ -44,26 +43,8 @@ def main(argv):
     evaluate.run(config, _WORKDIR.value)
 
 
-def _user_errors() -> tuple[type[BaseException], ...]:
-  """Exceptions that describe something the user can fix: one line, no traceback."""
-  # pylint: disable=g-import-not-at-top
-  from mtaclip_jax import checkpoint, runtime, sharding, train
-  from mtaclip_jax.data import readers
-  return (runtime.ConfigError, runtime.WorkdirError, sharding.MeshConfigError,
-          checkpoint.CheckpointError, readers.BadSampleError, train.NonFiniteLossError,
-          FileNotFoundError)
-
-
 def cli():
-  try:
-    app.run(main, flags_parser=config_cli.parse_flags_or_exit)
-  except KeyboardInterrupt:
-    sys.exit(130)
-  except Exception as e:  # pylint: disable=broad-except
-    if isinstance(e, _user_errors()):
-      print(f"error: {e}", file=sys.stderr)
-      sys.exit(1)
-    raise
+  config_cli.run_app(main)
 
 
 if __name__ == "__main__":

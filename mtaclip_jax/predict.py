@@ -2,8 +2,9 @@
 
   python -m mtaclip_jax.predict --config configs/demo.py --workdir DIR \
       --images a.jpg photos/ 'more/*.png' --out OUT [--mode whole|slide] \
-      [--classes "wall,sky,person" | --classes names.txt]
-  python -m mtaclip_jax.predict --artifact model.jaxexport --images ... --out OUT
+      [--classes "wall,sky,person" | --classes names.txt] [--batch 8]
+  python -m mtaclip_jax.predict --artifact model.jaxexport --images ... --out OUT \
+      [--mode whole|slide]
 
 Per image NAME it writes NAME_label.png (palette PNG, pixel value = class index),
 NAME_overlay.png (image blended with the class colours, legend of the classes
@@ -201,43 +202,150 @@ def _full_palette(config):
   return data_classes.DATASETS[config.data.name][1]
 
 
-def artifact_predictor(path: str):
-  """(predict_fn, names, palette, settings) of an exported artifact (export.py)."""
+def artifact_predictor(path: str, mode: str | None = None):
+  """(predict_fn, names, palette, settings) of an exported artifact (export.py).
+
+  The artifact takes S x S inputs (any batch). mode "whole" (default) resizes each
+  image to fit S x S and pads it; "slide" resizes by the test_scale recorded at export
+  and runs S x S windows at the recorded stride.
+  """
   from mtaclip_jax import export, inference  # pylint: disable=g-import-not-at-top
   call, meta = export.load(path)
   size = tuple(meta["size"])
-  settings = inference.Settings(mode="whole", test_scale=size, pad_size=size)
+  mode = mode or "whole"
+  if mode == "whole":
+    settings = inference.Settings(mode="whole", test_scale=size, pad_size=size)
+  elif mode == "slide":
+    if "test_scale" not in meta:
+      raise ValueError(f"{path}.json has no test_scale (exported by an older version): "
+                       "--mode slide needs it; export the checkpoint again, or use "
+                       "--mode whole")
+    stride = tuple(meta.get("stride") or export.default_stride(size[0]))
+    settings = inference.Settings(mode="slide", test_scale=tuple(meta["test_scale"]),
+                                  crop_size=size, stride=stride)
+  else:
+    raise ValueError(f"--mode {mode!r} with --artifact: expected 'whole' or 'slide'")
   return call, meta["class_names"], [tuple(p) for p in meta["palette"]], settings
 
 
 # ------------------------------------------------------------------ the loop
 
 
+def _bucket(n: int, batch: int) -> int:
+  """Batch shape for n images: the next power of two, at most `batch` (a few
+  compiles instead of one per group size)."""
+  return min(batch, 1 << max(n - 1, 0).bit_length())
+
+
+def _whole_input(image: np.ndarray, settings):
+  """(normalised padded input [H, W, 3], (h, w) of the resized image inside it), as
+  `inference.resized_scores` prepares a whole-image pass."""
+  from mtaclip_jax import inference  # pylint: disable=g-import-not-at-top
+  size = inference.rescale_size(image.shape[0], image.shape[1], settings.test_scale)
+  resized = inference.resize_image(image, size)
+  padded = inference.padded_size(size, settings)
+  return inference.pad_image(inference.normalise(resized), padded), size
+
+
+def _segment_batch(predict_fn: Callable, items: list, settings, batch: int) -> list:
+  """Labels of same-shape whole-image inputs [(image, input, size, ...)] in one call."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from mtaclip_jax import inference  # pylint: disable=g-import-not-at-top
+  x = np.zeros((_bucket(len(items), batch),) + items[0][1].shape, np.float32)
+  for i, item in enumerate(items):
+    x[i] = item[1]
+  scores = jnp.asarray(predict_fn(x), jnp.float32)
+  if scores.shape[1:3] != x.shape[1:3]:  # stride-4 scores: to the input size
+    scores = jax.image.resize(scores, x.shape[:3] + scores.shape[-1:], "bilinear")
+  labels = []
+  for i, (image, _, size, *_) in enumerate(items):
+    h, w = image.shape[:2]
+    out = inference.resize_region(scores[i], np.asarray(size, np.int32),
+                                  np.asarray((h, w), np.int32),
+                                  inference.round_up((h, w), settings.out_multiple))
+    labels.append(np.asarray(jnp.argmax(out, axis=-1)[:h, :w], np.int32))
+  return labels
+
+
+def _image_settings(image: np.ndarray, settings, batch: int):
+  """Slide mode: `settings` with this image's windows run `batch` at a time (fewer if
+  it has fewer windows). Other modes: unchanged."""
+  import dataclasses  # pylint: disable=g-import-not-at-top
+  from mtaclip_jax import inference  # pylint: disable=g-import-not-at-top
+  if settings.mode != "slide":
+    return settings
+  size = inference.rescale_size(image.shape[0], image.shape[1], settings.test_scale)
+  n = len(inference.slide_windows(size[0], size[1], settings.crop_size, settings.stride))
+  return dataclasses.replace(settings, slide_batch=_bucket(n, batch))
+
+
 def predict_images(predict_fn: Callable, settings, paths: Sequence[str], out_dir: str,
-                   names: Sequence[str], palette, progress: bool = True) -> list[str]:
+                   names: Sequence[str], palette, progress: bool = True,
+                   batch: int = 8) -> list[str]:
   """Segments every image and writes its outputs; returns the failure messages
-  (unreadable images and per-image errors), one per failed image."""
+  (unreadable images and per-image errors), one per failed image.
+
+  Whole-image inference runs up to `batch` images of the same resized shape per
+  call; slide inference runs up to `batch` windows of one image per call; ms_flip
+  one image at a time. The labels do not depend on `batch`.
+  """
   import tqdm  # pylint: disable=g-import-not-at-top
   from mtaclip_jax import inference  # pylint: disable=g-import-not-at-top
+  if batch < 1:
+    raise ValueError(f"--batch {batch}: expected a positive number of images")
   os.makedirs(out_dir, exist_ok=True)
   failures = []
-  bar = tqdm.tqdm(list(zip(paths, output_names(paths))), desc="predict", unit="img",
-                  disable=not progress, file=sys.stderr)
-  for path, name in bar:
+  bar = tqdm.tqdm(total=len(paths), desc="predict", unit="img", disable=not progress,
+                  file=sys.stderr)
+
+  def fail(message):
+    failures.append(message)
+    tqdm.tqdm.write(f"error: {message}", file=sys.stderr)
+    bar.update(1)
+
+  def done(image, label, path, name):
+    write_outputs(out_dir, name, image, label, names, palette, path)
+    bar.update(1)
+
+  def flush(group):
+    try:
+      labels = _segment_batch(predict_fn, group, settings, batch)
+    except ValueError as e:
+      for item in group:
+        fail(f"{item[3]}: {e}")
+      return
+    for (image, _, _, path, name), label in zip(group, labels):
+      done(image, label, path, name)
+
+  pending = {}  # whole mode: input shape -> [(image, input, size, path, name)]
+  for path, name in zip(paths, output_names(paths)):
     try:
       image = read_image(path)
-      label = inference.segment(predict_fn, image, settings)
+      if settings.mode == "whole":
+        inp, size = _whole_input(image, settings)
+      else:
+        label = inference.segment(predict_fn, image,
+                                  _image_settings(image, settings, batch))
     except ValueError as e:
-      failures.append(str(e))
-      tqdm.tqdm.write(f"error: {e}", file=sys.stderr)
+      fail(str(e))
       continue
-    write_outputs(out_dir, name, image, label, names, palette, path)
+    if settings.mode != "whole":
+      done(image, label, path, name)
+      continue
+    group = pending.setdefault(inp.shape, [])
+    group.append((image, inp, size, path, name))
+    if len(group) == batch:
+      flush(pending.pop(inp.shape))
+  for group in pending.values():
+    flush(group)
+  bar.close()
   return failures
 
 
 def run(config, workdir: str | None, images: Sequence[str], out_dir: str,
         mode: str | None = None, classes: str | None = None,
-        artifact: str | None = None, progress: bool = True) -> list[str]:
+        artifact: str | None = None, progress: bool = True, batch: int = 8) -> list[str]:
   """The CLI without flags; returns the failure messages."""
   from mtaclip_jax import inference  # pylint: disable=g-import-not-at-top
   paths = expand_images(images)
@@ -247,7 +355,7 @@ def run(config, workdir: str | None, images: Sequence[str], out_dir: str,
     if classes:
       raise ValueError("--classes cannot be used with --artifact (the class names are "
                        "baked into the export; pass --classes to export instead)")
-    fn, names, palette, settings = artifact_predictor(artifact)
+    fn, names, palette, settings = artifact_predictor(artifact, mode)
   else:
     if config is None or workdir is None:
       raise ValueError("pass --config and --workdir (or --artifact)")
@@ -257,7 +365,7 @@ def run(config, workdir: str | None, images: Sequence[str], out_dir: str,
     if mode:
       eval_config["mode"] = mode
     settings = inference.Settings.from_config(eval_config)
-  return predict_images(fn, settings, paths, out_dir, names, palette, progress)
+  return predict_images(fn, settings, paths, out_dir, names, palette, progress, batch)
 
 
 def main(argv):
@@ -268,7 +376,7 @@ def main(argv):
     raise ValueError(f"unexpected arguments: {argv[1:]}")
   f = flags.FLAGS
   failures = run(f.config if f.artifact is None else None, f.workdir, f.images, f.out,
-                 f.mode, f.classes, f.artifact)
+                 f.mode, f.classes, f.artifact, batch=f.batch)
   if failures:
     print(f"{len(failures)} image(s) failed:\n  " + "\n  ".join(failures),
           file=sys.stderr)
@@ -285,48 +393,19 @@ def _define_flags():
   flags.DEFINE_list("images", None, "Image files, folders or glob patterns.")
   flags.DEFINE_string("out", None, "Output folder.")
   flags.DEFINE_enum("mode", None, ["whole", "slide"], "Inference mode (default: "
-                    "config.eval.mode).")
+                    "config.eval.mode; with --artifact: whole = resize to the artifact's "
+                    "size, slide = windows of that size).")
+  flags.DEFINE_integer("batch", 8, "Images per forward pass (whole mode: images of the "
+                       "same resized shape; slide mode: windows of one image).")
   flags.DEFINE_string("classes", None, "Open vocabulary: 'a,b,c' or a .txt file.")
   flags.mark_flags_as_required(["images", "out"])
 
 
 def cli():
-  from absl import app  # pylint: disable=g-import-not-at-top
   from mtaclip_jax import config_cli  # pylint: disable=g-import-not-at-top
   _define_flags()
-  try:
-    app.run(main, flags_parser=_parse_multi(config_cli.parse_flags_or_exit))
-  except KeyboardInterrupt:
-    sys.exit(130)
-  except (ValueError, FileNotFoundError, OSError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(1)
-  except Exception as e:  # pylint: disable=broad-except
-    from mtaclip_jax import main as main_lib  # pylint: disable=g-import-not-at-top
-    if isinstance(e, main_lib._user_errors()):  # pylint: disable=protected-access
-      print(f"error: {e}", file=sys.stderr)
-      sys.exit(1)
-    raise
-
-
-def _parse_multi(parser):
-  """Lets `--images a b c` (shell-expanded globs) work: the words after --images up to
-  the next flag are joined into its comma list."""
-  def parse(argv):
-    out, i = [argv[0]], 1
-    while i < len(argv):
-      a = argv[i]
-      if a == "--images":
-        j = i + 1
-        while j < len(argv) and not argv[j].startswith("--"):
-          j += 1
-        out.append("--images=" + ",".join(argv[i + 1:j]))
-        i = j
-      else:
-        out.append(a)
-        i += 1
-    return parser(out)
-  return parse
+  config_cli.run_app(main, config_cli.list_flag_words("--images"),
+                     also_user_errors=(ValueError, OSError))
 
 
 if __name__ == "__main__":

@@ -1,11 +1,13 @@
 """jax.export artifact: round trip against in-process inference, predict --artifact."""
 
+import json
 import os
 import subprocess
 import sys
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from mtaclip_jax import export, predict
 from tests import test_predict
@@ -78,3 +80,36 @@ def test_artifact_runs_with_jax_alone(trained, tmp_path):
   fn, _, _, _ = predict.checkpoint_predictor(config, workdir)
   np.testing.assert_allclose(np.load(tmp_path / "y.npy"), np.asarray(fn(x)),
                              rtol=1e-5, atol=1e-5)
+
+
+def test_artifact_slide_mode_runs_windows_of_its_size(trained, tmp_path):
+  config, workdir, images = trained
+  path = str(tmp_path / "m.jaxexport")
+  meta = export.export_checkpoint(config, workdir, path, size=SIZE)
+  assert meta["test_scale"] == list(config.eval.test_scale)
+  assert meta["stride"] == list(config.eval.stride)  # the config's crop is SIZE
+  call, names, palette, settings = predict.artifact_predictor(path, "slide")
+  assert (settings.mode, settings.crop_size) == ("slide", (SIZE, SIZE))
+  shapes = []
+  recorded = lambda x: (shapes.append(np.shape(x)), call(x))[1]
+  out = str(tmp_path / "artifact")
+  assert not predict.predict_images(recorded, settings, images, out, names, palette,
+                                    progress=False)
+  # 64x80 images at test_scale (80, 64): two 64x64 windows each, in one call.
+  assert shapes == [(2, SIZE, SIZE, 3)] * len(images)
+  ref = str(tmp_path / "checkpoint")
+  assert not predict.run(config, workdir, images, ref, mode="slide", progress=False)
+  for f in os.listdir(ref):
+    if f.endswith("_label.png"):
+      a = np.asarray(Image.open(os.path.join(out, f)))
+      b = np.asarray(Image.open(os.path.join(ref, f)))
+      # The same program up to constant folding (scores agree to 1e-5 above).
+      assert (a == b).mean() > 0.999, f
+
+  with pytest.raises(ValueError, match="ms_flip"):
+    predict.artifact_predictor(path, "ms_flip")
+  del meta["test_scale"]  # an artifact exported before slide mode existed
+  with open(path + ".json", "w") as f:
+    json.dump(meta, f)
+  with pytest.raises(ValueError, match="test_scale"):
+    predict.artifact_predictor(path, "slide")

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mtaclip_jax import predict, train
+from mtaclip_jax import inference, predict, train
 from tests import train_fixtures
 
 
@@ -110,3 +110,63 @@ def test_overlay_legend_lists_present_classes():
   assert ov.size[0] > 30 and ov.size[1] >= 20  # image + legend panel on the right
   np.testing.assert_array_equal(arr[0, 0], [127, 0, 0])
   np.testing.assert_array_equal(arr[15, 0], [0, 0, 127])
+
+
+def _recording(fn, shapes):
+  def call(x):
+    shapes.append(tuple(np.shape(x)))
+    return fn(x)
+  return call
+
+
+def _outputs(out):
+  return {f: open(os.path.join(out, f), "rb").read() for f in sorted(os.listdir(out))
+          if f.endswith(("_label.png", ".json"))}
+
+
+def test_batched_whole_inference_equals_one_at_a_time(trained, tmp_path):
+  config, workdir, images = trained
+  val = [np.asarray(Image.open(p)) for p in images]
+  extra = {"wide.png": Image.fromarray(val[0]).resize((120, 50)),  # same padded shape
+           "tall.png": Image.fromarray(val[1]).resize((60, 100))}  # another shape
+  for name, im in extra.items():
+    im.save(tmp_path / name)
+  (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8 truncated")
+  paths = images + [str(tmp_path / n) for n in ("wide.png", "broken.jpg", "tall.png")]
+  fn, names, palette, _ = predict.checkpoint_predictor(config, workdir)
+  settings = inference.Settings.from_config(config.eval)
+  runs = {}
+  for batch in (1, 4):
+    shapes = []
+    out = str(tmp_path / f"b{batch}")
+    failures = predict.predict_images(_recording(fn, shapes), settings, paths, out,
+                                      names, palette, progress=False, batch=batch)
+    assert len(failures) == 1 and "broken.jpg" in failures[0]
+    runs[batch] = (_outputs(out), shapes)
+  assert runs[1][0] == runs[4][0]  # label PNGs and JSON byte-identical
+  assert len(runs[1][0]) == 2 * 4
+  assert sorted(runs[1][1]) == [(1, 64, 96, 3)] * 3 + [(1, 96, 64, 3)]
+  # 3 images of one padded shape in one call (batch: the next power of two, at most
+  # 4), the other one alone.
+  assert sorted(runs[4][1]) == [(1, 96, 64, 3), (4, 64, 96, 3)]
+  # Batch 1 is the per-image path of inference.segment.
+  label = np.asarray(Image.open(tmp_path / "b1" / "wide_label.png"))
+  np.testing.assert_array_equal(
+      label, inference.segment(fn, np.asarray(Image.open(tmp_path / "wide.png")),
+                               settings))
+
+
+def test_slide_windows_batched_equal_one_at_a_time(trained, tmp_path):
+  config, workdir, images = trained
+  fn, names, palette, _ = predict.checkpoint_predictor(config, workdir)
+  settings = inference.Settings.from_config(dict(config.eval.to_dict(), mode="slide"))
+  outs = []
+  for batch in (1, 8):
+    shapes = []
+    out = str(tmp_path / f"b{batch}")
+    assert not predict.predict_images(_recording(fn, shapes), settings, images, out,
+                                      names, palette, progress=False, batch=batch)
+    # 64x80 images, 64x64 windows every 32: 2 windows per image.
+    assert set(shapes) == {(min(batch, 2), 64, 64, 3)}
+    outs.append(_outputs(out))
+  assert outs[0] == outs[1]

@@ -8,21 +8,9 @@ import numpy as np
 import pytest
 
 import convert_weights
-from mtaclip_jax import optim, runtime, sharding, train_state
-from mtaclip_jax.models import mtaclip
+from mtaclip_jax import optim, runtime
 
 from tests import clip_reference, train_fixtures
-
-
-def _state(config):
-  mesh = sharding.make_mesh(config.mesh)
-  model = mtaclip.build_model(config.model)
-  tx = optim.make_optimizer(config.optim)
-  tokens = runtime.class_tokens(config)
-  with jax.set_mesh(mesh):
-    state, _ = train_state.init_state_sharded(model, tx, config, tokens,
-                                              jax.random.key(0), mesh)
-  return state
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +29,7 @@ def converted_tiny_clip(tmp_path_factory):
 def test_init_clip_loads_both_towers(converted_tiny_clip, tmp_path):
   config = train_fixtures.tiny_config(tmp_path)
   config.init.clip = converted_tiny_clip
-  state = runtime.load_pretrained(_state(config), config)
+  state = runtime.load_pretrained(train_fixtures.init_state(config), config)
   _, towers = convert_weights.load_converted(converted_tiny_clip)
   params = optim.flatten(jax.device_get(state.params))
   stats = optim.flatten(jax.device_get(state.batch_stats))
@@ -64,7 +52,7 @@ def test_init_clip_of_another_arch_is_named(converted_tiny_clip, tmp_path):
   config = train_fixtures.tiny_config(tmp_path)
   config.init.clip = str(other)
   with pytest.raises(runtime.ConfigError, match="holds RN50 weights"):
-    runtime.load_pretrained(_state(config), config)
+    runtime.load_pretrained(train_fixtures.init_state(config), config)
 
 
 def _hf_mask2former(path, config):
@@ -97,8 +85,8 @@ def test_init_mask2former_baseline_and_text_model(tmp_path):
   expect = {f"{top}/{k}": v for top, tree in converted.items()
             for k, v in optim.flatten(tree).items()}
   config.init.mask2former = str(src)
-  params = optim.flatten(jax.device_get(runtime.load_pretrained(_state(config),
-                                                                config).params))
+  state = train_fixtures.init_state(config)
+  params = optim.flatten(jax.device_get(runtime.load_pretrained(state, config).params))
   assert {k for k in params if k.split("/")[0] in ("pixel_decoder", "decoder")} == set(expect)
   for k, v in expect.items():
     np.testing.assert_array_equal(params[k], v, err_msg=k)
@@ -106,8 +94,9 @@ def test_init_mask2former_baseline_and_text_model(tmp_path):
   # The MTA-CLIP model takes every Mask2Former tensor; its text parts keep their init.
   text = train_fixtures.tiny_config(tmp_path)
   text.init.mask2former = str(src)
-  init = optim.flatten(jax.device_get(_state(text).params))
-  loaded = optim.flatten(jax.device_get(runtime.load_pretrained(_state(text), text).params))
+  state = train_fixtures.init_state(text)
+  init = optim.flatten(jax.device_get(state.params))
+  loaded = optim.flatten(jax.device_get(runtime.load_pretrained(state, text).params))
   for k, v in expect.items():
     np.testing.assert_array_equal(loaded[k], v, err_msg=k)
   extra = [k for k in loaded if k.startswith("decoder/") and k not in expect]
@@ -116,4 +105,4 @@ def test_init_mask2former_baseline_and_text_model(tmp_path):
   wrong = train_fixtures.tiny_config(tmp_path, arg="baseline", num_classes=3)
   wrong.init.mask2former = str(src)
   with pytest.raises(runtime.ConfigError, match="class_predictor|shape"):
-    runtime.load_pretrained(_state(wrong), wrong)
+    runtime.load_pretrained(train_fixtures.init_state(wrong), wrong)

@@ -8,9 +8,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from mtaclip_jax import optim, runtime, sharding, train, train_state
+from mtaclip_jax import optim, runtime, sharding, train
 from mtaclip_jax.data import pipeline
-from mtaclip_jax.models import mtaclip
 
 from tests import train_fixtures
 
@@ -20,22 +19,10 @@ def data_root(tmp_path_factory):
   return train_fixtures.make_dataset(tmp_path_factory.mktemp("data"))
 
 
-def _setup(config):
-  mesh = sharding.make_mesh(config.mesh)
-  model = mtaclip.build_model(config.model)
-  tx = optim.make_optimizer(config.optim)
-  tokens = runtime.class_tokens(config)
-  with jax.set_mesh(mesh):
-    state, shard = train_state.init_state_sharded(model, tx, config, tokens,
-                                                  jax.random.key(0), mesh)
-    step = train_state.jit_train_step(model, tx, config, shard, mesh)
-  return mesh, model, state, step, tokens
-
-
 @pytest.mark.slow
 def test_one_real_step_updates_what_it_should(data_root):
   config = train_fixtures.tiny_config(data_root)
-  mesh, _, state, step_fn, tokens = _setup(config)
+  mesh, _, state, step_fn, tokens = train_fixtures.setup_training(config)
   before = jax.device_get(optim.flatten(state.params))
   stats_before = jax.device_get(optim.flatten(state.batch_stats))
   batch = sharding.global_batch(
@@ -106,7 +93,7 @@ def test_nan_stops_with_the_step_named_and_skip_keeps_params(data_root, tmp_path
   assert not os.path.exists(tmp_path / "stop" / "checkpoints" / "3")
 
   config.train.on_nan = "skip"
-  mesh, _, state, step_fn, tokens = _setup(config)
+  mesh, _, state, step_fn, tokens = train_fixtures.setup_training(config)
   before = jax.device_get(optim.flatten(state.params))
   it = pipeline.make_train_iterator(config.data, 0)
   with jax.set_mesh(mesh):
@@ -144,7 +131,7 @@ def test_mesh_not_matching_devices_is_named():
 def test_bf16_compute_trains_with_fp32_params(data_root):
   config = train_fixtures.tiny_config(data_root, arg="bf16")
   assert config.model.dtype == "bfloat16"
-  mesh, _, state, step_fn, tokens = _setup(config)
+  mesh, _, state, step_fn, tokens = train_fixtures.setup_training(config)
   it = pipeline.make_train_iterator(config.data, 0)
   losses = []
   with jax.set_mesh(mesh):

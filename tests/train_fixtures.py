@@ -3,7 +3,11 @@
 import importlib.util
 import os
 
+import jax
+
+from mtaclip_jax import optim, runtime, sharding, train_state
 from mtaclip_jax.data import generate, recipes
+from mtaclip_jax.models import mtaclip
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -39,3 +43,21 @@ def tiny_config(root, steps=3, batch=2, arg=None, num_classes=4):
   c.eval.update(dict(test_scale=(80, 64), crop_size=crop, stride=(32, 32),
                      at_end=False, every_steps=0))
   return c
+
+
+def setup_training(config, seed=0):
+  """(mesh, model, initial state, jitted train step, class tokens) of `config`."""
+  mesh = sharding.make_mesh(config.mesh)
+  model = mtaclip.build_model(config.model)
+  tx = optim.make_optimizer(config.optim)
+  tokens = runtime.class_tokens(config)
+  with jax.set_mesh(mesh):
+    state, shard = train_state.init_state_sharded(model, tx, config, tokens,
+                                                  jax.random.key(seed), mesh)
+    step = train_state.jit_train_step(model, tx, config, shard, mesh)
+  return mesh, model, state, step, tokens
+
+
+def init_state(config, seed=0):
+  """The initial (sharded) train state of `config`."""
+  return setup_training(config, seed)[2]
