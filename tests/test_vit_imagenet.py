@@ -273,3 +273,18 @@ def test_unknown_and_missing_keys_listed(hf_state):
     # The final layernorm only feeds the unused embedding: it may be absent (timm fc_norm).
     state = {k: v for k, v in hf_state.items() if not k.startswith("layernorm.")}
     assert "layernorm" not in convert_vit(state)
+
+
+@pytest.mark.slow
+def test_bfloat16_compute_float32_params(backbone):
+    """bf16 compute: float32 parameters, bf16 features within bf16 rounding of fp32
+    (the fp32 side reuses the parity test's compiled functions)."""
+    _, init, apply = backbone
+    x = jax.random.normal(jax.random.key(0), (2, 96, 128, 3))
+    variables = _variables(init, {}, (1, 96, 128, 3))
+    assert all(a.dtype == np.float32 for a in jax.tree.leaves(variables))
+    ref, _ = apply(variables, x)
+    bf16 = backbones.get("ViT-S/16").build(dtype=jnp.bfloat16)
+    for k, v in jax.jit(bf16.apply)(variables, x).items():
+        assert v.dtype == jnp.bfloat16, k
+        assert rel_err(np.asarray(v, np.float32), ref[k]) <= 0.03, k
