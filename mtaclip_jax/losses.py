@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from mtaclip_jax import matching
+from mtaclip_jax import matching, point_loss
 
 
 def _num_uncertain(loss_config) -> tuple[int, int, int]:
@@ -53,67 +53,6 @@ def draw_points(rng: jax.Array, num_layers: int, batch: int, targets: int,
         "over": jax.random.uniform(k_over, shape + (oversampled, 2)),
         "random": jax.random.uniform(k_rand, shape + (uniform, 2)),
     }
-
-
-def sample_queries(masks: jax.Array, query_index: jax.Array, points: jax.Array) -> jax.Array:
-    """Samples map `query_index[b, t]` of `masks[b]` at `points[b, t]`, bilinearly.
-
-    masks [B, Q, h, w] (any dtype), query_index [B, T] (in range), points
-    [B, T, P, 2] -> [B, T, P] float32, with `matching.point_sample` semantics. Each
-    point reads one 2x2 patch of the zero-padded maps (the padding is grid_sample's
-    zero padding): 3x faster on CPU than four single-pixel gathers, and no
-    [B, T, h, w] copy of the matched masks.
-    """
-    _, _, h, w = masks.shape
-    padded = jnp.pad(masks, ((0, 0), (0, 0), (1, 1), (1, 1)))
-    x = points[..., 0] * w - 0.5
-    y = points[..., 1] * h - 0.5
-    x0 = jnp.floor(x)
-    y0 = jnp.floor(y)
-    fx = x - x0
-    fy = y - y0
-    # x0 in [-1, w - 1] for points in [0, 1]: padded column x0 + 1 in [0, w].
-    xi = jnp.clip(x0.astype(jnp.int32) + 1, 0, w)
-    yi = jnp.clip(y0.astype(jnp.int32) + 1, 0, h)
-    qi = jnp.broadcast_to(query_index[:, :, None], xi.shape)
-
-    def patch(m, qq, yy, xx):  # m [Q, h+2, w+2] -> [2, 2]
-        return jax.lax.dynamic_slice(m, (qq, yy, xx), (1, 2, 2))[0]
-
-    per_point = jax.vmap(patch, (None, 0, 0, 0))
-    patches = jax.vmap(jax.vmap(per_point, (None, 0, 0, 0)))(padded, qi, yi, xi)
-    patches = patches.astype(jnp.float32)  # [B, T, P, 2, 2]
-    top = patches[..., 0, 0] * (1 - fx) + patches[..., 0, 1] * fx
-    bottom = patches[..., 1, 0] * (1 - fx) + patches[..., 1, 1] * fx
-    return top * (1 - fy) + bottom * fy
-
-
-def uncertain_points(masks: jax.Array, query_index: jax.Array, over: jax.Array,
-                     uniform: jax.Array, num_uncertain: int) -> jax.Array:
-    """Mask2Former's uncertainty importance sampling (no gradient).
-
-    Of the candidates `over` [B, T, P_over, 2], keeps the `num_uncertain` where the
-    mask logit is closest to 0 (uncertainty -|logit|), then appends `uniform`
-    [B, T, P_rand, 2]. Returns [B, T, num_uncertain + P_rand, 2].
-    """
-    logits = sample_queries(jax.lax.stop_gradient(masks), query_index, over)
-    _, top = jax.lax.top_k(-jnp.abs(logits), num_uncertain)
-    chosen = jnp.take_along_axis(over, top[..., None], axis=-2)
-    return jax.lax.stop_gradient(jnp.concatenate([chosen, uniform], axis=-2))
-
-
-def _mask_losses(masks, target_masks, query_index, valid, points):
-    """Point BCE (mean over points) and dice per target [B, T], 0 if invalid; one layer."""
-    logits = sample_queries(masks, query_index, points)  # [B, T, P]
-    targets = jnp.broadcast_to(jnp.arange(target_masks.shape[1]), query_index.shape)
-    labels = sample_queries(target_masks, targets, points)
-    bce = jnp.mean(jax.nn.softplus(logits) - logits * labels, axis=-1)
-    probs = jax.nn.sigmoid(logits)
-    dice = 1.0 - (2.0 * jnp.sum(probs * labels, -1) + 1.0) / (
-        jnp.sum(probs, -1) + jnp.sum(labels, -1) + 1.0)
-    # Per target, summed later: a sum here would put one cross-device reduction
-    # inside the layer loop per layer instead of one after it.
-    return jnp.where(valid, bce, 0.0), jnp.where(valid, dice, 0.0)
 
 
 def query_targets(indices: jax.Array, classes: jax.Array, valid: jax.Array,
@@ -176,6 +115,33 @@ def similarity_loss(m_proj: jax.Array, t_proj: jax.Array, target: jax.Array,
     return jnp.sum(weights * nll, axis=(1, 2)) / jnp.sum(weights, axis=(1, 2))
 
 
+def _point_losses(masks, target_masks, query_index, valid, key, draws, loss_config, mesh):
+    """`point_loss.mask_point_losses` with this config; under a mesh with a "data" axis,
+    per device (shard_map): each device compacts and loops over its own images."""
+    oversampled, uncertain, uniform = _num_uncertain(loss_config)
+    chunk = int(getattr(loss_config, "target_chunk", 0) or 0) or (
+        8 if jax.default_backend() == "cpu" else 32)
+    fn = functools.partial(point_loss.mask_point_losses, num_over=oversampled,
+                           num_uncertain=uncertain, num_rand=uniform, chunk=chunk)
+    data_mesh = matching.data_mesh(mesh)
+    if data_mesh is None:
+        return fn(masks, target_masks, query_index, valid, key=key, draws=draws)
+    axis = matching.DATA_AXIS
+
+    def local(masks, target_masks, query_index, valid, key, draws):
+        offset = jax.lax.axis_index(axis) * valid.shape[0] * valid.shape[1]
+        return fn(masks, target_masks, query_index, valid, key=key, draws=draws,
+                  slot_offset=offset)
+
+    layer_spec = P(None, axis)
+    draws_spec = None if draws is None else (layer_spec, layer_spec)
+    return jax.shard_map(
+        local, mesh=data_mesh,
+        in_specs=(layer_spec, P(axis), layer_spec, P(axis), P(), draws_spec),
+        out_specs=(layer_spec, layer_spec), check_vma=False)(
+            masks, target_masks, query_index, valid, key, draws)
+
+
 def compute_loss(outputs: dict, batch: dict, rng: jax.Array, loss_config, num_classes: int,
                  *, mesh=None, points: dict | None = None) -> tuple[jax.Array, dict]:
     """Total training loss and its terms (CONTRACT.md "Losses").
@@ -206,45 +172,19 @@ def compute_loss(outputs: dict, batch: dict, rng: jax.Array, loss_config, num_cl
     if masks.shape[:3] != (num_layers, b, q) or target_masks.shape[:2] != (b, t):
         raise ValueError(f"inconsistent shapes: logits {logits.shape}, masks {masks.shape}, "
                          f"batch masks {target_masks.shape}, classes {classes.shape}.")
-    oversampled, uncertain, uniform = _num_uncertain(loss_config)
     if points is None:
         k_match, k_layers = jax.random.split(rng)
         match_points = matching.sample_match_points(k_match, num_layers, b,
                                                     int(loss_config.num_points))
-        keys, draws = jax.random.split(k_layers, num_layers), None
+        k_points, draws = k_layers, None
     else:
-        match_points, keys, draws = points["match"], None, (points["over"], points["random"])
+        match_points, k_points, draws = points["match"], None, (points["over"], points["random"])
 
     indices = matching.match(outputs, batch, match_points, loss_config, mesh=mesh)  # [L, B, T]
     query_index = jnp.clip(indices, 0, q - 1)
 
-    def layer_points(xs):
-        masks_l, index_l, key_l, draws_l = xs
-        if draws_l is None:
-            k_over, k_rand = jax.random.split(key_l)
-            draws_l = (jax.random.uniform(k_over, (b, t, oversampled, 2)),
-                       jax.random.uniform(k_rand, (b, t, uniform, 2)))
-        select = functools.partial(uncertain_points, num_uncertain=uncertain)
-        data_mesh = matching.data_mesh(mesh)
-        if data_mesh is not None:
-            # Per image: without shard_map the SPMD partitioner all-gathers the
-            # uncertainties and runs top_k replicated on every device.
-            spec = P(matching.DATA_AXIS)
-            select = jax.shard_map(select, mesh=data_mesh, in_specs=(spec,) * 4,
-                                   out_specs=spec, check_vma=False)
-        return select(masks_l, index_l, *draws_l)
-
-    def layer_mask_losses(xs):
-        masks_l, index_l, points_l = xs
-        return _mask_losses(masks_l, target_masks, index_l, valid, points_l)
-
-    # Layer by layer: the oversampled candidates of all layers at once would take
-    # GBs at ADE20k shapes; the checkpoint keeps the backward pass from storing
-    # every layer's bilinear taps.
-    loss_points = jax.lax.map(layer_points, (jax.lax.stop_gradient(masks), query_index,
-                                             keys, draws))  # [L, B, T, P, 2]
-    bce, dice = jax.lax.map(jax.checkpoint(layer_mask_losses),
-                            (masks, query_index, loss_points))  # [L, B, T]
+    bce, dice = _point_losses(masks, target_masks, query_index, valid, k_points, draws,
+                              loss_config, mesh)  # [L, B, T]
     num_masks = jnp.maximum(jnp.sum(valid).astype(jnp.float32), 1.0)
     loss_mask = jnp.sum(bce, axis=(1, 2)) / num_masks
     loss_dice = jnp.sum(dice, axis=(1, 2)) / num_masks

@@ -107,22 +107,6 @@ def test_equals_transformers_mask2former_loss(monkeypatch):
     np.testing.assert_allclose(float(loss), expected, rtol=1e-5)
 
 
-def test_uncertain_points_pick_the_least_certain_candidates():
-    rng = np.random.default_rng(0)
-    masks = jnp.asarray(rng.normal(size=(1, 3, 8, 8)).astype(np.float32))
-    over = jnp.asarray(rng.random((1, 2, 40, 2)).astype(np.float32))
-    uniform = jnp.asarray(rng.random((1, 2, 5, 2)).astype(np.float32))
-    index = jnp.asarray([[2, 0]])
-    pts = jax.jit(losses.uncertain_points, static_argnums=4)(masks, index, over, uniform, 10)
-    assert pts.shape == (1, 2, 15, 2)
-    np.testing.assert_array_equal(pts[:, :, 10:], uniform)
-    for t in range(2):
-        vals = np.abs(np.asarray(matching.point_sample(masks[0, index[0, t]][None], over[0, t])))[0]
-        chosen = np.abs(np.asarray(matching.point_sample(masks[0, index[0, t]][None],
-                                                         pts[0, t, :10])))[0]
-        np.testing.assert_allclose(np.sort(chosen), np.sort(vals)[:10], rtol=1e-6)
-
-
 _JITTED = {}
 
 

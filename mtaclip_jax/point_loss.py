@@ -1,0 +1,248 @@
+"""Point-sampled mask losses (BCE and dice) of the matched pairs, valid targets only.
+
+Mask2Former samples, for every matched (prediction, target) pair of every supervised
+layer, `P * oversample` uniform candidates, keeps the `P * importance` where the
+predicted logit is closest to 0 and adds uniform points; BCE and dice are taken on
+those P points. Target slots are padded to T = `config.data.max_segments` (64 for
+ADE20k) but an image has about 8 segments, so doing that work for every slot wastes
+~8x. Here the valid slots are put first and processed in chunks of `chunk` slots in a
+`while_loop` whose trip count is the number of chunks that hold a valid slot; padding
+slots cost nothing. The loop is not reverse-differentiable, so the function has a
+custom VJP: the forward stores each point, its logit and its label, the backward
+turns the closed-form derivatives of BCE and dice into a scatter-add into the
+(zero-padded) mask logits, chunk by chunk again.
+
+Draws: given arrays (`draws=(over [L,B,T,Po,2], random [L,B,T,Pr,2])`, the parity
+tests) or a key, from which each slot draws with `fold_in(key, global slot id)`, so
+the points do not depend on how the batch is split over devices.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+
+def _taps(points: jax.Array, height: int, width: int):
+    """Top-left tap in zero-padded coordinates and bilinear fractions of each point
+    (grid_sample, align_corners=False): x0 in [-1, w-1] -> padded column x0 + 1."""
+    x = points[..., 0] * width - 0.5
+    y = points[..., 1] * height - 0.5
+    x0 = jnp.floor(x)
+    y0 = jnp.floor(y)
+    xi = jnp.clip(x0.astype(jnp.int32) + 1, 0, width)
+    yi = jnp.clip(y0.astype(jnp.int32) + 1, 0, height)
+    return yi, xi, x - x0, y - y0
+
+
+def sample_padded(padded: jax.Array, maps: jax.Array, points: jax.Array) -> jax.Array:
+    """padded [N, h+2, w+2] (zero border), maps [M] map index per row, points
+    [M, P, 2] -> [M, P] float32 bilinear samples (one 2x2 patch read per point)."""
+    h, w = padded.shape[1] - 2, padded.shape[2] - 2
+    yi, xi, fx, fy = _taps(points, h, w)
+
+    def patch(n, y, x):
+        return jax.lax.dynamic_slice(padded, (n, y, x), (1, 2, 2))[0]
+
+    per_row = jax.vmap(patch, (None, 0, 0))
+    p = jax.vmap(per_row)(maps, yi, xi).astype(jnp.float32)  # [M, P, 2, 2]
+    top = p[..., 0, 0] * (1 - fx) + p[..., 0, 1] * fx
+    bottom = p[..., 1, 0] * (1 - fx) + p[..., 1, 1] * fx
+    return top * (1 - fy) + bottom * fy
+
+
+def _pad_maps(x: jax.Array) -> jax.Array:
+    """[..., h, w] -> [prod(...), h+2, w+2] with a zero border."""
+    *lead, h, w = x.shape
+    return jnp.pad(x.reshape(-1, h, w), ((0, 0), (1, 1), (1, 1)))
+
+
+def _bce_dice(logits, labels):
+    bce = jnp.mean(jax.nn.softplus(logits) - logits * labels, axis=-1)
+    probs = jax.nn.sigmoid(logits)
+    dice = 1.0 - (2.0 * jnp.sum(probs * labels, -1) + 1.0) / (
+        jnp.sum(probs, -1) + jnp.sum(labels, -1) + 1.0)
+    return bce, dice
+
+
+class _Plan:
+    """Static shapes and the slot order shared by the forward and backward loops."""
+
+    def __init__(self, masks_shape, targets_shape, valid, chunk):
+        self.L, self.B, self.Q, self.h, self.w = masks_shape
+        self.T, self.H, self.W = targets_shape[1:]
+        n = self.B * self.T
+        self.chunk = chunk = max(1, min(chunk, n))
+        self.n_pad = -(-n // chunk) * chunk
+        flat = valid.reshape(-1)
+        order = jnp.argsort(~flat, stable=True).astype(jnp.int32)  # valid slots first
+        self.order = jnp.pad(order, (0, self.n_pad - n))
+        self.n_valid = jnp.sum(flat.astype(jnp.int32))
+        self.trips = (self.n_valid + chunk - 1) // chunk
+
+    def chunk_slots(self, c):
+        pos = c * self.chunk + jnp.arange(self.chunk)
+        slot = jax.lax.dynamic_slice(self.order, (c * self.chunk,), (self.chunk,))
+        return slot, pos < self.n_valid
+
+    def map_index(self, query_index, slot):
+        """[L, C] index into the padded [L*B*Q] mask stack of each layer's matched query."""
+        b, t = slot // self.T, slot % self.T
+        q = query_index[:, b, t]  # [L, C]
+        layer = jnp.arange(self.L)[:, None]
+        return (layer * self.B + b[None]) * self.Q + q
+
+
+def _draw(key, draws, plan, slot, slot_offset, num_over, num_rand):
+    """([L, C, Po, 2], [L, C, Pr, 2]) uniform draws of the chunk's slots."""
+    if draws is not None:
+        over, rand = draws
+        b, t = slot // plan.T, slot % plan.T
+        return over[:, b, t], rand[:, b, t]
+    keys = jax.vmap(lambda s: jax.random.fold_in(key, s))(slot + slot_offset)
+    u = jax.vmap(lambda k: jax.random.uniform(k, (plan.L, num_over + num_rand, 2)))(keys)
+    u = jnp.swapaxes(u, 0, 1)  # [L, C, Po + Pr, 2]
+    return u[:, :, :num_over], u[:, :, num_over:]
+
+
+def _forward(masks, target_masks, query_index, valid, key, draws, slot_offset, *,
+             num_over, num_uncertain, num_rand, chunk):
+    plan = _Plan(masks.shape, target_masks.shape, valid, chunk)
+    L, C, P = plan.L, plan.chunk, num_uncertain + num_rand
+    pmasks = _pad_maps(jax.lax.stop_gradient(masks))
+    ptargets = _pad_maps(target_masks)
+
+    def body(c, bufs):
+        slot, active = plan.chunk_slots(c)
+        maps = plan.map_index(query_index, slot).reshape(-1)  # [L*C]
+        over, rand = _draw(key, draws, plan, slot, slot_offset, num_over, num_rand)
+        over = over.reshape(L * C, num_over, 2)
+        cand = sample_padded(pmasks, maps, over)
+        _, top = jax.lax.top_k(-jnp.abs(cand), num_uncertain)
+        chosen = jnp.take_along_axis(over, top[..., None], axis=1)
+        points = jnp.concatenate([chosen, rand.reshape(L * C, num_rand, 2)], axis=1)
+        logits = sample_padded(pmasks, maps, points)
+        labels = sample_padded(ptargets, jnp.tile(slot, L), points)
+        bce, dice = _bce_dice(logits, labels)
+        keep = jnp.tile(active, L)
+        new = (jnp.where(keep, bce, 0.0), jnp.where(keep, dice, 0.0), points, logits, labels)
+        start = c * C
+        return tuple(
+            jax.lax.dynamic_update_slice_in_dim(buf, x.reshape((L, C) + x.shape[1:]),
+                                                start, axis=1)
+            for buf, x in zip(bufs, new))
+
+    n = plan.n_pad
+    bufs = (jnp.zeros((L, n)), jnp.zeros((L, n)), jnp.zeros((L, n, P, 2)),
+            jnp.zeros((L, n, P)), jnp.zeros((L, n, P)))
+    bce, dice, points, logits, labels = jax.lax.fori_loop(0, plan.trips, body, bufs)
+    return plan, bce, dice, (points, logits, labels)
+
+
+def _to_slots(plan, compact):
+    """[L, n_pad] in processing order -> [L, B, T] (padding slots 0)."""
+    n = plan.B * plan.T
+    pos = jnp.arange(plan.n_pad)
+    dest = jnp.where(pos < plan.n_valid, plan.order, n)
+    out = jnp.zeros((plan.L, n + 1), compact.dtype).at[:, dest].set(compact)
+    return out[:, :n].reshape(plan.L, plan.B, plan.T)
+
+
+def _from_slots(plan, per_slot):
+    """[L, B, T] -> [L, n_pad] in processing order."""
+    return per_slot.reshape(plan.L, -1)[:, plan.order]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9, 10))
+def _losses(masks, target_masks, query_index, valid, key, draws, slot_offset,
+            num_over, num_uncertain, num_rand, chunk):
+    plan, bce, dice, _ = _forward(masks, target_masks, query_index, valid, key, draws,
+                                  slot_offset, num_over=num_over,
+                                  num_uncertain=num_uncertain, num_rand=num_rand,
+                                  chunk=chunk)
+    return _to_slots(plan, bce), _to_slots(plan, dice)
+
+
+def _losses_fwd(masks, target_masks, query_index, valid, key, draws, slot_offset,
+                num_over, num_uncertain, num_rand, chunk):
+    plan, bce, dice, res = _forward(masks, target_masks, query_index, valid, key, draws,
+                                    slot_offset, num_over=num_over,
+                                    num_uncertain=num_uncertain, num_rand=num_rand,
+                                    chunk=chunk)
+    out = (_to_slots(plan, bce), _to_slots(plan, dice))
+    # Zero-size arrays carry the static shapes and the mask dtype to the backward.
+    shapes = (jnp.zeros(masks.shape + (0,), masks.dtype),
+              jnp.zeros(target_masks.shape + (0,), jnp.uint8))
+    return out, (res, query_index, valid, shapes)
+
+
+def _losses_bwd(num_over, num_uncertain, num_rand, chunk, residuals, cotangents):
+    del num_over
+    (points, logits, labels), query_index, valid, (mask_probe, target_probe) = residuals
+    g_bce, g_dice = cotangents
+    plan = _Plan(mask_probe.shape[:-1], target_probe.shape[:-1], valid, chunk)
+    L, C, P = plan.L, plan.chunk, num_uncertain + num_rand
+    g_bce = _from_slots(plan, g_bce)
+    g_dice = _from_slots(plan, g_dice)
+    hp, wp = plan.h + 2, plan.w + 2
+
+    def body(c, grad):
+        slot, active = plan.chunk_slots(c)
+        maps = plan.map_index(query_index, slot).reshape(-1)
+        sl = lambda x: jax.lax.dynamic_slice_in_dim(x, c * C, C, axis=1)
+        pts = sl(points).reshape(L * C, P, 2)
+        x = sl(logits).reshape(L * C, P)
+        y = sl(labels).reshape(L * C, P)
+        keep = jnp.tile(active, L)[:, None]
+        gb = sl(g_bce).reshape(L * C, 1)
+        gd = sl(g_dice).reshape(L * C, 1)
+        p = jax.nn.sigmoid(x)
+        num = 2.0 * jnp.sum(p * y, -1, keepdims=True) + 1.0
+        den = jnp.sum(p, -1, keepdims=True) + jnp.sum(y, -1, keepdims=True) + 1.0
+        d_dice_dp = -(2.0 * y * den - num) / (den * den)
+        dx = gb * (p - y) / P + gd * d_dice_dp * p * (1.0 - p)
+        dx = jnp.where(keep, dx, 0.0)
+        yi, xi, fx, fy = _taps(pts, plan.h, plan.w)
+        base = maps[:, None] * (hp * wp) + yi * wp + xi
+        idx = jnp.stack([base, base + 1, base + wp, base + wp + 1], -1)
+        wts = jnp.stack([(1 - fx) * (1 - fy), fx * (1 - fy), (1 - fx) * fy, fx * fy], -1)
+        return grad.at[idx.reshape(-1)].add((dx[..., None] * wts).reshape(-1))
+
+    grad = jnp.zeros((L * plan.B * plan.Q * hp * wp,), jnp.float32)
+    grad = jax.lax.fori_loop(0, plan.trips, body, grad)
+    grad = grad.reshape(L, plan.B, plan.Q, hp, wp)[:, :, :, 1:-1, 1:-1]
+    return (grad.astype(mask_probe.dtype), None, None, None, None, None, None)
+
+
+_losses.defvjp(_losses_fwd, _losses_bwd)
+
+
+def mask_point_losses(masks: jax.Array, target_masks: jax.Array, query_index: jax.Array,
+                      valid: jax.Array, *, key: jax.Array | None = None,
+                      draws: tuple[jax.Array, jax.Array] | None = None,
+                      slot_offset: jax.Array | int = 0, num_over: int,
+                      num_uncertain: int, num_rand: int, chunk: int = 8
+                      ) -> tuple[jax.Array, jax.Array]:
+    """Point BCE (mean over the P points) and dice of each valid target, every layer.
+
+    Args:
+      masks: [L, B, Q, h, w] predicted mask logits (differentiable).
+      target_masks: [B, T, H, W] ground-truth masks (any dtype, values 0/1).
+      query_index: [L, B, T] int32 matched query of each target (in range).
+      valid: [B, T] bool.
+      key / draws: the random source (see the module doc); exactly one.
+      slot_offset: added to the local slot id for the per-slot keys (the first
+        global slot of this device's images under `shard_map`).
+      num_over, num_uncertain, num_rand: candidates, kept, uniform points.
+      chunk: target slots processed together.
+
+    Returns:
+      (bce [L, B, T], dice [L, B, T]) float32, 0 for invalid targets.
+    """
+    if (key is None) == (draws is None):
+        raise ValueError("mask_point_losses: pass exactly one of key and draws")
+    return _losses(masks, target_masks, query_index.astype(jnp.int32), valid.astype(bool),
+                   key, draws, jnp.asarray(slot_offset, jnp.int32), num_over,
+                   num_uncertain, num_rand, chunk)
