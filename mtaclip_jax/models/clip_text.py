@@ -5,11 +5,37 @@ Parameter paths mirror the text part of `clip/model.py`'s state dict:
 `transformer/resblocks/N/...`, `ln_final`, `text_projection`.
 """
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
 from mtaclip_jax.models.clip_transformer import LayerNorm, Transformer, causal_mask
 
 CONTEXT_LENGTH = 8  # learnable context tokens per prompt (DESIGN §3)
+
+
+def _data_axis_size() -> int:
+    """Size of the "data" axis of the mesh set by `jax.set_mesh` (1 without one)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh is None or mesh.empty or "data" not in mesh.axis_names:
+        return 1
+    return mesh.shape["data"]
+
+
+def shard_sequences(x, eot):
+    """Pads the N prompt sequences to a multiple of the "data" axis and splits them over
+    it, so each device encodes N / devices prompts (their cost does not depend on the
+    batch, so repeating them on every device would not scale). Returns x, eot, N."""
+    n = x.shape[0]
+    d = _data_axis_size()
+    if d == 1:
+        return x, eot, n
+    pad = -n % d
+    x = jnp.pad(x, ((0, pad), (0, 0), (0, 0)))
+    eot = jnp.pad(eot, (0, pad))
+    x = jax.lax.with_sharding_constraint(x, P("data"))
+    eot = jax.lax.with_sharding_constraint(eot, P("data"))
+    return x, eot, n
 
 
 class TextTransformer(nn.Module):
@@ -77,4 +103,5 @@ class TextTransformer(nn.Module):
                                                                 width)
         eot = jnp.argmax(class_tokens, axis=-1) + ctx_len  # SOT stays at 0, names shift
         eot = jnp.tile(eot, k)
-        return self._encode(x, eot).reshape(k, num_classes, self.embed_dim)
+        x, eot, n_seq = shard_sequences(x, eot)
+        return self._encode(x, eot)[:n_seq].reshape(k, num_classes, self.embed_dim)
