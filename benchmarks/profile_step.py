@@ -38,6 +38,26 @@ def category(name: str) -> str:
   return "other (fusions)"
 
 
+_INSTR = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = .*?metadata=\{([^}]*)\}")
+
+
+def hlo_sources(hlo_text: str) -> dict[str, str]:
+  """HLO instruction name -> "file:line (last op_name part)" from its metadata."""
+  out = {}
+  for line in hlo_text.splitlines():
+    m = _INSTR.match(line)
+    if not m:
+      continue
+    meta = m.group(2)
+    f = re.search(r'source_file="([^"]*)"', meta)
+    ln = re.search(r"source_line=(\d+)", meta)
+    op = re.search(r'op_name="([^"]*)"', meta)
+    src = f"{os.path.basename(f.group(1))}:{ln.group(1)}" if f and ln else "?"
+    tail = "/".join(op.group(1).split("/")[-2:]) if op else ""
+    out[m.group(1)] = f"{src} {tail}"
+  return out
+
+
 def main():
   p = argparse.ArgumentParser()
   p.add_argument("--size", type=int, default=512)
@@ -59,7 +79,8 @@ def main():
       return orig_timed(fn, 1, 0)
 
   bench.timed = traced
-  times, flops, _ = bench.ours(a.variant, args, batch)
+  keep = {}
+  times, flops, _ = bench.ours(a.variant, args, batch, keep)
   print(f"profiled step: {times[0]:.2f} s, {flops / 1e9:.0f} GFLOP")
   paths = glob.glob(os.path.join(out, "**", "*.trace.json.gz"), recursive=True)
   with gzip.open(paths[0], "rt") as f:
@@ -79,6 +100,13 @@ def main():
     cats[category(k)] += v
   for c, v in cats.most_common():
     print(f"  {c:18s} {v:7.2f} s  {100 * v / total:5.1f}%")
+  where = hlo_sources(keep["compiled"].as_text())
+  by_src = collections.Counter()
+  for k, v in ops.items():
+    by_src[where.get(k, "?")] += v
+  print("by source line (from the optimised HLO's metadata):")
+  for k, v in by_src.most_common(a.top):
+    print(f"  {v:7.3f} s  {100 * v / total:5.1f}%  {k}")
   print("top ops:")
   for k, v in sorted(ops.items(), key=lambda kv: -kv[1])[:a.top]:
     print(f"  {v:7.3f} s  {k[:100]}")

@@ -38,6 +38,10 @@ def _args(argv=None):
   p.add_argument("--inference", action="store_true",
                  help="time a forward pass at batch 1 instead of a train step")
   p.add_argument("--bf16", action="store_true")
+  p.add_argument("--max-batch", type=int, default=0,
+                 help="also find the largest batch of the full step that fits, up to N")
+  p.add_argument("--text", action="store_true",
+                 help="also time the prompted text tower alone (forward + backward)")
   return p.parse_args(argv)
 
 
@@ -81,15 +85,17 @@ def timed(fn, steps, warmup):
   return np.array(times)
 
 
-def matmul_peak(threads):
-  n = 4096
-  a = jnp.ones((n, n), jnp.float32)
+def matmul_peak(dtype=jnp.float32):
+  """Measured dense matmul rate of the default device in GFLOP/s (8192^3 on GPUs)."""
+  n = 4096 if jax.devices()[0].platform == "cpu" else 8192
+  a = jax.random.normal(jax.random.key(0), (n, n), dtype)
   f = jax.jit(lambda x: x @ x)
-  t = timed(lambda: f(a).block_until_ready(), 3, 1)
+  t = timed(lambda: f(a).block_until_ready(), 3 if n == 4096 else 20, 1)
   return 2 * n ** 3 / np.median(t) / 1e9
 
 
-def ours(variant, args, batch):
+def ours(variant, args, batch, keep=None):
+  """`keep`: optional dict that receives the compiled executable as keep['compiled']."""
   from mtaclip_jax import config_lib, optim, runtime, sharding, train_state
   from mtaclip_jax.models import mtaclip
   arg = "baseline" if variant == "baseline" else ""
@@ -120,11 +126,78 @@ def ours(variant, args, batch):
       def run():
         holder["state"], m = compiled(holder["state"], gb, tokens)
         jax.block_until_ready(m["loss"])
+    if keep is not None:
+      keep["compiled"] = compiled
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost
     mem = compiled.memory_analysis()
     times = timed(run, args.steps, args.warmup)
   return times, float(cost.get("flops", 0.0)), mem
+
+
+def compiled_bytes(mem) -> int:
+  """Device bytes a compiled step needs (arguments + outputs + temporaries - aliased)."""
+  return int(mem.argument_size_in_bytes + mem.output_size_in_bytes
+             + mem.temp_size_in_bytes - mem.alias_size_in_bytes)
+
+
+def max_batch(args, limit: int) -> tuple[int, list[str]]:
+  """Largest batch (multiple of 8, <= limit) of the full step whose compiled memory fits
+  the device, by bisection over compiles; returns it and the probe log."""
+  from mtaclip_jax import config_lib  # pylint: disable=g-import-not-at-top
+  stats = jax.devices()[0].memory_stats() or {}
+  capacity = stats.get("bytes_limit", 0)
+  log = []
+
+  def fits(b):
+    import copy  # pylint: disable=g-import-not-at-top
+    a = copy.copy(args)
+    a.batch, a.steps, a.warmup = b, 1, 1
+    batch = fake_batch(b, args.size, args.segments, args.max_segments)
+    try:
+      times, _, mem = ours("full", a, batch)
+    except Exception as e:  # pylint: disable=broad-except
+      log.append(f"batch {b}: failed ({type(e).__name__}: {str(e).splitlines()[0][:120]})")
+      return False
+    need = compiled_bytes(mem)
+    log.append(f"batch {b}: {need / 2**30:.1f} GiB of {capacity / 2**30:.1f}, "
+               f"{times[0]:.3f} s/step")
+    return not capacity or need <= capacity
+
+  lo, hi = 0, limit // 8
+  while lo < hi:  # largest k in [0, hi] with fits(8k)
+    mid = (lo + hi + 1) // 2
+    if fits(8 * mid):
+      lo = mid
+    else:
+      hi = mid - 1
+  del config_lib
+  return 8 * lo, log
+
+
+def text_tower(args):
+  """Forward + backward of the prompted CLIP text tower to the contexts (K x (C+1)
+  sequences), the part of the full step that does not depend on the batch."""
+  from mtaclip_jax import config_lib, runtime  # pylint: disable=g-import-not-at-top
+  from mtaclip_jax.models import clip  # pylint: disable=g-import-not-at-top
+  config = config_lib.paper_config("ade20k", "RN50", "bf16" if args.bf16 else "")
+  arch = clip.get_arch(config.model.text_encoder)
+  dtype = jnp.bfloat16 if args.bf16 else jnp.float32
+  enc = clip.TextEncoder(arch, dtype=dtype)
+  tokens = runtime.class_tokens(config)
+  ctx = jnp.zeros((config.model.num_contexts, config.model.context_length,
+                   arch.text_width), jnp.float32)
+  params = enc.init(jax.random.key(0), tokens, ctx, method="encode_prompts")
+
+  def loss(c):
+    t = enc.apply(params, tokens, c, method="encode_prompts")
+    return jnp.sum(t.astype(jnp.float32) ** 2)
+
+  compiled = jax.jit(jax.grad(loss)).lower(ctx).compile()
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, list) else cost
+  times = timed(lambda: jax.block_until_ready(compiled(ctx)), args.steps, args.warmup)
+  return times, float(cost.get("flops", 0.0))
 
 
 def hf(args, batch):
@@ -136,31 +209,35 @@ def hf(args, batch):
   cfg = Mask2FormerConfig(
       backbone_config=ResNetConfig(out_features=["stage1", "stage2", "stage3", "stage4"]),
       num_labels=150, train_num_points=12544)
-  model = Mask2FormerForUniversalSegmentation(cfg)
-  pixels = torch.tensor(batch["image"]).permute(0, 3, 1, 2).contiguous()
-  mask_labels = [torch.tensor(batch["masks"][b][batch["valid"][b]]).float()
+  dev = "cuda" if torch.cuda.is_available() else "cpu"
+  sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
+  model = Mask2FormerForUniversalSegmentation(cfg).to(dev)
+  pixels = torch.tensor(batch["image"]).permute(0, 3, 1, 2).contiguous().to(dev)
+  mask_labels = [torch.tensor(batch["masks"][b][batch["valid"][b]]).float().to(dev)
                  for b in range(len(pixels))]
-  class_labels = [torch.tensor(batch["classes"][b][batch["valid"][b]]).long()
+  class_labels = [torch.tensor(batch["classes"][b][batch["valid"][b]]).long().to(dev)
                   for b in range(len(pixels))]
   if args.inference:
     model.eval()
     x = pixels[:1]
 
     def run():
-      with torch.no_grad():
+      with torch.no_grad(), torch.autocast(dev, dtype=torch.bfloat16, enabled=args.bf16):
         model(pixel_values=x)
+      sync()
   else:
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.02)
 
     def run():
       opt.zero_grad(set_to_none=True)
-      with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
+      with torch.autocast(dev, dtype=torch.bfloat16, enabled=args.bf16):
         out = model(pixel_values=pixels, mask_labels=mask_labels,
                     class_labels=class_labels)
       out.loss.backward()
       torch.nn.utils.clip_grad_norm_(model.parameters(), 0.01)
       opt.step()
+      sync()
   return timed(run, args.steps, args.warmup)
 
 
@@ -175,24 +252,34 @@ def main(args):
   print(f"ground truth: {args.segments} segments per image, padded to "
         f"T={args.max_segments} slots", flush=True)
   batch = fake_batch(args.batch, args.size, args.segments, args.max_segments)
-  peak = matmul_peak(args.threads)
-  print(f"measured fp32 matmul peak: {peak:.0f} GFLOP/s", flush=True)
+  peak_dtype = jnp.bfloat16 if args.bf16 else jnp.float32
+  peak = matmul_peak(peak_dtype)
+  print(f"measured {jnp.dtype(peak_dtype).name} matmul peak: {peak:.0f} GFLOP/s",
+        flush=True)
   rows = {}
+  n_img = 1 if args.inference else args.batch
+  if args.text:
+    times, flops = text_tower(args)
+    print(f"prompted text tower (K x (C+1) sequences, fwd + bwd to the contexts): "
+          f"median {np.median(times):.3f} s, {flops / 1e9:.0f} GFLOP", flush=True)
   for which in args.which.split(","):
+    if not which:
+      continue
     if which in ("baseline", "full"):
       times, flops, mem = ours(which, args, batch)
       rows[which] = times
       med = np.median(times)
       mem_txt = (f", temp {mem.temp_size_in_bytes / 2**30:.2f} GiB" if mem else "")
       print(f"({'a' if which == 'baseline' else 'b'}) ours {which}: median {med:.3f} s "
-            f"(min {times.min():.3f}, max {times.max():.3f}); {flops / 1e9:.0f} GFLOP, "
-            f"{flops / med / 1e9:.0f} GFLOP/s = {100 * flops / med / 1e9 / peak:.0f}% "
-            f"of peak{mem_txt}", flush=True)
+            f"(min {times.min():.3f}, max {times.max():.3f}), {n_img / med:.1f} img/s; "
+            f"{flops / 1e9:.0f} GFLOP, {flops / med / 1e9:.0f} GFLOP/s = "
+            f"{100 * flops / med / 1e9 / peak:.1f}% of peak{mem_txt}", flush=True)
     elif which == "hf":
       times = hf(args, batch)
       rows[which] = times
       print(f"(c) transformers Mask2Former: median {np.median(times):.3f} s (min "
-            f"{times.min():.3f}, max {times.max():.3f})", flush=True)
+            f"{times.min():.3f}, max {times.max():.3f}), "
+            f"{n_img / np.median(times):.1f} img/s", flush=True)
     else:
       raise SystemExit(f"--which: unknown {which!r}; expected baseline, full, hf")
   if "baseline" in rows:
@@ -201,6 +288,13 @@ def main(args):
       print(f"(b)/(a) = {np.median(rows['full']) / a:.2f}")
     if "hf" in rows:
       print(f"(c)/(a) = {np.median(rows['hf']) / a:.2f}  (>1: this project is faster)")
+  if "full" in rows and "hf" in rows:
+    print(f"(c)/(b) = {np.median(rows['hf']) / np.median(rows['full']):.2f}")
+  if args.max_batch:
+    best, log = max_batch(args, args.max_batch)
+    print("\n".join(log))
+    print(f"largest batch of the full step that fits (multiple of 8, <= {args.max_batch}): "
+          f"{best}")
 
 
 if __name__ == "__main__":
