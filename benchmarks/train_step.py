@@ -142,37 +142,36 @@ def compiled_bytes(mem) -> int:
 
 
 def max_batch(args, limit: int) -> tuple[int, list[str]]:
-  """Largest batch (multiple of 8, <= limit) of the full step whose compiled memory fits
-  the device, by bisection over compiles; returns it and the probe log."""
-  from mtaclip_jax import config_lib  # pylint: disable=g-import-not-at-top
+  """Largest batch (multiple of 8, <= limit) of the full step that fits the device:
+  compiled memory at batches 8 and 16 extrapolated linearly, then the prediction is
+  compiled and run (and 8 less if it fails). Returns it and the probe log."""
+  import copy  # pylint: disable=g-import-not-at-top
   stats = jax.devices()[0].memory_stats() or {}
   capacity = stats.get("bytes_limit", 0)
-  log = []
+  log, need = [], {}
 
-  def fits(b):
-    import copy  # pylint: disable=g-import-not-at-top
+  def probe(b):
     a = copy.copy(args)
     a.batch, a.steps, a.warmup = b, 1, 1
     batch = fake_batch(b, args.size, args.segments, args.max_segments)
     try:
       times, _, mem = ours("full", a, batch)
     except Exception as e:  # pylint: disable=broad-except
-      log.append(f"batch {b}: failed ({type(e).__name__}: {str(e).splitlines()[0][:120]})")
+      log.append(f"batch {b}: failed ({type(e).__name__}: {str(e).splitlines()[0][:160]})")
       return False
-    need = compiled_bytes(mem)
-    log.append(f"batch {b}: {need / 2**30:.1f} GiB of {capacity / 2**30:.1f}, "
-               f"{times[0]:.3f} s/step")
-    return not capacity or need <= capacity
+    need[b] = compiled_bytes(mem)
+    log.append(f"batch {b}: compiled step needs {need[b] / 2**30:.1f} GiB of "
+               f"{capacity / 2**30:.1f}; {times[0]:.3f} s/step, {b / times[0]:.1f} img/s")
+    return need[b] <= capacity if capacity else True
 
-  lo, hi = 0, limit // 8
-  while lo < hi:  # largest k in [0, hi] with fits(8k)
-    mid = (lo + hi + 1) // 2
-    if fits(8 * mid):
-      lo = mid
-    else:
-      hi = mid - 1
-  del config_lib
-  return 8 * lo, log
+  if not capacity or not (probe(8) and probe(16)):
+    return 0, log + ["no memory limit reported or batch 16 does not fit"]
+  per_image = max((need[16] - need[8]) / 8, 1)
+  best = min(limit, 16 + int((capacity - need[16]) / per_image)) // 8 * 8
+  log.append(f"linear estimate: {per_image / 2**30:.2f} GiB per image -> batch {best}")
+  while best > 16 and not probe(best):
+    best -= 8
+  return best, log
 
 
 def text_tower(args):
