@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from ml_collections import config_flags
 
-from mtaclip_jax.models import mtaclip
+from mtaclip_jax.models import backbones, mtaclip
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "model/training config file")
 _BATCH = flags.DEFINE_integer("batch", 1, "images per forward / train step")
@@ -121,8 +121,9 @@ def main(argv):
     raise app.UsageError("--config is required")
   model = mtaclip.build_model(config.model)
   rows, variables = param_table(config, model)
-  print(f"model: backbone={config.model.backbone} text_encoder="
-        f"{config.model.get('text_encoder', config.model.backbone)} classes="
+  bb = backbones.get(config.model.backbone)
+  print(f"model: backbone={bb.name} ({bb.family}, channels "
+        f"{'/'.join(map(str, bb.channels))}) text_encoder={model.text_encoder} classes="
         f"{config.model.num_classes} text_queries={config.model.text_queries} "
         f"dtype={config.model.dtype}")
   print(f"{'module':<16}{'trainable':>14}{'frozen':>14}")

@@ -65,6 +65,10 @@ def test_declared_channels_and_strides(name):
     out = jax.eval_shape(module.apply, variables, images)
     for i, (c, s) in enumerate(zip(b.channels, b.strides)):
         assert out[f"res{i + 2}"].shape == (1, 64 // s, 96 // s, c), (name, i)
+    # ViT-S/16: transformers ViTModel without pooler (21,665,664) + FPN adapters.
+    counts = {"ViT-S/16": 23_437_056, "MiT-B4": 60_842_688}
+    if name in counts:
+        assert sum(v.size for v in jax.tree.leaves(variables["params"])) == counts[name]
 
 
 @pytest.mark.slow
