@@ -3,11 +3,15 @@
 Layout: `WORKDIR/checkpoints/<step>/{state,data,config}`. Orbax writes each step to a
 temporary directory and renames it when complete, so a kill mid-save never leaves a
 half checkpoint that looks finished. Restore takes the latest step whose parts all
-read back; a damaged one is reported by name and the previous one is used.
+read back; a damaged one is reported by name and the previous one is used. A save
+that fails (disk full, quota, permissions) leaves only a temporary folder, removed at
+the next start; it is reported as `CheckpointSaveError` naming the folder, the step
+that is intact and what to do.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -25,6 +29,10 @@ class CheckpointError(RuntimeError):
   pass
 
 
+class CheckpointSaveError(CheckpointError):
+  """Writing a checkpoint failed; the ones already complete are intact."""
+
+
 def _damaged_name(directory: str, step: int) -> str:
   return os.path.join(directory, f"damaged_step_{step}_{int(time.time())}")
 
@@ -40,6 +48,7 @@ class Checkpointer:
                async_save: bool = True):
     self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
     self.every = int(every)
+    self._saving = None  # step of the save that may still be in flight
     options = ocp.CheckpointManagerOptions(
         max_to_keep=max_to_keep, create=True,
         enable_async_checkpointing=async_save,
@@ -61,18 +70,59 @@ class Checkpointer:
 
   def save(self, step: int, state: Any, data_iter: Any, config: ml_collections.ConfigDict,
            force: bool = False) -> bool:
+    """Starts saving `step` (asynchronously); an error of this save or of the one
+    still in flight is raised as `CheckpointSaveError`."""
     args = {"state": ocp.args.StandardSave(state),
             "config": ocp.args.JsonSave(_config_json(config))}
     if data_iter is not None:
       args["data"] = grain.checkpoint.CheckpointSave(data_iter)
-    return self.manager.save(step, args=ocp.args.Composite(**args), force=force)
+    try:
+      # Orbax waits for the previous save first and re-raises its error here.
+      self.manager.wait_until_finished()
+      self._saving = step
+      saved = self.manager.save(step, args=ocp.args.Composite(**args), force=force)
+    except Exception as e:  # pylint: disable=broad-except
+      raise self._save_error(e) from e
+    return saved
 
   def wait(self):
-    self.manager.wait_until_finished()
+    try:
+      self.manager.wait_until_finished()
+    except Exception as e:  # pylint: disable=broad-except
+      raise self._save_error(e) from e
+    self._saving = None
 
   def close(self):
-    self.manager.wait_until_finished()
+    with self.abandon_on_save_error():
+      self.wait()
     self.manager.close()
+
+  @contextlib.contextmanager
+  def abandon_on_save_error(self):
+    """After a failed save, stops orbax's threads without waiting on the failed
+    write again, and lets the error through."""
+    try:
+      yield
+    except CheckpointSaveError:
+      try:
+        self.manager.close()
+      except Exception:  # pylint: disable=broad-except
+        pass
+      raise
+
+  def _save_error(self, error: Exception) -> CheckpointSaveError:
+    try:
+      self.manager.reload()
+      complete = [s for s in self.all_steps() if s != self._saving]
+    except Exception:  # pylint: disable=broad-except
+      complete = []
+    last = (f"the last complete checkpoint, step {complete[-1]}, is intact"
+            if complete else "no complete checkpoint exists yet")
+    return CheckpointSaveError(
+        f"cannot write checkpoint step {self._saving} to {self.directory} "
+        f"({type(error).__name__}: {str(error)[:500]}); {last}. If the disk is full, "
+        "free space there (or fix the folder's permissions) and run the same command "
+        "again: training resumes from the last complete checkpoint")
 
   def _set_aside(self, steps: list[int]) -> None:
     """Moves damaged step folders out of the way (kept, renamed) so the run can save

@@ -112,10 +112,10 @@ def user_errors() -> tuple[type[BaseException], ...]:
   """Exceptions that describe something the user can fix: one line, no traceback."""
   # pylint: disable=g-import-not-at-top
   from mtaclip_jax import checkpoint, runtime, sharding, train
-  from mtaclip_jax.data import readers
+  from mtaclip_jax.data import readers, transforms
   return (runtime.ConfigError, runtime.WorkdirError, sharding.MeshConfigError,
           checkpoint.CheckpointError, readers.BadSampleError, train.NonFiniteLossError,
-          FileNotFoundError)
+          transforms.CropConfigError, FileNotFoundError)
 
 
 def run_app(main, flags_parser=parse_flags_or_exit,

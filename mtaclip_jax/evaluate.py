@@ -200,6 +200,10 @@ def _jsonable(x):
   return x
 
 
+def results_path(workdir: str, step: int) -> str:
+  return os.path.join(workdir, "eval", f"step_{int(step)}.json")
+
+
 def write_results(results: dict, workdir: str, step: int) -> str | None:
   """Writes workdir/eval/step_{step}.json and TensorBoard scalars in workdir/eval.
 
@@ -208,11 +212,20 @@ def write_results(results: dict, workdir: str, step: int) -> str | None:
   """
   if jax.process_index() != 0:
     return None
-  out_dir = os.path.join(workdir, "eval")
-  os.makedirs(out_dir, exist_ok=True)
-  path = os.path.join(out_dir, f"step_{int(step)}.json")
-  with open(path, "w") as f:
-    json.dump(_jsonable(dict(results, step=int(step))), f, indent=1)
+  path = results_path(workdir, step)
+  out_dir = os.path.dirname(path)
+  try:
+    os.makedirs(out_dir, exist_ok=True)
+    # Written whole then renamed: a kill never leaves a half file that looks done.
+    with open(path + ".tmp", "w") as f:
+      json.dump(_jsonable(dict(results, step=int(step))), f, indent=1)
+    os.replace(path + ".tmp", path)
+  except OSError as e:
+    from mtaclip_jax import runtime  # pylint: disable=g-import-not-at-top
+    raise runtime.WorkdirError(
+        f"cannot write evaluation results {path}: {e}. If the disk is full, free space "
+        "and run the same command again (checkpoints already written are intact)"
+    ) from e
 
   import tensorboardX  # pylint: disable=g-import-not-at-top
   writer = tensorboardX.SummaryWriter(out_dir)

@@ -74,6 +74,40 @@ def check_workdir(workdir: str) -> None:
                        f"checkpoints need at least {MIN_FREE_BYTES / 2**30:.0f} GiB")
 
 
+def check_crop(config: ml_collections.ConfigDict) -> None:
+  """With padding disabled (no pad after random_crop in config.data.transforms), every
+  training image must be at least the crop after the resizes before it: checked from
+  the image headers of a raw dataset (a TFDS one is checked per image as it is read)."""
+  # pylint: disable=g-import-not-at-top
+  from PIL import Image
+  from mtaclip_jax.data import readers, transforms
+  ops = transforms.parse(list(config.data.transforms))
+  last = transforms.unpadded_crop(ops)
+  if last is None or config.data.get("source", "raw") != "raw":
+    return
+  size = tuple(transforms.op_arg("random_crop", ops[last][1], "size"))
+  for sample in readers.list_samples(config.data.name, config.data.root, "train"):
+    try:
+      with Image.open(sample.image_path) as im:
+        w, h = im.size
+    except OSError:
+      continue  # reported by the reader, naming the file, when it is read
+    small = (h, w)  # the smallest the image can be when it reaches the crop
+    for name, kwargs in ops[:last]:
+      if name in ("resize", "random_resize"):
+        scale = transforms.op_arg(name, kwargs, "scale")
+        if name == "random_resize":
+          ratio = min(transforms.op_arg(name, kwargs, "ratio_range"))
+          scale = (int(scale[0] * ratio), int(scale[1] * ratio))
+        small = transforms.rescale_size(small[0], small[1], scale)
+    if small[0] < size[0] or small[1] < size[1]:
+      raise ConfigError(
+          f"config.data.transforms: random_crop(size={size}) has no pad(...) after it "
+          f"(padding disabled), but {sample.image_path} ({h}x{w} HxW) can be "
+          f"{small[0]}x{small[1]} after the resizes before the crop; add "
+          f"pad(size={size}) after random_crop, or lower config.data.crop_size")
+
+
 def check_batch(config: ml_collections.ConfigDict, mesh) -> None:
   b, n = config.data.batch_size, mesh.shape["data"]
   if b % n:
@@ -253,6 +287,10 @@ class Runtime:
              results["mAcc"], results["aAcc"])
     return {f"eval_{k}": results[k] for k in ("mIoU", "mAcc", "aAcc")}
 
+  def has_eval_results(self, step) -> bool:
+    from mtaclip_jax import evaluate as evaluate_lib  # pylint: disable=g-import-not-at-top
+    return os.path.exists(evaluate_lib.results_path(self.workdir, step))
+
   def print_summary(self, seconds):
     if not self.is_main:
       return
@@ -269,8 +307,9 @@ class MetricWriter:
     self.enabled = enabled
     self._tb = None
     self._jsonl = None
+    self.path = os.path.join(workdir, "metrics.jsonl")
     if enabled:
-      self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", encoding="utf-8")
+      self._jsonl = open(self.path, "a", encoding="utf-8")
       try:
         from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
         self._tb = SummaryWriter(os.path.join(workdir, "tb"))
@@ -281,8 +320,15 @@ class MetricWriter:
     if not self.enabled:
       return
     scalars = {k: float(v) for k, v in scalars.items()}
-    self._jsonl.write(json.dumps({"step": int(step), "time": time.time(), **scalars}) + "\n")
-    self._jsonl.flush()
+    try:
+      self._jsonl.write(json.dumps({"step": int(step), "time": time.time(), **scalars})
+                        + "\n")
+      self._jsonl.flush()
+    except OSError as e:
+      raise WorkdirError(
+          f"cannot write metrics to {self.path} at step {step}: {e}. If the disk is "
+          "full, free space and run the same command again: training resumes from the "
+          "last complete checkpoint, which is intact") from e
     if self._tb is not None:
       for k, v in scalars.items():
         self._tb.add_scalar(k, v, step)

@@ -61,6 +61,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   mesh = sharding.make_mesh(config.mesh)
   runtime.check_batch(config, mesh)
   rt = runtime.Runtime(config, workdir, mesh)
+  runtime.check_crop(config)
 
   model = mtaclip.build_model(config.model)
   tx = optim.make_optimizer(config.optim)
@@ -88,7 +89,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   last: dict = {}
   pending = None  # metrics of the step before, fetched while this one runs
   t0, t_last = time.time(), time.time()
-  with _Preemption() as preempt, jax.set_mesh(mesh):
+  with _Preemption() as preempt, jax.set_mesh(mesh), ckpt.abandon_on_save_error():
+    if start and _eval_due(config, start) and not rt.has_eval_results(start):
+      # The run was killed while evaluating this checkpoint's step: evaluate it now.
+      rt.evaluate(model, state, class_tokens, start, writer)
     bar = rt.progress(start, total)
     step = start
     while step < total:
@@ -103,7 +107,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         last = _check_and_log(pending, rt, writer, bar, config, ckpt, t_last)
         pending = None
         ckpt.save(step, state, data_iter, config, force=True)
-      if config.eval.every_steps and step % config.eval.every_steps == 0 and step < total:
+      if _eval_due(config, step):
+        # The step's checkpoint is complete before its evaluation starts, so a run
+        # killed mid-evaluation resumes at this step and evaluates it again.
+        ckpt.wait()
         rt.evaluate(model, state, class_tokens, step, writer)
       if preempt.requested:
         ckpt.close()
@@ -118,6 +125,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   rt.print_summary(time.time() - t0)
   writer.close()
   return results
+
+
+def _eval_due(config, step: int) -> bool:
+  every = config.eval.every_steps
+  return bool(every) and step % every == 0 and step < config.train.steps
 
 
 def _check_and_log(pending, rt, writer, bar, config, ckpt, t_last) -> dict:

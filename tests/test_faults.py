@@ -1,13 +1,17 @@
-"""Faults of a real training run (subprocesses): kill -9 at random moments, SIGTERM,
-a damaged latest checkpoint. Each ends bit-identical to an uninterrupted run."""
+"""Faults of a real training run (subprocesses): kill -9 at random moments and during
+evaluation, SIGTERM, a damaged latest checkpoint, the disk filling up mid-run. Each
+ends bit-identical to an uninterrupted run."""
 
+import errno
 import glob
+import json
 import os
 import random
 import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 
 import jax
@@ -19,6 +23,7 @@ from tests import train_fixtures
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 12
+EVAL_STEP = 10  # every run evaluates at this step, so kills can land mid-evaluation
 pytestmark = pytest.mark.slow
 
 
@@ -26,7 +31,8 @@ def command(data_root, workdir, steps=STEPS, every=2):
   return [sys.executable, "-m", "mtaclip_jax.main",
           "--config", f"tests/configs/tiny.py:{data_root}", "--workdir", str(workdir),
           f"--config.train.steps={steps}", f"--config.optim.total_steps={STEPS}",
-          f"--config.train.checkpoint_every={every}", "--config.train.max_to_keep=3"]
+          f"--config.train.checkpoint_every={every}", "--config.train.max_to_keep=3",
+          f"--config.eval.every_steps={EVAL_STEP}"]
 
 
 def run(cmd, timeout=600):
@@ -39,6 +45,30 @@ def run(cmd, timeout=600):
 def steps_on_disk(workdir):
   d = os.path.join(workdir, "checkpoints")
   return sorted(int(n) for n in os.listdir(d) if n.isdigit()) if os.path.isdir(d) else []
+
+
+def kill9_when(cmd, ready, delay=0.0, timeout=300):
+  """Starts `cmd`, waits until `ready(stderr so far)` holds, sleeps `delay` seconds and
+  kills it with SIGKILL. Returns True if the kill landed (the run had not ended)."""
+  with tempfile.TemporaryFile("w+") as err:
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=err,
+                            text=True)
+    deadline = time.time() + timeout
+    while proc.poll() is None and time.time() < deadline:
+      err.seek(0)
+      if ready(err.read()):
+        time.sleep(delay)
+        break
+      time.sleep(0.02)
+    if proc.poll() is not None:
+      return False
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    return True
+
+
+def evaluating(stderr):
+  return "eval whole" in stderr  # the evaluation progress bar has started
 
 
 def final_state(workdir, step):
@@ -66,10 +96,23 @@ def data_root(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def reference(data_root, tmp_path_factory):
+def reference_dir(data_root, tmp_path_factory):
+  """An uninterrupted run (evaluated at EVAL_STEP)."""
   workdir = tmp_path_factory.mktemp("reference")
   run(command(data_root, workdir))
-  return final_state(str(workdir), STEPS)
+  return str(workdir)
+
+
+@pytest.fixture(scope="module")
+def reference(reference_dir):
+  return final_state(reference_dir, STEPS)
+
+
+def eval_results(workdir, step):
+  with open(os.path.join(workdir, "eval", f"step_{step}.json")) as f:
+    r = json.load(f)
+  return {k: r[k] for k in ("mIoU", "mAcc", "aAcc", "IoU", "Acc", "confusion_matrix",
+                            "num_images")}
 
 
 def test_three_kill9_then_resume_is_bit_exact(data_root, reference, tmp_path):
@@ -78,21 +121,12 @@ def test_three_kill9_then_resume_is_bit_exact(data_root, reference, tmp_path):
   kills = 0
   for _ in range(3):
     seen = steps_on_disk(workdir)
-    proc = subprocess.Popen(command(data_root, workdir), cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    # Wait for a new complete checkpoint, then kill at a random moment after it:
-    # mid-step, mid-save or mid-start of the next save.
-    while proc.poll() is None and time.time() < deadline:
-      now = steps_on_disk(workdir)
-      if now and (not seen or now[-1] > seen[-1]):
-        time.sleep(rng.uniform(0.0, 0.8))
-        break
-      time.sleep(0.05)
-    if proc.poll() is None:
-      os.kill(proc.pid, signal.SIGKILL)
-      proc.wait()
-      kills += 1
+    # Kill at a random moment after a new complete checkpoint: mid-step, mid-save or
+    # mid-start of the next save.
+    new_checkpoint = lambda _, seen=seen: bool(steps_on_disk(workdir)) and (
+        not seen or steps_on_disk(workdir)[-1] > seen[-1])
+    kills += kill9_when(command(data_root, workdir), new_checkpoint,
+                        delay=rng.uniform(0.0, 0.8))
     if steps_on_disk(workdir) and steps_on_disk(workdir)[-1] == STEPS:
       break
   assert kills == 3, f"only {kills} kills landed before the run finished"
@@ -150,3 +184,90 @@ def test_wrong_checkpoint_for_the_config_is_named(data_root, tmp_path):
   assert errors and "no checkpoint could be restored" in errors[0], proc.stderr[-3000:]
   assert steps_on_disk(workdir) == [2]  # nothing already saved is lost
   shutil.rmtree(workdir)
+
+
+# The driver runs the real CLI; from the save of FAIL_AT on, the kernel refuses file
+# writes past 64 kB (RLIMIT_FSIZE, with SIGXFSZ ignored: the write fails with EFBIG
+# as a full disk fails it with ENOSPC), inside orbax/tensorstore's own writes.
+DISK_FULL_DRIVER = """
+import resource, signal, sys
+from mtaclip_jax import checkpoint, main
+fail_at = int(sys.argv.pop(1))
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+real_save = checkpoint.Checkpointer.save
+def save(self, step, *args, **kwargs):
+  if step == fail_at:
+    self.wait()  # the save before completes with the disk still writable
+    resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 16, resource.RLIM_INFINITY))
+  return real_save(self, step, *args, **kwargs)
+checkpoint.Checkpointer.save = save
+sys.argv[0] = "mtaclip_jax.main"
+main.cli()
+"""
+
+
+def test_disk_full_mid_run_then_kill9_mid_eval_resume_bit_exact(data_root, reference,
+                                                                reference_dir, tmp_path):
+  workdir = str(tmp_path / "full")
+  cmd = command(data_root, workdir)
+  full = subprocess.run([sys.executable, "-c", DISK_FULL_DRIVER, "6"] + cmd[3:],
+                        cwd=ROOT, capture_output=True, text=True, timeout=600, check=False)
+  errors = [l for l in full.stderr.splitlines() if l.startswith("error: ")]
+  assert full.returncode == 1 and len(errors) == 1, full.stderr[-3000:]
+  assert "cannot write checkpoint step 6 to " + os.path.join(workdir, "checkpoints") \
+      in errors[0] and "step 4, is intact" in errors[0], errors[0]
+  assert "run the same command again" in errors[0]
+  assert steps_on_disk(workdir) == [2, 4]  # complete ones kept, step 6 left half-written
+  assert glob.glob(os.path.join(workdir, "checkpoints", "6.orbax-checkpoint-tmp*"))
+
+  # Space freed: the same command resumes from step 4; kill it during the evaluation
+  # at EVAL_STEP, then run it once more.
+  assert kill9_when(cmd, evaluating)
+  assert EVAL_STEP in steps_on_disk(workdir)
+  assert not os.path.exists(os.path.join(workdir, "eval", f"step_{EVAL_STEP}.json"))
+  resumed = run(cmd)
+  assert f"at step {EVAL_STEP}" in resumed.stderr  # resumed after the evaluated step
+  assert not glob.glob(os.path.join(workdir, "checkpoints", "*.orbax-checkpoint-tmp*"))
+  assert_identical(final_state(workdir, STEPS), reference)
+  assert eval_results(workdir, EVAL_STEP) == eval_results(reference_dir, EVAL_STEP)
+
+
+def test_kill9_during_mode_eval_then_rerun(data_root, reference, reference_dir):
+  cmd = command(data_root, reference_dir) + ["--mode=eval",
+                                             f"--config.eval.step={EVAL_STEP}"]
+  before = eval_results(reference_dir, EVAL_STEP)  # the in-training evaluation
+  assert kill9_when(cmd, evaluating)
+  assert eval_results(reference_dir, EVAL_STEP) == before  # not half-overwritten
+  assert_identical(final_state(reference_dir, STEPS), reference)  # nothing damaged
+  run(cmd)
+  assert eval_results(reference_dir, EVAL_STEP) == before
+
+
+def test_metrics_write_on_a_full_disk_is_named(tmp_path):
+  """/dev/full fails every write with ENOSPC, as a full disk does."""
+  from mtaclip_jax import runtime  # pylint: disable=g-import-not-at-top
+  os.symlink("/dev/full", tmp_path / "metrics.jsonl")
+  writer = runtime.MetricWriter(str(tmp_path))
+  with pytest.raises(runtime.WorkdirError, match="metrics.jsonl at step 3") as e:
+    writer.write(3, {"loss": 1.0})
+  assert e.value.__cause__.errno == errno.ENOSPC
+  assert "run the same command again" in str(e.value)
+
+
+def test_enospc_from_a_save_names_the_folder_and_the_intact_step(tmp_path, monkeypatch):
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  from mtaclip_jax import checkpoint  # pylint: disable=g-import-not-at-top
+  ckpt = checkpoint.Checkpointer(str(tmp_path), every=1, max_to_keep=3)
+  config = ml_collections.ConfigDict({"seed": 0})
+  ckpt.save(1, {"w": np.arange(4.0)}, None, config)
+  ckpt.wait()
+
+  def full(*args, **kwargs):
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+  monkeypatch.setattr(ckpt.manager, "save", full)
+  with pytest.raises(checkpoint.CheckpointSaveError) as e, ckpt.abandon_on_save_error():
+    ckpt.save(2, {"w": np.arange(4.0)}, None, config)
+  message = str(e.value)
+  assert f"step 2 to {tmp_path}/checkpoints" in message and "No space left" in message
+  assert "step 1, is intact" in message and steps_on_disk(str(tmp_path)) == [1]

@@ -140,3 +140,28 @@ def test_bf16_compute_trains_with_fp32_params(data_root):
       losses.append(float(metrics["loss"]))
   assert all(np.isfinite(losses)) and losses[-1] < losses[0]
   assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(state.params))
+
+
+def test_crop_larger_than_images_without_padding_is_named(data_root, tmp_path):
+  """Start-up check from the image headers; a per-image check where they cannot be
+  read up front (TFDS)."""
+  from mtaclip_jax.data import transforms  # pylint: disable=g-import-not-at-top
+  config = train_fixtures.tiny_config(data_root)
+  no_pad = [t for t in config.data.transforms if not t.startswith("pad")]
+  runtime.check_crop(config)  # with pad: fine
+  config.data.transforms = [t.replace("(64, 64)", "(96, 96)") for t in no_pad]
+  with pytest.raises(runtime.ConfigError, match=r"random_crop\(size=\(96, 96\)\) has no "
+                     r"pad.*ADE_train_00000001.jpg \(64x80 HxW\)"):
+    train.run(config, str(tmp_path))  # before anything is built
+  config.data.transforms = no_pad  # 64x80 images, ratio 0.75: 48x60 < the 64 crop
+  with pytest.raises(runtime.ConfigError, match="48x60 after the resizes"):
+    runtime.check_crop(config)
+  no_resize = [t for t in no_pad if not t.startswith("random_resize")]
+  ops = transforms.parse(no_resize)
+  example = {"image": np.zeros((48, 60, 3), np.uint8), "label": np.zeros((48, 60),
+             np.uint8), "name": "ADE_train_7"}
+  with pytest.raises(transforms.CropConfigError, match="ADE_train_7: 48x60.*pad"):
+    transforms.apply(ops, example, np.random.default_rng(0))
+  padded = transforms.parse(no_resize + ["pad(size=(64, 64))"])
+  assert transforms.apply(padded, example, np.random.default_rng(0))["image"].shape == (
+      64, 64, 3)

@@ -66,8 +66,37 @@ def parse(specs):
   return ops
 
 
+class CropConfigError(ValueError):
+  """random_crop cannot give its size and no pad follows it (config.data.transforms)."""
+
+
+def op_arg(name, kwargs, key):
+  """An op's argument as given in the spec, else the registered function's default."""
+  if key in kwargs:
+    return kwargs[key]
+  return inspect.signature(REGISTRY[name]).parameters[key].default
+
+
+def unpadded_crop(ops):
+  """Index of the last random_crop when no pad follows it (padding disabled), else None."""
+  crops = [i for i, (name, _) in enumerate(ops) if name == "random_crop"]
+  if not crops or any(name == "pad" for name, _ in ops[crops[-1]:]):
+    return None
+  return crops[-1]
+
+
 def apply(ops, example, rng):
-  for name, kwargs in ops:
+  last_crop = unpadded_crop(ops)
+  for i, (name, kwargs) in enumerate(ops):
+    if i == last_crop:
+      size = tuple(op_arg(name, kwargs, "size"))
+      h, w = example["label"].shape
+      if h < size[0] or w < size[1]:
+        raise CropConfigError(
+            f"{example.get('name')}: {h}x{w} (HxW) before random_crop(size={size}) and "
+            "config.data.transforms has no pad(...) after the crop, so the batch "
+            f"cannot be formed; add pad(size={size}) after random_crop or lower "
+            "config.data.crop_size")
     example = REGISTRY[name](example, rng, **kwargs)
   return example
 
