@@ -45,6 +45,7 @@ def _args(argv=None):
   return p.parse_args(argv)
 
 
+import mtaclip_jax  # noqa: E402,F401  (its XLA:CPU setting must precede jax's client)
 import jax  # noqa: E402  pylint: disable=g-import-not-at-top
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
@@ -74,14 +75,22 @@ def fake_batch(batch, size, segments, slots, num_classes=150, seed=0):
   return dict(image=image, label=label, masks=masks, classes=cls, valid=valid)
 
 
+CPU_SECONDS = []  # process CPU seconds per timed step of the last `timed` call
+
+
 def timed(fn, steps, warmup):
+  """Wall seconds of each of `steps` calls after `warmup` calls; the process CPU
+  seconds of the same calls go to CPU_SECONDS (all threads; on a shared machine a
+  fairer comparison than wall time)."""
   for _ in range(warmup):
     fn()
   times = []
+  CPU_SECONDS.clear()
   for _ in range(steps):
-    t = time.perf_counter()
+    t, c = time.perf_counter(), time.process_time()
     fn()
     times.append(time.perf_counter() - t)
+    CPU_SECONDS.append(time.process_time() - c)
   return np.array(times)
 
 
@@ -244,7 +253,8 @@ def main(args):
   what = "inference (batch 1)" if args.inference else f"train step (batch {args.batch})"
   print(f"{what} at {args.size}x{args.size}, {args.threads} threads, "
         f"jax {jax.__version__} on {jax.devices()[0].platform}; LD_PRELOAD="
-        f"{os.environ.get('LD_PRELOAD', '') or '(none)'}", flush=True)
+        f"{os.environ.get('LD_PRELOAD', '') or '(none)'}; XLA_FLAGS="
+        f"{os.environ.get('XLA_FLAGS', '') or '(none)'}", flush=True)
   if not args.max_segments:
     from mtaclip_jax import config_lib  # pylint: disable=g-import-not-at-top
     args.max_segments = config_lib.RECIPES["ade20k"]["max_segments"]
@@ -272,13 +282,15 @@ def main(args):
       print(f"({'a' if which == 'baseline' else 'b'}) ours {which}: median {med:.3f} s "
             f"(min {times.min():.3f}, max {times.max():.3f}), {n_img / med:.1f} img/s; "
             f"{flops / 1e9:.0f} GFLOP, {flops / med / 1e9:.0f} GFLOP/s = "
-            f"{100 * flops / med / 1e9 / peak:.1f}% of peak{mem_txt}", flush=True)
+            f"{100 * flops / med / 1e9 / peak:.1f}% of peak{mem_txt}; "
+            f"{np.median(CPU_SECONDS):.1f} CPU-s/step", flush=True)
     elif which == "hf":
       times = hf(args, batch)
       rows[which] = times
       print(f"(c) transformers Mask2Former: median {np.median(times):.3f} s (min "
             f"{times.min():.3f}, max {times.max():.3f}), "
-            f"{n_img / np.median(times):.1f} img/s", flush=True)
+            f"{n_img / np.median(times):.1f} img/s; {np.median(CPU_SECONDS):.1f} CPU-s/step",
+            flush=True)
     else:
       raise SystemExit(f"--which: unknown {which!r}; expected baseline, full, hf")
   if "baseline" in rows:

@@ -85,6 +85,7 @@ def loss_defaults() -> ml_collections.ConfigDict:
       num_points=12544,
       oversample_ratio=3.0,
       importance_sample_ratio=0.75,
+      target_chunk=0,  # point losses: target slots per chunk (0 = auto, point_loss.py)
       similarity=True,
       neg="mix",
       tau=1.0,
