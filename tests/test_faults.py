@@ -115,24 +115,30 @@ def eval_results(workdir, step):
                             "num_images")}
 
 
-def test_three_kill9_then_resume_is_bit_exact(data_root, reference, tmp_path):
+def test_three_kill9_then_resume_is_bit_exact(data_root, reference, reference_dir,
+                                              tmp_path):
   workdir = str(tmp_path / "killed")
   rng = random.Random(0)
   kills = 0
-  for _ in range(3):
+  for i in range(3):
     seen = steps_on_disk(workdir)
-    # Kill at a random moment after a new complete checkpoint: mid-step, mid-save or
-    # mid-start of the next save.
+    # Kills 1 and 2 at a random moment after a new complete checkpoint: mid-step,
+    # mid-save or mid-start of the next save. Both land before step 10's evaluation can
+    # finish, so run 3 evaluates step 10 (reached, or redone after resuming there):
+    # kill 3 lands during that evaluation.
     new_checkpoint = lambda _, seen=seen: bool(steps_on_disk(workdir)) and (
         not seen or steps_on_disk(workdir)[-1] > seen[-1])
-    kills += kill9_when(command(data_root, workdir), new_checkpoint,
-                        delay=rng.uniform(0.0, 0.8))
+    kills += kill9_when(command(data_root, workdir),
+                        evaluating if i == 2 else new_checkpoint,
+                        delay=0.0 if i == 2 else rng.uniform(0.0, 0.8))
     if steps_on_disk(workdir) and steps_on_disk(workdir)[-1] == STEPS:
       break
   assert kills == 3, f"only {kills} kills landed before the run finished"
   assert steps_on_disk(workdir)[-1] < STEPS
+  assert not os.path.exists(os.path.join(workdir, "eval", f"step_{EVAL_STEP}.json"))
   run(command(data_root, workdir))  # the same command again
   assert_identical(final_state(workdir, STEPS), reference)
+  assert eval_results(workdir, EVAL_STEP) == eval_results(reference_dir, EVAL_STEP)
 
 
 def test_sigterm_saves_and_exits_0_then_resumes(data_root, tmp_path):
@@ -206,7 +212,7 @@ main.cli()
 """
 
 
-def test_disk_full_mid_run_then_kill9_mid_eval_resume_bit_exact(data_root, reference,
+def test_disk_full_mid_run_stops_clearly_then_resumes_bit_exact(data_root, reference,
                                                                 reference_dir, tmp_path):
   workdir = str(tmp_path / "full")
   cmd = command(data_root, workdir)
@@ -220,13 +226,8 @@ def test_disk_full_mid_run_then_kill9_mid_eval_resume_bit_exact(data_root, refer
   assert steps_on_disk(workdir) == [2, 4]  # complete ones kept, step 6 left half-written
   assert glob.glob(os.path.join(workdir, "checkpoints", "6.orbax-checkpoint-tmp*"))
 
-  # Space freed: the same command resumes from step 4; kill it during the evaluation
-  # at EVAL_STEP, then run it once more.
-  assert kill9_when(cmd, evaluating)
-  assert EVAL_STEP in steps_on_disk(workdir)
-  assert not os.path.exists(os.path.join(workdir, "eval", f"step_{EVAL_STEP}.json"))
-  resumed = run(cmd)
-  assert f"at step {EVAL_STEP}" in resumed.stderr  # resumed after the evaluated step
+  resumed = run(cmd)  # space freed: the same command again
+  assert "at step 4" in resumed.stderr
   assert not glob.glob(os.path.join(workdir, "checkpoints", "*.orbax-checkpoint-tmp*"))
   assert_identical(final_state(workdir, STEPS), reference)
   assert eval_results(workdir, EVAL_STEP) == eval_results(reference_dir, EVAL_STEP)
