@@ -18,6 +18,7 @@ import os
 import re
 import tempfile
 
+import mtaclip_jax  # noqa: F401  (XLA:CPU setting before jax starts)
 import jax
 
 from benchmarks import train_step as bench
@@ -64,6 +65,7 @@ def main():
   p.add_argument("--batch", type=int, default=2)
   p.add_argument("--variant", default="baseline", choices=("baseline", "full"))
   p.add_argument("--top", type=int, default=25)
+  p.add_argument("--hlo", default="", help="also write the optimised HLO text here")
   a = p.parse_args()
   args = bench._args(["--size", str(a.size), "--batch", str(a.batch), "--steps", "1",
                       "--warmup", "1"])
@@ -100,7 +102,11 @@ def main():
     cats[category(k)] += v
   for c, v in cats.most_common():
     print(f"  {c:18s} {v:7.2f} s  {100 * v / total:5.1f}%")
-  where = hlo_sources(keep["compiled"].as_text())
+  hlo = keep["compiled"].as_text()
+  if a.hlo:
+    with open(a.hlo, "w") as f:
+      f.write(hlo)
+  where = hlo_sources(hlo)
   by_src = collections.Counter()
   for k, v in ops.items():
     by_src[where.get(k, "?")] += v
