@@ -155,16 +155,6 @@ def _from_slots(plan, per_slot):
     return per_slot.reshape(plan.L, -1)[:, plan.order]
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9, 10))
-def _losses(masks, target_masks, query_index, valid, key, draws, slot_offset,
-            num_over, num_uncertain, num_rand, chunk):
-    plan, bce, dice, _ = _forward(masks, target_masks, query_index, valid, key, draws,
-                                  slot_offset, num_over=num_over,
-                                  num_uncertain=num_uncertain, num_rand=num_rand,
-                                  chunk=chunk)
-    return _to_slots(plan, bce), _to_slots(plan, dice)
-
-
 def _losses_fwd(masks, target_masks, query_index, valid, key, draws, slot_offset,
                 num_over, num_uncertain, num_rand, chunk):
     plan, bce, dice, res = _forward(masks, target_masks, query_index, valid, key, draws,
@@ -176,6 +166,13 @@ def _losses_fwd(masks, target_masks, query_index, valid, key, draws, slot_offset
     shapes = (jnp.zeros(masks.shape + (0,), masks.dtype),
               jnp.zeros(target_masks.shape + (0,), jnp.uint8))
     return out, (res, query_index, valid, shapes)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9, 10))
+def _losses(masks, target_masks, query_index, valid, key, draws, slot_offset,
+            num_over, num_uncertain, num_rand, chunk):
+    return _losses_fwd(masks, target_masks, query_index, valid, key, draws, slot_offset,
+                       num_over, num_uncertain, num_rand, chunk)[0]
 
 
 def _losses_bwd(num_over, num_uncertain, num_rand, chunk, residuals, cotangents):
