@@ -41,8 +41,8 @@ def draw_points(rng: jax.Array, num_layers: int, batch: int, targets: int,
     Returns {"match": [L, B, P, 2] points of the matching costs, "over": [L, B, T,
     P*oversample, 2] candidates for importance sampling, "random": [L, B, T,
     P - P*importance, 2] uniform points of the mask losses}, (x, y) in [0, 1].
-    Only for tests and small shapes: `compute_loss` draws per layer by default,
-    which keeps the peak memory of one layer.
+    Only for tests and small shapes: `compute_loss` draws from its key per valid
+    target slot by default (`point_loss`), which never holds these arrays.
     """
     oversampled, _, uniform = _num_uncertain(loss_config)
     k_match, k_over, k_rand = jax.random.split(rng, 3)

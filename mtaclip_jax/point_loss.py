@@ -70,9 +70,9 @@ def _bce_dice(logits, labels):
 class _Plan:
     """Static shapes and the slot order shared by the forward and backward loops."""
 
-    def __init__(self, masks_shape, targets_shape, valid, chunk):
+    def __init__(self, masks_shape, valid, chunk):
         self.L, self.B, self.Q, self.h, self.w = masks_shape
-        self.T, self.H, self.W = targets_shape[1:]
+        self.T = valid.shape[1]
         n = self.B * self.T
         self.chunk = chunk = max(1, min(chunk, n))
         self.n_pad = -(-n // chunk) * chunk
@@ -109,7 +109,7 @@ def _draw(key, draws, plan, slot, slot_offset, num_over, num_rand):
 
 def _forward(masks, target_masks, query_index, valid, key, draws, slot_offset, *,
              num_over, num_uncertain, num_rand, chunk):
-    plan = _Plan(masks.shape, target_masks.shape, valid, chunk)
+    plan = _Plan(masks.shape, valid, chunk)
     L, C, P = plan.L, plan.chunk, num_uncertain + num_rand
     pmasks = _pad_maps(jax.lax.stop_gradient(masks))
     ptargets = _pad_maps(target_masks)
@@ -162,10 +162,8 @@ def _losses_fwd(masks, target_masks, query_index, valid, key, draws, slot_offset
                                     num_uncertain=num_uncertain, num_rand=num_rand,
                                     chunk=chunk)
     out = (_to_slots(plan, bce), _to_slots(plan, dice))
-    # Zero-size arrays carry the static shapes and the mask dtype to the backward.
-    shapes = (jnp.zeros(masks.shape + (0,), masks.dtype),
-              jnp.zeros(target_masks.shape + (0,), jnp.uint8))
-    return out, (res, query_index, valid, shapes)
+    # A zero-size array carries the masks' static shape and dtype to the backward.
+    return out, (res, query_index, valid, jnp.zeros(masks.shape + (0,), masks.dtype))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9, 10))
@@ -177,9 +175,9 @@ def _losses(masks, target_masks, query_index, valid, key, draws, slot_offset,
 
 def _losses_bwd(num_over, num_uncertain, num_rand, chunk, residuals, cotangents):
     del num_over
-    (points, logits, labels), query_index, valid, (mask_probe, target_probe) = residuals
+    (points, logits, labels), query_index, valid, mask_probe = residuals
     g_bce, g_dice = cotangents
-    plan = _Plan(mask_probe.shape[:-1], target_probe.shape[:-1], valid, chunk)
+    plan = _Plan(mask_probe.shape[:-1], valid, chunk)
     L, C, P = plan.L, plan.chunk, num_uncertain + num_rand
     g_bce = _from_slots(plan, g_bce)
     g_dice = _from_slots(plan, g_dice)
