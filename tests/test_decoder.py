@@ -58,6 +58,22 @@ def test_attention_blocked_mask():
   np.testing.assert_array_equal(blocked[0, 2], [False] * 4)
 
 
+def test_text_query_masks_at_the_level_size_equal_resized_masks():
+  # The decoder makes the text queries' masks from the mask features resized to the
+  # level (resize(e . F) = e . resize(F)) instead of resizing stride-4 masks.
+  from mtaclip_jax.models.pixel_decoder import resize_bilinear
+  k1, k2 = jax.random.split(jax.random.PRNGKey(3))
+  embed = jax.random.normal(k1, (2, 40, HID)) / 8
+  feats = jax.random.normal(k2, (2, 64, 96, HID))
+  for size in [(8, 12), (16, 24), (32, 48)]:
+    full = jnp.einsum("bqc,bhwc->bqhw", embed, feats)
+    want = jnp.moveaxis(resize_bilinear(jnp.moveaxis(full, 1, -1), size), -1, 1)
+    got = jnp.einsum("bqc,bhwc->bqhw", embed, resize_bilinear(feats, size))
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-5)
+    same = np.asarray(attention_blocked(full, size) == attention_blocked(got, size))
+    assert same.mean() > 0.9999, size
+
+
 @pytest.mark.slow
 def test_outputs_and_gamma(setup):
   dec, params, ms, mf, t0 = setup

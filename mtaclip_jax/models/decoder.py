@@ -34,7 +34,9 @@ def attention_blocked(masks: jax.Array, size: tuple[int, int]) -> jax.Array:
   to the memory level `size`, blocked where sigmoid < 0.5 -> [B, Q, h*w] bool.
   A query whose mask is empty at this level attends everywhere."""
   b, q = masks.shape[:2]
-  small = resize_bilinear(jnp.moveaxis(masks.astype(jnp.float32), 1, -1), size)
+  small = jnp.moveaxis(masks.astype(jnp.float32), 1, -1)
+  if small.shape[1:3] != tuple(size):
+    small = resize_bilinear(small, size)
   blocked = jnp.moveaxis(jax.nn.sigmoid(small) < 0.5, -1, 1).reshape(b, q, -1)
   blocked = blocked & ~jnp.all(blocked, axis=-1, keepdims=True)
   return jax.lax.stop_gradient(blocked)
@@ -123,13 +125,26 @@ class MaskTextDecoder(nn.Module):
   gamma_init: float = 1e-4
   dtype: jnp.dtype = jnp.float32
 
-  def _predict(self, x, mask_features, target_size):
-    """Shared head on all queries: (class logits, mask logits, attention block)."""
+  def _predict(self, x, mask_features, size, small_features=None):
+    """Shared head on all queries: (normed queries, class logits and mask logits of
+    the mask queries, attention block of all queries at the next layer's level).
+
+    Text queries need masks only for their attention block, which has no gradient.
+    Bilinear resizing is linear, so `resize(e . F) = e . resize(F)`: their masks are
+    made directly at the level size from `small_features` (the mask features resized
+    once per level), which gives the same block as resizing stride-4 masks for a
+    fraction of the FLOPs and no backward pass."""
+    nq = self.num_queries
     normed = self.layernorm(x)
-    logits = self.class_predictor(normed[:, :self.num_queries]).astype(jnp.float32)
+    logits = self.class_predictor(normed[:, :nq]).astype(jnp.float32)
     embed = self.mask_predictor(normed)
-    masks = jnp.einsum("bqc,bhwc->bqhw", embed, mask_features).astype(jnp.float32)
-    return normed, logits, masks, attention_blocked(masks, target_size)
+    masks = jnp.einsum("bqc,bhwc->bqhw", embed[:, :nq], mask_features).astype(jnp.float32)
+    blocked = attention_blocked(masks, size)
+    if small_features is not None:
+      text = jnp.einsum("bqc,bhwc->bqhw", jax.lax.stop_gradient(embed[:, nq:]),
+                        small_features)
+      blocked = jnp.concatenate([blocked, attention_blocked(text, text.shape[2:])], 1)
+    return normed, logits, masks, blocked
 
   def setup(self):
     ln = lambda: nn.LayerNorm(epsilon=1e-5, use_fast_variance=False, dtype=jnp.float32)
@@ -204,12 +219,17 @@ class MaskTextDecoder(nn.Module):
         outs["m_proj"].append(_l2_normalize(m))
         outs["t_proj"].append(_l2_normalize(t0 + self.gamma * t).reshape(b, k, c1, d))
 
-    normed, logits, masks, blocked = self._predict(x, mask_features, sizes[0])
+    small = [None] * nl
+    if self.text_queries:  # mask features at each level's size, for the text queries' blocks
+      small = [jax.lax.stop_gradient(resize_bilinear(mask_features.astype(jnp.float32), size))
+               for size in sizes]
+    normed, logits, masks, blocked = self._predict(x, mask_features, sizes[0], small[0])
     if not self.text_queries:  # Mask2Former also supervises the query initialisation
       record(normed, logits, masks)
     for i, layer in enumerate(self.layers):
       lvl = i % nl
       x = layer(x, query_pos, memory[lvl], memory_pos[lvl], blocked, self_blocked)
-      normed, logits, masks, blocked = self._predict(x, mask_features, sizes[(i + 1) % nl])
+      nxt = (i + 1) % nl
+      normed, logits, masks, blocked = self._predict(x, mask_features, sizes[nxt], small[nxt])
       record(normed, logits, masks)
     return {key: jnp.stack(v) for key, v in outs.items() if v}
