@@ -5,10 +5,11 @@
 
 The artifact maps normalised images float32 [b, S, S, 3] (b symbolic) to per-class
 scores float32 [b, S, S, C] (the head of config.eval.head, or the similarity head
-over `--classes`); the variables and class tokens are baked in as constants. A JSON
-sidecar `<out>.json` holds the class names, palette, size and the normalisation
-mean/std, and the test_scale and slide stride of the config, used by
-`predict --artifact --mode slide`. Loading (`load`) needs only jax and numpy:
+over `--classes`); the variables and the class prompts' text embeddings (the text
+tower runs once, at export) are baked in as constants. A JSON sidecar `<out>.json`
+holds the class names, palette, size and the normalisation mean/std, and the
+test_scale and slide stride of the config, used by `predict --artifact --mode slide`.
+Loading (`load`) needs only jax and numpy:
 
   exp = jax.export.deserialize(open("model.jaxexport", "rb").read())
   scores = exp.call(images)
@@ -54,7 +55,7 @@ def export_checkpoint(config, workdir: str, out: str, size: int = 512,
     cols = np.asarray(columns, np.int32)
 
     def fn(images):
-      out = model.apply(variables, images, jnp.asarray(tokens), train=False)
+      out = inference.apply_model(model, variables, images, class_tokens, t0)
       return inference.similarity_scores(
           out["m_proj"][-1], jnp.take(out["t_proj"][-1], cols, axis=2),
           _resize_masks(out["masks"][-1], images), tau)
@@ -64,13 +65,16 @@ def export_checkpoint(config, workdir: str, out: str, size: int = 512,
     palette = data_classes.palette(config.data)
 
     def fn(images):
-      out = model.apply(variables, images, jnp.asarray(np.asarray(tokens)), train=False)
+      out = inference.apply_model(model, variables, images, class_tokens, t0)
       masks = _resize_masks(out["masks"][-1], images)
       if head == "similarity":
         return inference.similarity_scores(out["m_proj"][-1], out["t_proj"][-1], masks,
                                            tau)
       return inference.semantic_scores(out["logits"][-1], masks)
 
+  # The text tower runs here, once; its output is a constant of the artifact.
+  class_tokens = jnp.asarray(np.asarray(tokens), jnp.int32)
+  t0 = inference.text_embeddings(model, variables, class_tokens)
   exported = export_fn(fn, size, platforms)
   with open(out, "wb") as f:
     f.write(exported.serialize())

@@ -93,9 +93,11 @@ def make_predict_fn(model, variables, class_tokens, head: str = "class",
                     tau: float = 1.0, upsample: bool = True) -> PredictFn:
   """A jitted `predict_fn(images) -> scores [B, H, W, C]` for an MTA-CLIP model.
 
-  Calls `model.apply(variables, images, class_tokens, train=False)` (CONTRACT.md)
-  and reads the last supervised layer. With `upsample` the stride-4 mask logits are
-  resized to the input size before the sigmoid, as mmseg's Mask2Former head does.
+  Encodes the class prompts once (`text_embeddings`), then calls
+  `model.apply(variables, images, class_tokens, train=False, text_embeddings=t0)`
+  (CONTRACT.md) per batch and reads the last supervised layer. With `upsample` the
+  stride-4 mask logits are resized to the input size before the sigmoid, as mmseg's
+  Mask2Former head does.
   The variables are arguments of the jitted function, not baked-in constants.
 
   Args:
@@ -110,8 +112,8 @@ def make_predict_fn(model, variables, class_tokens, head: str = "class",
   if head not in ("class", "similarity"):
     raise ValueError(f"config.eval.head: expected 'class' or 'similarity', got {head!r}")
 
-  def apply(variables, class_tokens, images):
-    out = model.apply(variables, images, class_tokens, train=False)
+  def apply(variables, class_tokens, t0, images):
+    out = apply_model(model, variables, images, class_tokens, t0)
     masks = out["masks"][-1]
     if upsample:
       b, q = masks.shape[:2]
@@ -126,7 +128,25 @@ def make_predict_fn(model, variables, class_tokens, head: str = "class",
 
   jitted = jax.jit(apply)
   class_tokens = jnp.asarray(class_tokens, jnp.int32)
-  return lambda images: jitted(variables, class_tokens, jnp.asarray(images, jnp.float32))
+  t0 = text_embeddings(model, variables, class_tokens)
+  return lambda images: jitted(variables, class_tokens, t0, jnp.asarray(images, jnp.float32))
+
+
+def text_embeddings(model, variables, class_tokens):
+  """`mtaclip.encode_classes`, jitted: the text tower runs once per class list, not
+  once per image (it is most of the full model's inference FLOPs). None for the
+  baseline and for other modules that follow the call contract."""
+  from mtaclip_jax.models import mtaclip  # pylint: disable=g-import-not-at-top
+  if not (isinstance(model, mtaclip.MTACLIP) and model.text_queries):
+    return None
+  return jax.jit(lambda v, ct: mtaclip.encode_classes(model, v, ct))(
+      variables, jnp.asarray(class_tokens, jnp.int32))
+
+
+def apply_model(model, variables, images, class_tokens, t0):
+  """`model.apply(..., train=False)`, with the cached text embeddings when there are."""
+  kw = {} if t0 is None else {"text_embeddings": t0}
+  return model.apply(variables, images, class_tokens, train=False, **kw)
 
 
 # ------------------------------------------------------------------ settings

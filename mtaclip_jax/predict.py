@@ -160,8 +160,8 @@ def make_open_vocab_fn(model, variables, tokens, columns: Sequence[int], tau: fl
   cols = jnp.asarray(columns, jnp.int32)
 
   @jax.jit
-  def apply(variables, tokens, images):
-    out = model.apply(variables, images, tokens, train=False)
+  def apply(variables, tokens, t0, images):
+    out = inference.apply_model(model, variables, images, tokens, t0)
     if "m_proj" not in out:
       raise ValueError("--classes needs a model with text queries "
                        "(config.model.text_queries=True)")
@@ -172,7 +172,8 @@ def make_open_vocab_fn(model, variables, tokens, columns: Sequence[int], tau: fl
     return inference.similarity_scores(out["m_proj"][-1], t_proj, masks, tau)
 
   tokens = jnp.asarray(tokens, jnp.int32)
-  return lambda images: apply(variables, tokens, jnp.asarray(images, jnp.float32))
+  t0 = inference.text_embeddings(model, variables, tokens)
+  return lambda images: apply(variables, tokens, t0, jnp.asarray(images, jnp.float32))
 
 
 def checkpoint_predictor(config, workdir: str, classes: Sequence[str] | None = None,

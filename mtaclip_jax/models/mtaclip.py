@@ -54,7 +54,8 @@ class MTACLIP(nn.Module):
 
   @nn.compact
   def __call__(self, images: jax.Array, class_tokens: jax.Array | None = None,
-               train: bool = False) -> dict[str, jax.Array]:
+               train: bool = False,
+               text_embeddings: jax.Array | None = None) -> dict[str, jax.Array]:
     if images.ndim != 4 or images.shape[-1] != 3:
       raise ValueError(f"images must be [B, H, W, 3], got {images.shape}")
     feats = backbones.get(self.backbone).build(dtype=self.dtype, norm=self.backbone_norm,
@@ -67,7 +68,14 @@ class MTACLIP(nn.Module):
                        name="pixel_decoder")(feats)
     text_arch = clip.get_arch(self.text_encoder)
     t0 = None
-    if self.text_queries:
+    if self.text_queries and text_embeddings is not None:
+      # Precomputed by `encode_classes` (inference: once per class list).
+      want = (self.num_contexts, self.num_classes + 1, text_arch.embed_dim)
+      if tuple(text_embeddings.shape) != want:
+        raise ValueError(f"text_embeddings must be [K, C+1, D] = {list(want)}, got "
+                         f"{list(text_embeddings.shape)}")
+      t0 = text_embeddings.astype(jnp.float32)
+    elif self.text_queries:
       if class_tokens is None or class_tokens.ndim != 2 or \
           class_tokens.shape[0] != self.num_classes + 1:
         raise ValueError(
@@ -89,6 +97,22 @@ class MTACLIP(nn.Module):
         num_contexts=self.num_contexts, gamma_init=self.gamma_init, dtype=self.dtype,
         name="decoder")
     return decoder(pix["multi_scale_features"], pix["mask_features"], t0)
+
+
+def encode_classes(model: MTACLIP, variables, class_tokens: jax.Array) -> jax.Array | None:
+  """The text queries' CLIP embeddings t0 `[K, C+1, D]` float32 (None for the baseline).
+
+  They depend only on the text tower, the contexts and the class names, not on the
+  images: inference computes them once per class list and passes them as
+  `model.apply(..., text_embeddings=t0)`, which skips the text tower (in training the
+  contexts change every step, so `__call__` encodes them itself)."""
+  if not model.text_queries:
+    return None
+  params = variables["params"]
+  t0 = clip.TextEncoder(clip.get_arch(model.text_encoder), dtype=model.dtype).apply(
+      {"params": params["text_encoder"]}, jnp.asarray(class_tokens, jnp.int32),
+      params["contexts"], method="encode_prompts")
+  return t0.astype(jnp.float32)
 
 
 def build_model(model_config) -> MTACLIP:
