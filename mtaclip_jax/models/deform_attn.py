@@ -18,6 +18,8 @@ import jax.numpy as jnp
 import numpy as np
 import flax.linen as nn
 
+from mtaclip_jax.models import deform_attn_cpu
+
 SpatialShapes = Sequence[tuple[int, int]]
 
 
@@ -83,7 +85,13 @@ def ms_deform_attn_gather(value: jax.Array, spatial_shapes: SpatialShapes,
   return out.astype(value.dtype)
 
 
-IMPLS: dict[str, Callable[..., jax.Array]] = {"gather": ms_deform_attn_gather}
+IMPLS: dict[str, Callable[..., jax.Array]] = {
+    "gather": ms_deform_attn_gather,
+    # Fused XLA:CPU custom call (C++, built on first use); "auto" takes it on a
+    # one-device CPU run where it builds, else "gather".
+    "cpu": deform_attn_cpu.ms_deform_attn_cpu,
+    "auto": deform_attn_cpu.auto_impl(ms_deform_attn_gather),
+}
 
 
 def get_impl(name: str) -> Callable[..., jax.Array]:
