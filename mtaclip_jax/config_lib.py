@@ -70,7 +70,7 @@ def model_defaults(backbone: str, num_classes: int) -> ml_collections.ConfigDict
       context_length=8,
       class_length=5,
       gamma_init=1e-4,
-      deform_attn_impl="gather",
+      deform_attn_impl="auto",
       dtype="float32",
   ))
 

@@ -44,6 +44,8 @@ def export_checkpoint(config, workdir: str, out: str, size: int = 512,
   from mtaclip_jax import evaluate, inference, predict  # pylint: disable=g-import-not-at-top
   from mtaclip_jax.data import classes as data_classes  # pylint: disable=g-import-not-at-top
   step, model, variables, tokens = evaluate.restore_variables(config, workdir)
+  # jax.export cannot serialise custom calls: the portable gather, whatever the config.
+  model = model.clone(deform_attn_impl="gather")
   # Plain host arrays: they become constants of the exported module.
   variables = jax.tree.map(np.asarray, variables)
   tau = float(config.loss.get("tau", 1.0))

@@ -11,7 +11,7 @@ from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
-from mtaclip_jax import config_cli, distributed
+from mtaclip_jax import config_cli, distributed, xla_cpu
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file (configs/*.py), optionally with ':arg' variants.",
@@ -34,6 +34,9 @@ def main(argv):
   logging.getLogger("convert_weights").setLevel(logging.INFO)
   distributed.initialize(flags.FLAGS.coordinator_address, flags.FLAGS.num_processes,
                          flags.FLAGS.process_id)
+  import jax  # pylint: disable=g-import-not-at-top
+  if jax.default_backend() == "cpu":
+    xla_cpu.keep_freed_memory()
   config = _CONFIG.value
   if _MODE.value == "train":
     from mtaclip_jax import train  # pylint: disable=g-import-not-at-top

@@ -1,4 +1,4 @@
-"""XLA:CPU setting this project applies at import (docs/BENCHMARKS.md).
+"""XLA:CPU settings (docs/BENCHMARKS.md): an XLA flag at import, malloc on CPU runs.
 
 jaxlib 0.10's XLA:CPU fuses gathers feeding a reduction into YNNPACK "library
 fusions"; for the deformable-attention sampling (a gather of 48 taps reduced with
@@ -9,8 +9,17 @@ MTACLIP_KEEP_XLA_CPU_FUSION=1, `--xla_cpu_experimental_ynn_fusion_type=` (no YNN
 fusions) is appended to XLA_FLAGS before jax creates its CPU client. Only for the
 jaxlib versions where the flag was measured (an unknown flag aborts XLA); it has no
 effect on GPU or TPU.
+
+`keep_freed_memory()` (called by the entry points when the backend is the CPU):
+XLA:CPU mallocs each step's temporaries (6.6 GiB for the 512x512 batch-2 train
+step). glibc serves blocks over 32 MiB with fresh mmaps and unmaps them on free, so
+every step page-faults and zero-fills all of them again: a third of the step went to
+the kernel. With M_MMAP_MAX=0 (big blocks from the heap) and M_TRIM_THRESHOLD=-1
+(freed heap is kept), the next step reuses the same pages. The process then keeps
+its peak memory until it exits. MTACLIP_SYSTEM_MALLOC=1 leaves glibc's defaults.
 """
 
+import ctypes
 import importlib.metadata
 import os
 
@@ -31,3 +40,19 @@ def apply() -> bool:
     return False
   os.environ["XLA_FLAGS"] = f"{flags} {FLAG}".strip()
   return True
+
+
+M_TRIM_THRESHOLD = -1  # mallopt parameter numbers, <malloc.h>
+M_MMAP_MAX = -4
+
+
+def keep_freed_memory() -> bool:
+  """glibc: serve big blocks from the heap and never trim it; returns whether set."""
+  if os.environ.get("MTACLIP_SYSTEM_MALLOC"):
+    return False
+  try:
+    mallopt = ctypes.CDLL(None).mallopt
+  except (OSError, AttributeError):  # not glibc
+    return False
+  mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
+  return bool(mallopt(M_MMAP_MAX, 0)) and bool(mallopt(M_TRIM_THRESHOLD, -1))

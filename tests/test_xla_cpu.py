@@ -34,3 +34,38 @@ def test_only_for_measured_jaxlib(monkeypatch):
   monkeypatch.setattr(importlib.metadata, "version", lambda name: "0.12.0")
   assert not xla_cpu.apply()
   assert os.environ["XLA_FLAGS"] == ""
+
+
+_RSS_AFTER_FREE = """
+import ctypes, os, sys
+from mtaclip_jax import xla_cpu
+print(xla_cpu.keep_freed_memory())
+libc = ctypes.CDLL(None)
+libc.malloc.restype = ctypes.c_void_p
+libc.free.argtypes = (ctypes.c_void_p,)
+def rss():
+  return int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+n = 256 << 20
+p = libc.malloc(n)
+ctypes.memset(p, 1, n)  # touch every page
+before = rss()
+libc.free(p)
+print((before - rss()) >> 20)  # MiB given back to the OS by free()
+"""
+
+
+def _run_rss_probe(env):
+  import subprocess, sys  # pylint: disable=g-import-not-at-top,multiple-imports
+  out = subprocess.run([sys.executable, "-c", _RSS_AFTER_FREE], env=env, check=True,
+                       capture_output=True, text=True).stdout.split()
+  return out[0] == "True", int(out[1])
+
+
+def test_keep_freed_memory_keeps_a_freed_block_and_honours_opt_out():
+  # A freed 256 MiB block stays mapped for the next step's temporaries; with
+  # MTACLIP_SYSTEM_MALLOC=1 glibc unmaps it on free, as by default.
+  env = {k: v for k, v in os.environ.items() if k != "MTACLIP_SYSTEM_MALLOC"}
+  applied, released = _run_rss_probe(env)
+  assert applied and released < 16, released
+  applied, released = _run_rss_probe({**env, "MTACLIP_SYSTEM_MALLOC": "1"})
+  assert not applied and released > 200, released
