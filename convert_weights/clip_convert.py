@@ -115,7 +115,9 @@ def _target(expected, tower, key) -> Optional[Tuple[str, Tuple[str, ...]]]:
     return None
 
 
-def _rewrite(value: np.ndarray, path) -> np.ndarray:
+def torch_to_flax_layout(value: np.ndarray, path) -> np.ndarray:
+    """A torch tensor in the layout of the flax param at `path` (conv OIHW -> HWIO,
+    linear weight transposed; everything else as is)."""
     if path[-1] == "kernel":
         if value.ndim == 4:
             return value.transpose(2, 3, 1, 0)  # OIHW -> HWIO
@@ -145,7 +147,7 @@ def convert_state_dict(state: Mapping[str, np.ndarray],
             unknown.append(key)
             continue
         collection, path = target
-        value = _rewrite(np.asarray(value), path)
+        value = torch_to_flax_layout(np.asarray(value), path)
         want = _get(expected[tower][collection], path)
         if tuple(value.shape) != tuple(want):
             misshaped.append(f"{key}: {tuple(value.shape)} (as {'/'.join(path)}), "

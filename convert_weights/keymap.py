@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from convert_weights.clip_convert import _rewrite as rewrite  # torch layout -> flax
+from convert_weights.clip_convert import torch_to_flax_layout
 from convert_weights.clip_sources import CheckpointError
 
 SHOW = 8  # keys listed per kind of problem
@@ -60,7 +60,7 @@ def to_params(state: Mapping[str, Any], expected: Mapping[Path, tuple], title: s
         if path is None:
             unknown.append(key)
             continue
-        value = rewrite(np.asarray(value, np.float32), path)
+        value = torch_to_flax_layout(np.asarray(value, np.float32), path)
         if tuple(value.shape) != expected[path]:
             misshaped.append(f"{key}: {tuple(value.shape)} (as {'/'.join(path)}), "
                              f"expected {expected[path]}")
