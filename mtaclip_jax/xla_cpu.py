@@ -51,8 +51,12 @@ def keep_freed_memory() -> bool:
   if os.environ.get("MTACLIP_SYSTEM_MALLOC"):
     return False
   try:
-    mallopt = ctypes.CDLL(None).mallopt
+    process, libc = ctypes.CDLL(None), ctypes.CDLL("libc.so.6")
+    mallopt = libc.mallopt
   except (OSError, AttributeError):  # not glibc
     return False
+  if ctypes.cast(process.malloc, ctypes.c_void_p).value != \
+      ctypes.cast(libc.malloc, ctypes.c_void_p).value:
+    return False  # another allocator (e.g. jemalloc via LD_PRELOAD) serves malloc
   mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
   return bool(mallopt(M_MMAP_MAX, 0)) and bool(mallopt(M_TRIM_THRESHOLD, -1))

@@ -1,4 +1,5 @@
-"""mtaclip_jax.xla_cpu: the XLA:CPU flag is added once, never over a user's choice."""
+"""mtaclip_jax.xla_cpu: the XLA:CPU flag is added once, never over a user's choice;
+glibc malloc keeps freed memory unless opted out or another allocator serves malloc."""
 
 import importlib.metadata
 import os
@@ -69,3 +70,15 @@ def test_keep_freed_memory_keeps_a_freed_block_and_honours_opt_out():
   assert applied and released < 16, released
   applied, released = _run_rss_probe({**env, "MTACLIP_SYSTEM_MALLOC": "1"})
   assert not applied and released > 200, released
+
+
+JEMALLOC = "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2"
+
+
+def test_keep_freed_memory_leaves_another_allocator_alone():
+  import pytest  # pylint: disable=g-import-not-at-top
+  if not os.path.exists(JEMALLOC):
+    pytest.skip(f"no {JEMALLOC} on this machine")
+  env = {k: v for k, v in os.environ.items() if k != "MTACLIP_SYSTEM_MALLOC"}
+  applied, _ = _run_rss_probe({**env, "LD_PRELOAD": JEMALLOC})
+  assert not applied
