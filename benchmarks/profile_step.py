@@ -67,8 +67,7 @@ def main():
   p.add_argument("--top", type=int, default=25)
   p.add_argument("--hlo", default="", help="also write the optimised HLO text here")
   a = p.parse_args()
-  if jax.default_backend() == "cpu":  # as the entry points and train_step do
-    mtaclip_jax.xla_cpu.keep_freed_memory()
+  mtaclip_jax.xla_cpu.keep_freed_memory_on_cpu()  # as the entry points do
   args = bench._args(["--size", str(a.size), "--batch", str(a.batch), "--steps", "1",
                       "--warmup", "1"])
   from mtaclip_jax import config_lib  # pylint: disable=g-import-not-at-top

@@ -256,7 +256,7 @@ def hf(args, batch):
 def main(args):
   from mtaclip_jax import xla_cpu  # pylint: disable=g-import-not-at-top
   # As the entry points do on CPU; it holds for the whole process, transformers included.
-  malloc = jax.default_backend() == "cpu" and xla_cpu.keep_freed_memory()
+  malloc = xla_cpu.keep_freed_memory_on_cpu()
   what = "inference (batch 1)" if args.inference else f"train step (batch {args.batch})"
   print(f"{what} at {args.size}x{args.size}, {args.threads} threads, "
         f"jax {jax.__version__} on {jax.devices()[0].platform}; LD_PRELOAD="

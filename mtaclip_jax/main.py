@@ -34,9 +34,7 @@ def main(argv):
   logging.getLogger("convert_weights").setLevel(logging.INFO)
   distributed.initialize(flags.FLAGS.coordinator_address, flags.FLAGS.num_processes,
                          flags.FLAGS.process_id)
-  import jax  # pylint: disable=g-import-not-at-top
-  if jax.default_backend() == "cpu":
-    xla_cpu.keep_freed_memory()
+  xla_cpu.keep_freed_memory_on_cpu()
   config = _CONFIG.value
   if _MODE.value == "train":
     from mtaclip_jax import train  # pylint: disable=g-import-not-at-top

@@ -375,10 +375,8 @@ def main(argv):
   absl_logging.set_verbosity(absl_logging.WARNING)  # orbax is chatty at INFO
   if len(argv) > 1:
     raise ValueError(f"unexpected arguments: {argv[1:]}")
-  import jax  # pylint: disable=g-import-not-at-top
   from mtaclip_jax import xla_cpu  # pylint: disable=g-import-not-at-top
-  if jax.default_backend() == "cpu":
-    xla_cpu.keep_freed_memory()
+  xla_cpu.keep_freed_memory_on_cpu()
   f = flags.FLAGS
   failures = run(f.config if f.artifact is None else None, f.workdir, f.images, f.out,
                  f.mode, f.classes, f.artifact, batch=f.batch)

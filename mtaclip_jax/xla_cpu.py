@@ -10,7 +10,7 @@ fusions) is appended to XLA_FLAGS before jax creates its CPU client. Only for th
 jaxlib versions where the flag was measured (an unknown flag aborts XLA); it has no
 effect on GPU or TPU.
 
-`keep_freed_memory()` (called by the entry points when the backend is the CPU):
+`keep_freed_memory()` (the entry points call `keep_freed_memory_on_cpu()`):
 XLA:CPU mallocs each step's temporaries (6.6 GiB for the 512x512 batch-2 train
 step). glibc serves blocks over 32 MiB with fresh mmaps and unmaps them on free, so
 every step page-faults and zero-fills all of them again: a third of the step went to
@@ -60,3 +60,9 @@ def keep_freed_memory() -> bool:
     return False  # another allocator (e.g. jemalloc via LD_PRELOAD) serves malloc
   mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
   return bool(mallopt(M_MMAP_MAX, 0)) and bool(mallopt(M_TRIM_THRESHOLD, -1))
+
+
+def keep_freed_memory_on_cpu() -> bool:
+  """`keep_freed_memory()` when jax's default backend is the CPU (entry points)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  return jax.default_backend() == "cpu" and keep_freed_memory()
