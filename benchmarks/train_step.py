@@ -38,6 +38,8 @@ def _args(argv=None):
   p.add_argument("--inference", action="store_true",
                  help="time a forward pass at batch 1 instead of a train step")
   p.add_argument("--bf16", action="store_true")
+  p.add_argument("--micro-batches", type=int, default=1,
+                 help="ours: gradient accumulation over N micro-batches of the batch")
   p.add_argument("--max-batch", type=int, default=0,
                  help="also find the largest batch of the full step that fits, up to N")
   p.add_argument("--text", action="store_true",
@@ -115,6 +117,7 @@ def ours(variant, args, batch, keep=None):
   config.data.crop_size = (args.size, args.size)
   config.data.batch_size = args.batch
   config.data.max_segments = args.max_segments
+  config.train.micro_batches = getattr(args, "micro_batches", 1)
   mesh = sharding.make_mesh(config.mesh)
   model = mtaclip.build_model(config.model)
   tokens = runtime.class_tokens(config)
@@ -258,6 +261,8 @@ def main(args):
   # As the entry points do on CPU; it holds for the whole process, transformers included.
   malloc = xla_cpu.keep_freed_memory_on_cpu()
   what = "inference (batch 1)" if args.inference else f"train step (batch {args.batch})"
+  if args.micro_batches > 1 and not args.inference:
+    what += f", ours as {args.micro_batches} micro-batches"
   print(f"{what} at {args.size}x{args.size}, {args.threads} threads, "
         f"jax {jax.__version__} on {jax.devices()[0].platform}; LD_PRELOAD="
         f"{os.environ.get('LD_PRELOAD', '') or '(none)'}; XLA_FLAGS="

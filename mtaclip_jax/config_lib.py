@@ -147,6 +147,7 @@ def paper_config(dataset: str, backbone: str, arg: str | None = None
       checkpoint_every=4000,
       max_to_keep=3,
       on_nan="stop",
+      micro_batches=1,  # gradient accumulation: micro-batches per step (accumulate.py)
   ))
   c.mesh = ml_collections.ConfigDict(dict(
       data=-1,  # -1: all devices not used by the other axes

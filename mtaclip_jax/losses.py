@@ -9,7 +9,9 @@ are summed over layers, as Mask2Former's auxiliary losses.
 Normalisation: mask/dice sums over matched pairs are divided by the number of valid
 ground-truth segments of the whole (global) batch, clamped to >= 1; class CE and the
 similarity loss are weighted means over all queries of the global batch. Under a
-jit with batch shardings these reductions are global by construction.
+jit with batch shardings these reductions are global by construction; a step split
+into micro-batches (accumulate.py) passes the whole batch's `batch_normalizers`, so
+its micro-batch losses add up to the whole batch's loss.
 
 Random points are drawn from `rng`; a `points` dict (see `draw_points`) can be
 passed instead, which the parity tests use to feed transformers the same points.
@@ -68,18 +70,43 @@ def query_targets(indices: jax.Array, classes: jax.Array, valid: jax.Array,
     return jnp.where(matched, cls, none_class).astype(jnp.int32), matched
 
 
-def class_loss(logits: jax.Array, target: jax.Array, weights: jax.Array) -> jax.Array:
+def batch_normalizers(valid: jax.Array, num_queries: int, no_object_weight: float) -> dict:
+    """The loss denominators of a whole batch, from its valid slots alone.
+
+    valid [B, T] -> {"num_masks": number of valid segments (>= 1), "class_weights": the
+    sum of the per-query class weights, which is the same on every layer: the matcher
+    gives each valid segment its own query (min(segments, Q) matched per image), every
+    other query weighs `no_object_weight`}.
+    """
+    valid = jnp.asarray(valid).astype(bool)
+    per_image = jnp.minimum(jnp.sum(valid, axis=1), num_queries).astype(jnp.float32)
+    matched = jnp.sum(per_image)
+    unmatched = valid.shape[0] * num_queries - matched
+    return {"num_masks": jnp.maximum(jnp.sum(valid).astype(jnp.float32), 1.0),
+            "class_weights": matched + no_object_weight * unmatched}
+
+
+def _weighted_mean(weights, values, denom):
+    """Per layer sum(weights * values) / denom, denom = sum(weights) when None."""
+    total = jnp.sum(weights * values, axis=(1, 2))
+    return total / (jnp.sum(weights, axis=(1, 2)) if denom is None else denom)
+
+
+def class_loss(logits: jax.Array, target: jax.Array, weights: jax.Array,
+               denom: jax.Array | None = None) -> jax.Array:
     """Weighted-mean CE per layer (torch CrossEntropyLoss(weight=...) semantics).
 
-    logits [L, B, Q, C+1], target [L, B, Q], weights [L, B, Q] -> [L].
+    logits [L, B, Q, C+1], target [L, B, Q], weights [L, B, Q] -> [L]. `denom`: the
+    whole batch's weight sum when these are one micro-batch's queries.
     """
     logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
     nll = -jnp.take_along_axis(logp, target[..., None], axis=-1)[..., 0]
-    return jnp.sum(weights * nll, axis=(1, 2)) / jnp.sum(weights, axis=(1, 2))
+    return _weighted_mean(weights, nll, denom)
 
 
 def similarity_loss(m_proj: jax.Array, t_proj: jax.Array, target: jax.Array,
-                    weights: jax.Array, neg: str = "mix", tau: float = 1.0) -> jax.Array:
+                    weights: jax.Array, neg: str = "mix", tau: float = 1.0,
+                    denom: jax.Array | None = None) -> jax.Array:
     """Mask-text contrastive loss of MTA-CLIP (paper Eq. 8 MixNeg, Eq. 9 SeparateNeg).
 
     S(m, t) = m'.t' / tau. Query i with target class j (C = "none" when unmatched)
@@ -91,6 +118,7 @@ def similarity_loss(m_proj: jax.Array, t_proj: jax.Array, target: jax.Array,
       m_proj: [L, B, Q, D]; t_proj: [L, B, K, C+1, D] (L2-normalised).
       target: [L, B, Q] int class per query; weights: [L, B, Q].
       neg: "mix" | "separate".
+      denom: as `class_loss`.
 
     Returns:
       [L] weighted mean over queries of -log softmax(positive).
@@ -110,9 +138,8 @@ def similarity_loss(m_proj: jax.Array, t_proj: jax.Array, target: jax.Array,
     else:
         pos = (jnp.arange(k) == k_pos[..., None])[..., None] & own[..., None, :]
         keep = ~own[..., None, :] | pos
-    denom = jax.nn.logsumexp(jnp.where(keep, s, -jnp.inf), axis=(-2, -1))
-    nll = denom - s_pos
-    return jnp.sum(weights * nll, axis=(1, 2)) / jnp.sum(weights, axis=(1, 2))
+    log_norm = jax.nn.logsumexp(jnp.where(keep, s, -jnp.inf), axis=(-2, -1))
+    return _weighted_mean(weights, log_norm - s_pos, denom)
 
 
 def _point_losses(masks, target_masks, query_index, valid, key, draws, loss_config, mesh):
@@ -143,7 +170,8 @@ def _point_losses(masks, target_masks, query_index, valid, key, draws, loss_conf
 
 
 def compute_loss(outputs: dict, batch: dict, rng: jax.Array, loss_config, num_classes: int,
-                 *, mesh=None, points: dict | None = None) -> tuple[jax.Array, dict]:
+                 *, mesh=None, points: dict | None = None,
+                 normalizers: dict | None = None) -> tuple[jax.Array, dict]:
     """Total training loss and its terms (CONTRACT.md "Losses").
 
     Args:
@@ -155,6 +183,8 @@ def compute_loss(outputs: dict, batch: dict, rng: jax.Array, loss_config, num_cl
       num_classes: C (without "none").
       mesh: mesh for the matching callback (default: the current mesh).
       points: optional dict of `draw_points` arrays to use instead of `rng`.
+      normalizers: the whole batch's `batch_normalizers` when `batch` is one of its
+        micro-batches (default: this batch's own counts).
 
     Returns:
       (loss, metrics): metrics hold the per-term sums over layers (`loss_ce`,
@@ -185,20 +215,24 @@ def compute_loss(outputs: dict, batch: dict, rng: jax.Array, loss_config, num_cl
 
     bce, dice = _point_losses(masks, target_masks, query_index, valid, k_points, draws,
                               loss_config, mesh)  # [L, B, T]
-    num_masks = jnp.maximum(jnp.sum(valid).astype(jnp.float32), 1.0)
+    if normalizers is None:
+        num_masks, class_weights = jnp.maximum(jnp.sum(valid).astype(jnp.float32), 1.0), None
+    else:
+        num_masks, class_weights = normalizers["num_masks"], normalizers["class_weights"]
     loss_mask = jnp.sum(bce, axis=(1, 2)) / num_masks
     loss_dice = jnp.sum(dice, axis=(1, 2)) / num_masks
 
     target_q, matched = query_targets(indices, classes, valid, q, num_classes)
     weights = jnp.where(matched, 1.0, loss_config.no_object_weight)
-    loss_ce = class_loss(logits, target_q, weights)
+    loss_ce = class_loss(logits, target_q, weights, class_weights)
 
     terms = {"loss_ce": loss_ce, "loss_mask": loss_mask, "loss_dice": loss_dice}
     weight = {"loss_ce": loss_config.class_weight, "loss_mask": loss_config.mask_weight,
               "loss_dice": loss_config.dice_weight}
     if loss_config.similarity and "m_proj" in outputs:
         terms["loss_sim"] = similarity_loss(outputs["m_proj"], outputs["t_proj"], target_q,
-                                            weights, neg=loss_config.neg, tau=loss_config.tau)
+                                            weights, neg=loss_config.neg, tau=loss_config.tau,
+                                            denom=class_weights)
         weight["loss_sim"] = loss_config.sim_weight
     total = sum(weight[name] * jnp.sum(v) for name, v in terms.items())
     metrics = {name: jnp.sum(v) for name, v in terms.items()}

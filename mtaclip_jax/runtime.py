@@ -116,6 +116,11 @@ def check_batch(config: ml_collections.ConfigDict, mesh) -> None:
   if b % jax.process_count():
     raise ConfigError(f"config.data.batch_size={b} is not divisible by the "
                       f"{jax.process_count()} processes")
+  m = int(config.train.get("micro_batches", 1))
+  if m < 1 or b % (m * n):
+    raise ConfigError(f"config.train.micro_batches={m}: the batch of {b} must split into "
+                      f"{m} micro-batches that each still divide over the mesh's data axis "
+                      f"({n} devices), i.e. batch_size % (micro_batches * {n}) == 0")
 
 
 def class_tokens(config: ml_collections.ConfigDict) -> jax.Array:

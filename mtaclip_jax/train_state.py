@@ -11,7 +11,8 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from mtaclip_jax import losses, optim, sharding
+from mtaclip_jax import accumulate, losses, optim, sharding
+from mtaclip_jax.models import mtaclip
 
 
 @flax.struct.dataclass
@@ -68,6 +69,20 @@ def init_state_sharded(model, tx, config, class_tokens, rng, mesh):
   return init(class_tokens, rng), shardings
 
 
+def _loss(trainable, frozen, stats, batch, class_tokens, rng, *, model, config,
+          text_embeddings=None, normalizers=None):
+  """The training loss of `batch` -> (loss, (metrics, updated BatchNorm statistics))."""
+  variables = {"params": optim.unflatten({**trainable, **frozen})}
+  if stats:
+    variables["batch_stats"] = stats
+  outputs, mutated = model.apply(variables, batch["image"], class_tokens, train=True,
+                                 text_embeddings=text_embeddings,
+                                 mutable=["batch_stats"] if stats else [])
+  loss, metrics = losses.compute_loss(outputs, batch, rng, config.loss,
+                                      config.model.num_classes, normalizers=normalizers)
+  return loss, (metrics, mutated.get("batch_stats", stats))
+
+
 def train_step(state: TrainState, batch: dict, class_tokens: jax.Array, *, model,
                tx: optax.GradientTransformation, config: ml_collections.ConfigDict
                ) -> tuple[TrainState, dict]:
@@ -75,21 +90,15 @@ def train_step(state: TrainState, batch: dict, class_tokens: jax.Array, *, model
   trainable, frozen = optim.split_trainable(state.params, config.optim)
   rng, step_rng = jax.random.split(state.rng)
   step_rng = jax.random.fold_in(step_rng, state.step)
-  mutable = ["batch_stats"] if state.batch_stats else []
-
-  def loss_fn(trainable_params):
-    params = optim.unflatten({**trainable_params, **frozen})
-    variables = {"params": params}
-    if state.batch_stats:
-      variables["batch_stats"] = state.batch_stats
-    outputs, mutated = model.apply(variables, batch["image"], class_tokens,
-                                   train=True, mutable=mutable)
-    loss, metrics = losses.compute_loss(outputs, batch, step_rng, config.loss,
-                                        config.model.num_classes)
-    return loss, (metrics, mutated.get("batch_stats", state.batch_stats))
-
-  (loss, (metrics, new_stats)), grads = jax.value_and_grad(
-      loss_fn, has_aux=True)(trainable)
+  micro_batches = int(config.train.get("micro_batches", 1))
+  if micro_batches > 1:
+    (loss, (metrics, new_stats)), grads = _accumulated_value_and_grad(
+        state, batch, class_tokens, trainable, frozen, step_rng, micro_batches,
+        model=model, config=config)
+  else:
+    (loss, (metrics, new_stats)), grads = jax.value_and_grad(_loss, has_aux=True)(
+        trainable, frozen, state.batch_stats, batch, class_tokens, step_rng,
+        model=model, config=config)
   updates, new_opt_state = tx.update(grads, state.opt_state, trainable)
   new_trainable = optax.apply_updates(trainable, updates)
   grad_norm = optax.global_norm(grads)
@@ -109,6 +118,35 @@ def train_step(state: TrainState, batch: dict, class_tokens: jax.Array, *, model
   metrics.update(loss=loss, grad_norm=grad_norm, finite=finite,
                  lr=optim.learning_rate_schedule(config.optim)(state.step))
   return new_state, metrics
+
+
+def _is_text(path: str) -> bool:
+  return path == "contexts" or path.startswith("text_encoder/")
+
+
+def _accumulated_value_and_grad(state, batch, class_tokens, trainable, frozen, step_rng,
+                                micro_batches, *, model, config):
+  """`_loss`'s value and gradient over `micro_batches` micro-batches (accumulate.py):
+  the prompted text tower once per step, the losses normalised by the whole batch."""
+  norms = losses.batch_normalizers(batch["valid"], config.model.num_queries,
+                                   config.loss.no_object_weight)
+  text_trainable = {k: v for k, v in trainable.items() if _is_text(k)}
+  text_frozen = {k: v for k, v in frozen.items() if _is_text(k)}
+  rest = {k: v for k, v in trainable.items() if not _is_text(k)}
+
+  def text_fn(text_params):
+    variables = {"params": optim.unflatten({**text_params, **text_frozen})}
+    return mtaclip.encode_classes(model, variables, class_tokens)
+
+  def micro_loss(params, t0, micro, index, stats):
+    return _loss(params, frozen, stats, micro, class_tokens,
+                 jax.random.fold_in(step_rng, index), model=model, config=config,
+                 text_embeddings=t0, normalizers=norms)
+
+  text = dict(text_fn=text_fn, text_params=text_trainable) if model.text_queries else {}
+  out, (grads, text_grads) = accumulate.value_and_grad(
+      micro_loss, rest, accumulate.split(batch, micro_batches), state.batch_stats, **text)
+  return out, {**grads, **(text_grads or {})}
 
 
 def jit_train_step(model, tx, config, state_shard, mesh):

@@ -2,7 +2,8 @@
 
 Three train steps on the same batches on 1 device and on an 8-device mesh (data
 parallel, and data parallel + FSDP parameter sharding) must give the same losses and
-parameters. Prints one line "OK max_param_diff=... max_loss_diff=..." on success;
+parameters; so must 2 micro-batches per step (gradient accumulation) on 1 device and
+on 4 data-parallel devices. Prints one line "OK max_param_diff=... max_loss_diff=..." on success;
 also prints the compiled per-device memory of each variant.
 """
 
@@ -54,6 +55,19 @@ def run(config, devices, batches):
   return np.array(losses), jax.device_get(optim.flatten(state.params))
 
 
+def compare(name, ref, got):
+  """(worst parameter diff relative to its largest magnitude, worst loss diff)."""
+  (ref_loss, ref_params), (loss, params) = ref, got
+  diffs = {}
+  for k, v in ref_params.items():
+    err = float(np.max(np.abs(params[k] - v)))
+    scale = max(float(np.max(np.abs(v))), 1e-2)  # i.e. >= 1e-7 absolute
+    diffs[k] = err / scale
+  for k in sorted(diffs, key=diffs.get)[-5:]:
+    print(f"{name} {k}: {diffs[k]:.3g} (max |ref| {np.max(np.abs(ref_params[k])):.3g})")
+  return max(diffs.values()), float(np.max(np.abs(loss - ref_loss) / np.abs(ref_loss)))
+
+
 def main(root):
   config = train_fixtures.tiny_config(root, steps=STEPS, batch=8)
   config.optim.eps = ADAM_EPS
@@ -61,22 +75,19 @@ def main(root):
   batches = [next(it) for _ in range(STEPS)]
   devices = jax.devices()
   assert len(devices) == 8, devices
-  ref_loss, ref_params = run(config, devices[:1], batches)
+  ref = run(config, devices[:1], batches)
   worst_p, worst_l = 0.0, 0.0
   for fsdp in (False, True):
     config.mesh.fsdp = fsdp
     config.mesh.fsdp_min_size = 1024
-    loss, params = run(config, devices, batches)
-    worst_l = max(worst_l, float(np.max(np.abs(loss - ref_loss) / np.abs(ref_loss))))
-    diffs = {}
-    for k, v in ref_params.items():
-      err = float(np.max(np.abs(params[k] - v)))
-      scale = max(float(np.max(np.abs(v))), 1e-2)  # i.e. >= 1e-7 absolute
-      diffs[k] = err / scale
-    for k in sorted(diffs, key=diffs.get)[-5:]:
-      print(f"fsdp={fsdp} {k}: {diffs[k]:.3g} (max |ref| {np.max(np.abs(ref_params[k])):.3g})")
-    worst_p = max(worst_p, max(diffs.values()))
-  print(f"losses 1 device: {ref_loss}")
+    p, l = compare(f"fsdp={fsdp}", ref, run(config, devices, batches))
+    worst_p, worst_l = max(worst_p, p), max(worst_l, l)
+  config.mesh.fsdp = False
+  config.train.micro_batches = 2
+  micro_ref = run(config, devices[:1], batches)
+  p, l = compare("micro_batches=2", micro_ref, run(config, devices[:4], batches))
+  worst_p, worst_l = max(worst_p, p), max(worst_l, l)
+  print(f"losses 1 device: {ref[0]}; with 2 micro-batches: {micro_ref[0]}")
   print(f"OK max_param_diff={worst_p:.3g} max_loss_diff={worst_l:.3g}")
 
 

@@ -1,4 +1,5 @@
-"""8 fake CPU devices (data parallel, and + FSDP) train exactly like one device."""
+"""8 fake CPU devices (data parallel, and + FSDP) train exactly like one device; so do 4
+with 2 micro-batches per step."""
 
 import os
 import re
