@@ -7,6 +7,8 @@ accumulation, meant for GPUs and TPUs). On XLA:CPU the scanned step is slow: 256
 batch 2 as 2 micro-batches took 30 s per step against 3.5-4.4 s for the same loop
 unrolled (measured in session 4); unrolled, XLA:CPU kept every micro-batch's
 activations alive (batch 16 as 4 micro-batches asked for 26.9 GB), so the scan stays.
+A profile shows XLA:CPU running the loop body's convolutions as slow generic loops
+instead of its convolution library (docs/BENCHMARKS.md, "Session 4").
 
 The step's loss and gradient are the whole batch's: every micro-batch loss is
 normalised by the whole batch's counts (`losses.batch_normalizers`), so the
