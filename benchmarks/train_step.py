@@ -19,6 +19,8 @@ number of cores, so both sides use the same threads.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
 import os
 import sys
 import time
@@ -44,6 +46,9 @@ def _args(argv=None):
                  help="also find the largest batch of the full step that fits, up to N")
   p.add_argument("--text", action="store_true",
                  help="also time the prompted text tower alone (forward + backward)")
+  p.add_argument("--lock", default="",
+                 help="file locked around every timed section, so that processes that "
+                      "compile side by side take turns on the device (gpu.sh)")
   return p.parse_args(argv)
 
 
@@ -79,22 +84,44 @@ def fake_batch(batch, size, segments, slots, num_classes=150, seed=0):
 
 CPU_SECONDS = []  # process CPU seconds per timed step of the last `timed` call
 SETUP_SECONDS = []  # wall seconds of the last `ours` call's state init + compile
+LOCK = [""]  # --lock: the file locked around each timed section
+
+
+@contextlib.contextmanager
+def exclusive():
+  """Holds --lock (if any) so that only one process times on the device at once."""
+  if not LOCK[0]:
+    yield
+    return
+  with open(LOCK[0], "a") as f:
+    fcntl.flock(f, fcntl.LOCK_EX)
+    try:
+      yield
+    finally:
+      fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def timed(fn, steps, warmup):
   """Wall seconds of each of `steps` calls after `warmup` calls; the process CPU
   seconds of the same calls go to CPU_SECONDS (all threads; on a shared machine a
   fairer comparison than wall time)."""
-  for _ in range(warmup):
-    fn()
-  times = []
-  CPU_SECONDS.clear()
-  for _ in range(steps):
-    t, c = time.perf_counter(), time.process_time()
-    fn()
-    times.append(time.perf_counter() - t)
-    CPU_SECONDS.append(time.process_time() - c)
+  with exclusive():
+    for _ in range(warmup):
+      fn()
+    times = []
+    CPU_SECONDS.clear()
+    for _ in range(steps):
+      t, c = time.perf_counter(), time.process_time()
+      fn()
+      times.append(time.perf_counter() - t)
+      CPU_SECONDS.append(time.process_time() - c)
   return np.array(times)
+
+
+def stamp(what, since):
+  """Prints how long a set-up phase took (a run cut off by a time limit still says
+  where its time went)."""
+  print(f"  [{what}: {time.perf_counter() - since:.1f} s]", flush=True)
 
 
 def matmul_peak(dtype=jnp.float32):
@@ -106,42 +133,54 @@ def matmul_peak(dtype=jnp.float32):
   return 2 * n ** 3 / np.median(t) / 1e9
 
 
-def ours(variant, args, batch, keep=None):
-  """`keep`: optional dict that receives the compiled executable as keep['compiled']."""
-  from mtaclip_jax import config_lib, inference, optim, runtime, sharding, train_state
+def _setup(variant, args, batch_size):
+  """The paper's ADE20k RN50 config at the benchmark's size -> (config, mesh, model,
+  class tokens, optimizer)."""
+  from mtaclip_jax import config_lib, optim, runtime, sharding
   from mtaclip_jax.models import mtaclip
   arg = "baseline" if variant == "baseline" else ""
   if args.bf16:
     arg = ",".join(a for a in (arg, "bf16") if a)
   config = config_lib.paper_config("ade20k", "RN50", arg)
   config.data.crop_size = (args.size, args.size)
-  config.data.batch_size = args.batch
+  config.data.batch_size = batch_size
   config.data.max_segments = args.max_segments
   config.train.micro_batches = getattr(args, "micro_batches", 1)
-  mesh = sharding.make_mesh(config.mesh)
-  model = mtaclip.build_model(config.model)
-  tokens = runtime.class_tokens(config)
-  tx = optim.make_optimizer(config.optim)
+  return (config, sharding.make_mesh(config.mesh), mtaclip.build_model(config.model),
+          runtime.class_tokens(config), optim.make_optimizer(config.optim))
+
+
+def ours(variant, args, batch, keep=None):
+  """`keep`: optional dict that receives the compiled executable as keep['compiled']."""
+  from mtaclip_jax import inference, sharding, train_state
+  config, mesh, model, tokens, tx = _setup(variant, args, args.batch)
   start = time.perf_counter()
   with jax.set_mesh(mesh):
     state, shard = train_state.init_state_sharded(model, tx, config, tokens,
                                                   jax.random.key(0), mesh)
+    jax.block_until_ready(state)
+    stamp(f"{variant}: state initialised", start)
     if args.inference:  # as evaluate/predict: the prompts are encoded once, not timed
       images = jnp.asarray(batch["image"][:1])
       t0 = inference.text_embeddings(model, state.variables(), tokens)
       fwd = jax.jit(lambda v, x, t: inference.apply_model(model, v, x, tokens, t))
-      compiled = fwd.lower(state.variables(), images, t0).compile()
+      lowered = fwd.lower(state.variables(), images, t0)
+      stamp(f"{variant}: inference traced", start)
+      compiled = lowered.compile()
       run = lambda: jax.block_until_ready(compiled(state.variables(), images, t0))
     else:
       step = train_state.jit_train_step(model, tx, config, shard, mesh)
       gb = sharding.global_batch(batch, mesh)
-      compiled = step.lower(state, gb, tokens).compile()
+      lowered = step.lower(state, gb, tokens)
+      stamp(f"{variant}: step traced", start)
+      compiled = lowered.compile()
       holder = {"state": state}
 
       def run():
         holder["state"], m = compiled(holder["state"], gb, tokens)
         jax.block_until_ready(m["loss"])
     SETUP_SECONDS[:] = [time.perf_counter() - start]
+    stamp(f"{variant}: compiled", start)
     if keep is not None:
       keep["compiled"] = compiled
     cost = compiled.cost_analysis()
@@ -157,37 +196,60 @@ def compiled_bytes(mem) -> int:
              + mem.temp_size_in_bytes - mem.alias_size_in_bytes)
 
 
+def step_bytes(args, batch_size: int) -> int:
+  """Device bytes of the full step compiled at `batch_size` from abstract inputs (no
+  state or batch is allocated)."""
+  from mtaclip_jax import train_state  # pylint: disable=g-import-not-at-top
+  config, mesh, model, tokens, tx = _setup("full", args, batch_size)
+  one = fake_batch(1, args.size, args.segments, args.max_segments)
+  batch = {k: jax.ShapeDtypeStruct((batch_size,) + v.shape[1:], v.dtype)
+           for k, v in one.items()}
+  with jax.set_mesh(mesh):
+    abstract = train_state.abstract_state(model, tx, config, tokens, jax.random.key(0))
+    shard = train_state.state_shardings(abstract, config, mesh)
+    step = train_state.jit_train_step(model, tx, config, shard, mesh)
+    return compiled_bytes(step.lower(abstract, batch, tokens).compile().memory_analysis())
+
+
 def max_batch(args, limit: int) -> tuple[int, list[str]]:
   """Largest batch (multiple of 8, <= limit) of the full step that fits the device:
-  compiled memory at batches 8 and 16 extrapolated linearly, then the prediction is
-  compiled and run (and 8 less if it fails). Returns it and the probe log."""
+  the compiled memory at batches 16 and 32 (compile only) extrapolated linearly, then
+  the prediction compiled and run (and 8 less if that fails). Returns it and the log."""
   import copy  # pylint: disable=g-import-not-at-top
   stats = jax.devices()[0].memory_stats() or {}
   capacity = stats.get("bytes_limit", 0)
   log, need = [], {}
 
-  def probe(b):
-    a = copy.copy(args)
-    a.batch, a.steps, a.warmup = b, 1, 1
-    batch = fake_batch(b, args.size, args.segments, args.max_segments)
-    try:
-      times, _, mem = ours("full", a, batch)
-    except Exception as e:  # pylint: disable=broad-except
-      log.append(f"batch {b}: failed ({type(e).__name__}: {str(e).splitlines()[0][:160]})")
-      return False
-    need[b] = compiled_bytes(mem)
-    log.append(f"batch {b}: compiled step needs {need[b] / 2**30:.1f} GiB of "
-               f"{capacity / 2**30:.1f}; {times[0]:.3f} s/step, {b / times[0]:.1f} img/s")
-    return need[b] <= capacity if capacity else True
+  def note(line):
+    log.append(line)
+    print(line, flush=True)
 
-  if not capacity or not (probe(8) and probe(16)):
-    return 0, log + ["no memory limit reported or batch 16 does not fit"]
-  per_image = max((need[16] - need[8]) / 8, 1)
-  best = min(limit, 16 + int((capacity - need[16]) / per_image)) // 8 * 8
-  log.append(f"linear estimate: {per_image / 2**30:.2f} GiB per image -> batch {best}")
-  while best > 16 and not probe(best):
-    best -= 8
-  return best, log
+  if not capacity:
+    note("the device reports no memory limit")
+    return 0, log
+
+  for b in (16, 32):
+    start = time.perf_counter()
+    need[b] = step_bytes(args, b)
+    note(f"batch {b}: compiled step needs {need[b] / 2**30:.1f} GiB of "
+         f"{capacity / 2**30:.1f} (compiled in {time.perf_counter() - start:.0f} s)")
+  per_image = max((need[32] - need[16]) / 16, 1)
+  best = min(limit, 32 + int((capacity - need[32]) / per_image)) // 8 * 8
+  note(f"linear estimate: {per_image / 2**30:.3f} GiB per image -> batch {best}")
+  while best >= 8:
+    a = copy.copy(args)
+    a.batch, a.steps, a.warmup = best, 2, 1
+    try:
+      times, _, _ = ours("full", a, fake_batch(best, args.size, args.segments,
+                                               args.max_segments))
+    except Exception as e:  # pylint: disable=broad-except
+      note(f"batch {best}: failed ({type(e).__name__}: {str(e).splitlines()[0][:160]})")
+      best -= 8
+      continue
+    note(f"batch {best}: ran, {np.median(times):.3f} s/step, "
+         f"{best / np.median(times):.1f} img/s")
+    return best, log
+  return 0, log
 
 
 def text_tower(args):
@@ -258,6 +320,7 @@ def hf(args, batch):
 
 def main(args):
   from mtaclip_jax import xla_cpu  # pylint: disable=g-import-not-at-top
+  LOCK[0] = args.lock
   # As the entry points do on CPU; it holds for the whole process, transformers included.
   malloc = xla_cpu.keep_freed_memory_on_cpu()
   what = "inference (batch 1)" if args.inference else f"train step (batch {args.batch})"
@@ -275,7 +338,7 @@ def main(args):
         f"T={args.max_segments} slots", flush=True)
   batch = fake_batch(args.batch, args.size, args.segments, args.max_segments)
   peak_dtype = jnp.bfloat16 if args.bf16 else jnp.float32
-  peak = matmul_peak(peak_dtype)
+  peak = matmul_peak(peak_dtype)  # timed under --lock, like every timed section
   print(f"measured {jnp.dtype(peak_dtype).name} matmul peak: {peak:.0f} GFLOP/s",
         flush=True)
   rows = {}
@@ -316,9 +379,9 @@ def main(args):
   if "full" in rows and "hf" in rows:
     print(f"(c)/(b) = {np.median(rows['hf']) / np.median(rows['full']):.2f}")
   if args.max_batch:
-    best, log = max_batch(args, args.max_batch)
-    print("\n".join(log))
-    print(f"largest batch of the full step that fits (multiple of 8, <= {args.max_batch}): "
+    best, _ = max_batch(args, args.max_batch)
+    print(f"largest batch of the full step that fits and ran (multiple of 8, <= "
+          f"{args.max_batch}): "
           f"{best}")
 
 
