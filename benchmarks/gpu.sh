@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # GPU benchmark (issue 8): this project and transformers' Mask2Former at bf16 on one
-# GPU, in one call of under 9 minutes. docs/BENCHMARKS.md: results.
+# GPU, in one call of under 9 minutes (LIMIT=360 fits one start + one call into
+# the device tool's 15 minutes). docs/BENCHMARKS.md: results.
 #
 #   bash benchmarks/gpu.sh [OUT_DIR]      # env: SIZE=512 BATCH=16 STEPS=5 LIMIT=400
 #
@@ -9,19 +10,22 @@
 # array_record, portpicker, dm-tree, ftfy, wcwidth and openai-clip (the
 # tokenizer's vocabulary) (docs/BENCHMARKS.md says how to fetch them).
 # Each part runs in its own process under a time limit, so one failing part does not
-# lose the others. XLA:GPU compiles this model for minutes (session 2: the full step
+# lose the others; the last part is a jax.profiler trace of the full step summarised
+# by HLO op (benchmarks/profile_step.py). XLA:GPU compiles this model for minutes (session 2: the full step
 # not within 220 s), so our four parts compile side by side (CPU work) and take turns
 # on the GPU: every timed section, the matmul peak included, holds one file lock.
 # transformers runs after our three timed parts, while at most the largest-batch probe
-# still compiles. XLA's autotuning is off (level 0: its heuristics' choices, no
-# timing of candidate kernels on the GPU) unless XLA_FLAGS says otherwise: it would
-# both lengthen the compiles and put work on the GPU while another part times.
+# still compiles. Unless XLA_FLAGS says otherwise, matmuls go to cuBLAS rather than
+# Triton (fewer candidates to autotune) and autotuning skips its buffer checks (level
+# 1): session 5 compiled every part inside 220 s that way. Level 0 (no autotuning)
+# was a disaster: 11 TFLOP/s bf16 matmuls and a 19 s baseline step (docs/BENCHMARKS.md).
 set -uo pipefail
 out=${1:-${OUT:-/tmp/mtaclip_gpu}}
 mkdir -p "$out"
 log="$out/gpu_benchmark.txt"
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 XLA_PYTHON_CLIENT_PREALLOCATE=false
-export XLA_FLAGS=${XLA_FLAGS:---xla_gpu_autotune_level=0}
+export XLA_PYTHON_CLIENT_MEM_FRACTION=0.92  # the largest-batch probe's memory limit
+export XLA_FLAGS=${XLA_FLAGS:---xla_gpu_autotune_level=1 --xla_gpu_enable_triton_gemm=false}
 if [ -z "${NO_WHEELS:-}" ] && ls .whl/*.whl >/dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
     --target /tmp/site .whl/*.whl || exit 1
@@ -36,9 +40,10 @@ python3 -c "import jax, flax, torch, transformers; print('jax', jax.__version__,
   jax.devices())" 2>&1 | tee -a "$log"
 
 part() {  # part NAME SECONDS ARGS...: one benchmark process with a time limit
-  local name=$1 limit=$2; shift 2
-  { echo "+ python3 -m benchmarks.train_step $*"
-    timeout "$limit" python3 -m benchmarks.train_step "$@" 2>&1 \
+  local name=$1 limit=$2 module=benchmarks.train_step; shift 2
+  [ "$name" = profile ] && module=benchmarks.profile_step
+  { echo "+ python3 -m $module $*"
+    timeout "$limit" python3 -m "$module" "$@" 2>&1 \
       | grep --line-buffered -v -E "^(W|I)[0-9]{4} "
     echo "(exit ${PIPESTATUS[0]}, $SECONDS s into the run)"; } > "$out/part_$name.txt"
 }
@@ -52,11 +57,14 @@ part inference "$limit" "${common[@]}" --inference --which full &
 p3=$!
 part max_batch $((limit + 60)) "${common[@]}" --which "" --max-batch 128 &
 p4=$!
+part profile $((limit + 60)) --size "$size" --batch "$batch" --variant full --bf16 \
+  --steps 2 --lock "$lock" --top 30 &
+p5=$!
 wait $p1 $p2 $p3
 part hf 120 "${common[@]}" --batch "$batch" --which hf
 part hf_inference 60 "${common[@]}" --inference --which hf
-wait $p4
-for name in full baseline inference hf hf_inference max_batch; do
+wait $p4 $p5
+for name in full baseline inference hf hf_inference max_batch profile; do
   cat "$out/part_$name.txt" >> "$log"
 done
 rm -f "$out"/part_*.txt "$lock"

@@ -1,10 +1,13 @@
 """Where the train step's time goes: a jax.profiler trace aggregated by HLO op.
 
   python -m benchmarks.profile_step [--size 512 --batch 2 --variant baseline|full]
+         [--bf16] [--steps 1] [--lock FILE]
 
-Runs one warm-up step and one profiled step, then prints the top ops by total time
-and the share per op category (convolution, dot, gather, scatter, sort/top-k,
-reduce, fusion, custom call / callback) read from the Perfetto trace.
+Runs one warm-up step and `--steps` profiled steps, then prints the top ops by total
+time and the share per op category (convolution, dot, gather, scatter, sort/top-k,
+reduce, fusion, custom call / callback) read from the Perfetto trace. On a GPU only
+the device's kernels count (the host's launch events are left out), each under the
+HLO op that launched it where the trace names one.
 """
 
 from __future__ import annotations
@@ -59,6 +62,29 @@ def hlo_sources(hlo_text: str) -> dict[str, str]:
   return out
 
 
+# Python, the enclosing step / executable spans and the host's launch bookkeeping.
+_SKIP = re.compile(r"^(\$|PjitFunction|.*Execute|XlaModule|Thunk|jit_)", re.I)
+
+
+def op_times(events: list[dict]) -> tuple[collections.Counter, str]:
+  """Seconds per op from Perfetto trace events -> (counter, what was counted). Where
+  the trace holds an accelerator's timeline, only its events count, named by the
+  `hlo_op` that launched them when given."""
+  device_pids = {e.get("pid") for e in events
+                 if e.get("ph") == "M" and e.get("name") == "process_name"
+                 and re.search(r"/device:(GPU|TPU)", str(e.get("args", {}).get("name")))}
+  per_op = collections.Counter()
+  for e in events:
+    if e.get("ph") != "X" or "dur" not in e:
+      continue
+    if device_pids and e.get("pid") not in device_pids:
+      continue
+    name = (e.get("args") or {}).get("hlo_op") or e.get("name", "?")
+    if not _SKIP.search(name):
+      per_op[name] += e["dur"] / 1e6
+  return per_op, ("device kernels" if device_pids else "host op events")
+
+
 def main():
   p = argparse.ArgumentParser()
   p.add_argument("--size", type=int, default=512)
@@ -66,10 +92,14 @@ def main():
   p.add_argument("--variant", default="baseline", choices=("baseline", "full"))
   p.add_argument("--top", type=int, default=25)
   p.add_argument("--hlo", default="", help="also write the optimised HLO text here")
+  p.add_argument("--bf16", action="store_true")
+  p.add_argument("--steps", type=int, default=1)
+  p.add_argument("--lock", default="", help="as benchmarks.train_step's --lock")
   a = p.parse_args()
   mtaclip_jax.xla_cpu.keep_freed_memory_on_cpu()  # as the entry points do
-  args = bench._args(["--size", str(a.size), "--batch", str(a.batch), "--steps", "1",
-                      "--warmup", "1"])
+  args = bench._args(["--size", str(a.size), "--batch", str(a.batch), "--steps",
+                      str(a.steps), "--warmup", "1"] + (["--bf16"] if a.bf16 else []))
+  bench.LOCK[0] = a.lock
   from mtaclip_jax import config_lib  # pylint: disable=g-import-not-at-top
   args.max_segments = config_lib.RECIPES["ade20k"]["max_segments"]
   batch = bench.fake_batch(args.batch, args.size, args.segments, args.max_segments)
@@ -77,27 +107,25 @@ def main():
   orig_timed = bench.timed
 
   def traced(fn, steps, warmup):
-    fn()
-    with jax.profiler.trace(out, create_perfetto_trace=True):
-      return orig_timed(fn, 1, 0)
+    with bench.exclusive():
+      for _ in range(warmup):
+        fn()
+      with jax.profiler.trace(out, create_perfetto_trace=True):
+        return orig_timed(fn, steps, 0)
 
   bench.timed = traced
   keep = {}
   times, flops, _ = bench.ours(a.variant, args, batch, keep)
-  print(f"profiled step: {times[0]:.2f} s, {flops / 1e9:.0f} GFLOP")
+  print(f"profiled steps: median {sorted(times)[len(times) // 2]:.3f} s, "
+        f"{flops / 1e9:.0f} GFLOP each")
   paths = glob.glob(os.path.join(out, "**", "*.trace.json.gz"), recursive=True)
   with gzip.open(paths[0], "rt") as f:
     events = json.load(f)
-  events = events.get("traceEvents", events)
-  per_op = collections.Counter()
-  for e in events:
-    if e.get("ph") == "X" and "dur" in e:
-      per_op[e.get("name", "?")] += e["dur"] / 1e6
-  # Keep device/XLA op events (skip Python and the enclosing step/executable spans).
-  skip = re.compile(r"^(\$|PjitFunction|.*Execute|XlaModule|Thunk|jit_)", re.I)
-  ops = {k: v for k, v in per_op.items() if not skip.search(k)}
+  ops, where_run = op_times(events.get("traceEvents", events) if isinstance(
+      events, dict) else events)
   total = sum(ops.values())
-  print(f"sum of op times {total:.2f} s (ops on 2 threads may overlap)")
+  print(f"sum of op times over {a.steps} step(s) {total:.3f} s ({where_run}; ops on "
+        f"several threads or streams may overlap)")
   cats = collections.Counter()
   for k, v in ops.items():
     cats[category(k)] += v

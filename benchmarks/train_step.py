@@ -85,19 +85,27 @@ def fake_batch(batch, size, segments, slots, num_classes=150, seed=0):
 CPU_SECONDS = []  # process CPU seconds per timed step of the last `timed` call
 SETUP_SECONDS = []  # wall seconds of the last `ours` call's state init + compile
 LOCK = [""]  # --lock: the file locked around each timed section
+_HELD = [0]  # nesting depth of `exclusive` in this process
 
 
 @contextlib.contextmanager
 def exclusive():
-  """Holds --lock (if any) so that only one process times on the device at once."""
-  if not LOCK[0]:
-    yield
-    return
-  with open(LOCK[0], "a") as f:
-    fcntl.flock(f, fcntl.LOCK_EX)
+  """Holds --lock (if any) so that only one process times on the device at once;
+  nested uses in one process hold it once."""
+  if not LOCK[0] or _HELD[0]:
+    _HELD[0] += 1
     try:
       yield
     finally:
+      _HELD[0] -= 1
+    return
+  with open(LOCK[0], "a") as f:
+    fcntl.flock(f, fcntl.LOCK_EX)
+    _HELD[0] += 1
+    try:
+      yield
+    finally:
+      _HELD[0] -= 1
       fcntl.flock(f, fcntl.LOCK_UN)
 
 
@@ -131,6 +139,16 @@ def matmul_peak(dtype=jnp.float32):
   f = jax.jit(lambda x: x @ x)
   t = timed(lambda: f(a).block_until_ready(), 3 if n == 4096 else 20, 1)
   return 2 * n ** 3 / np.median(t) / 1e9
+
+
+def hlo_flops(lowered) -> float:
+  """FLOPs of the program as traced, from XLA's cost analysis of the HLO before
+  optimisation. (The compiled program's analysis leaves out the convolutions and
+  matmuls that XLA:GPU hands to cuDNN / cuBLAS: 3258 instead of 7097 GFLOP for the
+  baseline step at batch 16; on CPU the two agree.)"""
+  cost = lowered.cost_analysis()
+  cost = cost[0] if isinstance(cost, list) else cost
+  return float((cost or {}).get("flops", 0.0))
 
 
 def _setup(variant, args, batch_size):
@@ -183,11 +201,10 @@ def ours(variant, args, batch, keep=None):
     stamp(f"{variant}: compiled", start)
     if keep is not None:
       keep["compiled"] = compiled
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, list) else cost
+    cost = hlo_flops(lowered)
     mem = compiled.memory_analysis()
     times = timed(run, args.steps, args.warmup)
-  return times, float(cost.get("flops", 0.0)), mem
+  return times, cost, mem
 
 
 def compiled_bytes(mem) -> int:
@@ -270,11 +287,11 @@ def text_tower(args):
     t = enc.apply(params, tokens, c, method="encode_prompts")
     return jnp.sum(t.astype(jnp.float32) ** 2)
 
-  compiled = jax.jit(jax.grad(loss)).lower(ctx).compile()
-  cost = compiled.cost_analysis()
-  cost = cost[0] if isinstance(cost, list) else cost
+  lowered = jax.jit(jax.grad(loss)).lower(ctx)
+  compiled = lowered.compile()
+  cost = hlo_flops(lowered)
   times = timed(lambda: jax.block_until_ready(compiled(ctx)), args.steps, args.warmup)
-  return times, float(cost.get("flops", 0.0))
+  return times, cost
 
 
 def hf(args, batch):
