@@ -85,6 +85,12 @@ def op_times(events: list[dict]) -> tuple[collections.Counter, str]:
   return per_op, ("device kernels" if device_pids else "host op events")
 
 
+def source_of(op: str, where: dict[str, str]) -> str:
+  """An op or kernel name's source line: XLA:GPU names a fusion's kernel after the
+  HLO instruction with "." as "_" (fusion.12 -> fusion_12)."""
+  return where.get(op) or where.get(re.sub(r"_(\d+)$", r".\1", op)) or "?"
+
+
 def main():
   p = argparse.ArgumentParser()
   p.add_argument("--size", type=int, default=512)
@@ -138,7 +144,7 @@ def main():
   where = hlo_sources(hlo)
   by_src = collections.Counter()
   for k, v in ops.items():
-    by_src[where.get(k, "?")] += v
+    by_src[source_of(k, where)] += v
   print("by source line (from the optimised HLO's metadata):")
   for k, v in by_src.most_common(a.top):
     print(f"  {v:7.3f} s  {100 * v / total:5.1f}%  {k}")
