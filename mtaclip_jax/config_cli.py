@@ -121,8 +121,11 @@ def user_errors() -> tuple[type[BaseException], ...]:
 def run_app(main, flags_parser=parse_flags_or_exit,
             also_user_errors: tuple[type[BaseException], ...] = ()) -> None:
   """absl `app.run(main)` for the CLIs: a user error (`user_errors()` and
-  `also_user_errors`) prints one `error: ...` line and exits 1; Ctrl-C exits 130."""
+  `also_user_errors`) prints one `error: ...` line and exits 1; Ctrl-C exits 130.
+  Libraries' background-thread tracebacks stay off the console (console.py)."""
   from absl import app  # pylint: disable=g-import-not-at-top
+  from mtaclip_jax import console  # pylint: disable=g-import-not-at-top
+  console.install()
   try:
     app.run(main, flags_parser=flags_parser)
   except KeyboardInterrupt:

@@ -1,0 +1,60 @@
+"""Keeps a failed run's console to the entry point's one `error:` line.
+
+When a checkpoint write fails (a full disk, a quota, permissions), orbax logs the
+failure from each of its background threads with a full traceback, and tensorstore's
+callbacks then hit the closed asyncio event loop hundreds of times ("RuntimeError:
+Event loop is closed"): over 4000 lines of stderr before the one line that says what
+happened and what to do (measured on the disk-full test, tests/test_faults.py).
+`install()` drops the tracebacks of the libraries' absl log records (their one-line
+messages stay) and the closed-loop noise. `MTACLIP_TRACEBACKS=1` keeps everything.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import threading
+
+_CLOSED_LOOP = "Event loop is closed"
+
+
+def _closed_loop(exc: BaseException | None) -> bool:
+  return isinstance(exc, RuntimeError) and str(exc) == _CLOSED_LOOP
+
+
+class _NoLibraryTracebacks(logging.Filter):
+  """On the "absl" logger, which the libraries (orbax) log through; this project logs
+  through its own loggers, so its messages are untouched."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    if record.exc_info:
+      record.exc_info = None
+      record.exc_text = None
+    return True
+
+
+def install() -> None:
+  """Idempotent; a no-op under MTACLIP_TRACEBACKS=1."""
+  if os.environ.get("MTACLIP_TRACEBACKS") == "1" or getattr(install, "done", False):
+    return
+  install.done = True
+  logging.getLogger("absl").addFilter(_NoLibraryTracebacks())
+  excepthook, thread_hook, unraisable = (sys.excepthook, threading.excepthook,
+                                         sys.unraisablehook)
+
+  def quiet_excepthook(kind, value, tb):
+    if not _closed_loop(value):
+      excepthook(kind, value, tb)
+
+  def quiet_thread_hook(args):
+    if not _closed_loop(args.exc_value):
+      thread_hook(args)
+
+  def quiet_unraisable(args):
+    if not _closed_loop(args.exc_value):
+      unraisable(args)
+
+  sys.excepthook = quiet_excepthook
+  threading.excepthook = quiet_thread_hook
+  sys.unraisablehook = quiet_unraisable
