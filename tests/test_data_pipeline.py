@@ -156,3 +156,13 @@ def test_multiprocess_workers_same_batches_resume_and_errors(root, tmp_path):
   with pytest.raises(Exception, match="ADE_train_00000002.jpg: cannot decode image"):
     _take(it, 6)  # raises in the main process; workers do not hang
   it.close()
+  # A crop larger than the images with padding disabled: the worker's CropConfigError
+  # reaches the main process with its type (the CLI prints user errors in one line).
+  cfg = _config(root, num_workers=2)
+  cfg.transforms = [t for t in cfg.transforms if not t.startswith("pad")]
+  cfg.transforms = ["random_crop(size=(4000, 4000))" if t.startswith("random_crop")
+                    else t for t in cfg.transforms]
+  it = pipeline.make_train_iterator(cfg, 5, 0, 1)
+  with pytest.raises(transforms.CropConfigError, match=r"ADE_train_\d+: .*pad\(size="):
+    next(it)
+  it.close()
