@@ -16,7 +16,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from mtaclip_jax import checkpoint, optim, runtime, sharding, train_state
+from mtaclip_jax import checkpoint, compile_ahead, optim, runtime, sharding, train_state
 from mtaclip_jax.models import mtaclip
 
 log = logging.getLogger(__name__)
@@ -67,13 +67,26 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   tx = optim.make_optimizer(config.optim)
   class_tokens = rt.class_tokens()
   rng = jax.random.key(config.seed)
+  data_iter = rt.train_iterator()  # a bad dataset is named before anything compiles
   with jax.set_mesh(mesh):
-    state, state_shard = train_state.init_state_sharded(
-        model, tx, config, class_tokens, rng, mesh)
-    state = runtime.load_pretrained(state, config, model)
-    step_fn = train_state.jit_train_step(model, tx, config, state_shard, mesh)
+    abstract = train_state.abstract_state(model, tx, config, class_tokens, rng)
+    state_shard = train_state.state_shardings(abstract, config, mesh)
+    # The step compiles in a thread while the state initialises (compile_ahead.py).
+    step_fn = compile_ahead.AheadOfTimeStep(
+        train_state.jit_train_step(model, tx, config, state_shard, mesh), abstract,
+        state_shard, compile_ahead.batch_spec(config), class_tokens, mesh)
+  try:
+    return _train(config, workdir, rt, mesh, model, tx, class_tokens, rng, state_shard,
+                  step_fn, data_iter)
+  finally:
+    step_fn.wait()  # an error before the first step ends the process only after it
 
-  data_iter = rt.train_iterator()
+
+def _train(config, workdir, rt, mesh, model, tx, class_tokens, rng, state_shard,
+           step_fn, data_iter) -> dict:
+  with jax.set_mesh(mesh):
+    state = train_state.init_state(model, tx, config, class_tokens, rng, state_shard)
+    state = runtime.load_pretrained(state, config, model)
   ckpt = checkpoint.Checkpointer(workdir, every=config.train.checkpoint_every,
                                  max_to_keep=config.train.max_to_keep)
   start = 0

@@ -60,13 +60,18 @@ def state_shardings(abstract: TrainState, config, mesh) -> TrainState:
   return sharding.tree_shardings(abstract, config.mesh, mesh)
 
 
-def init_state_sharded(model, tx, config, class_tokens, rng, mesh):
-  """Initialises the state directly into its shardings (STYLE 3)."""
-  abstract = abstract_state(model, tx, config, class_tokens, rng)
-  shardings = state_shardings(abstract, config, mesh)
+def init_state(model, tx, config, class_tokens, rng, shardings) -> TrainState:
+  """Initialises the state directly into `shardings` (STYLE 3)."""
   init = jax.jit(functools.partial(create_state, model, tx, config),
                  out_shardings=shardings)
-  return init(class_tokens, rng), shardings
+  return init(class_tokens, rng)
+
+
+def init_state_sharded(model, tx, config, class_tokens, rng, mesh):
+  """`init_state` into the config's shardings -> (state, shardings)."""
+  abstract = abstract_state(model, tx, config, class_tokens, rng)
+  shardings = state_shardings(abstract, config, mesh)
+  return init_state(model, tx, config, class_tokens, rng, shardings), shardings
 
 
 def _loss(trainable, frozen, stats, batch, class_tokens, rng, *, model, config,
