@@ -118,9 +118,11 @@ class Checkpointer:
       complete = []
     last = (f"the last complete checkpoint, step {complete[-1]}, is intact"
             if complete else "no complete checkpoint exists yet")
+    # One line: tensorstore's messages can carry a whole Python traceback after it.
+    what = (str(error).strip().splitlines() or [""])[0][:500]
     return CheckpointSaveError(
         f"cannot write checkpoint step {self._saving} to {self.directory} "
-        f"({type(error).__name__}: {str(error)[:500]}); {last}. If the disk is full, "
+        f"({type(error).__name__}: {what}); {last}. If the disk is full, "
         "free space there (or fix the folder's permissions) and run the same command "
         "again: training resumes from the last complete checkpoint")
 
