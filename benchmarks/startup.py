@@ -1,5 +1,6 @@
 """Time to the first train step, with the step compiled after the state's
-initialisation (as the train loop does) or beside it in a thread.
+initialisation or beside it in a thread (`--overlap`: compile_ahead.AheadOfTimeStep,
+as the train loop does).
 
   python -m benchmarks.startup [--size 256 --batch 2 --variant baseline] [--overlap]
 
@@ -11,7 +12,6 @@ step has run (seconds from the start, tracing included), and the first step's lo
 from __future__ import annotations
 
 import argparse
-import threading
 import time
 
 import mtaclip_jax  # noqa: F401  (its XLA:CPU setting must precede jax's client)
@@ -29,39 +29,30 @@ def main():
   p.add_argument("--overlap", action="store_true",
                  help="compile the step in a thread while the state initialises")
   a = p.parse_args()
-  from mtaclip_jax import config_lib, sharding, train_state  # pylint: disable=g-import-not-at-top
+  from mtaclip_jax import compile_ahead, config_lib, sharding, train_state  # pylint: disable=g-import-not-at-top
   args = bench._args(["--size", str(a.size)] + (["--bf16"] if a.bf16 else []))
   args.max_segments = config_lib.RECIPES["ade20k"]["max_segments"]
   config, mesh, model, tokens, tx = bench._setup(a.variant, args, a.batch)
-  one = bench.fake_batch(1, a.size, args.segments, args.max_segments)
-  spec = {k: jax.ShapeDtypeStruct((a.batch,) + v.shape[1:], v.dtype)
-          for k, v in one.items()}
+  spec = compile_ahead.batch_spec(config)
+  rng = jax.random.key(0)
   start = time.perf_counter()
-  compiled = {}
   with jax.set_mesh(mesh):
-    abstract = train_state.abstract_state(model, tx, config, tokens, jax.random.key(0))
+    abstract = train_state.abstract_state(model, tx, config, tokens, rng)
     shard = train_state.state_shardings(abstract, config, mesh)
     step = train_state.jit_train_step(model, tx, config, shard, mesh)
-
-    def compile_step():
-      with jax.set_mesh(mesh):
-        compiled["step"] = step.lower(abstract, spec, tokens).compile()
-
-    thread = threading.Thread(target=compile_step) if a.overlap else None
-    if thread:
-      thread.start()
-    state, _ = train_state.init_state_sharded(model, tx, config, tokens,
-                                              jax.random.key(0), mesh)
+    if a.overlap:  # as the train loop does
+      step = compile_ahead.AheadOfTimeStep(step, abstract, shard, spec, tokens, mesh)
+    state = train_state.init_state(model, tx, config, tokens, rng, shard)
     jax.block_until_ready(state)
     bench.stamp("state initialised", start)
-    if thread:
-      thread.join()
+    if a.overlap:
+      step.wait()
     else:
-      compile_step()
+      step = step.lower(abstract, spec, tokens).compile()
     bench.stamp("step compiled", start)
     batch = sharding.global_batch(bench.fake_batch(a.batch, a.size, args.segments,
                                                    args.max_segments), mesh)
-    state, metrics = compiled["step"](state, batch, tokens)
+    state, metrics = step(state, batch, tokens)
     loss = float(metrics["loss"])
     bench.stamp("first step run", start)
   print(f"{'overlapped' if a.overlap else 'serial'}: first step after "

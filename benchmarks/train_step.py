@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import fcntl
+import functools
 import os
 import sys
 import time
@@ -85,7 +86,7 @@ def fake_batch(batch, size, segments, slots, num_classes=150, seed=0):
 CPU_SECONDS = []  # process CPU seconds per timed step of the last `timed` call
 SETUP_SECONDS = []  # wall seconds of the last `ours` call's state init + compile
 LOCK = [""]  # --lock: the file locked around each timed section
-_HELD = [0]  # nesting depth of `exclusive` in this process
+_HELD = [False]  # this process holds it
 
 
 @contextlib.contextmanager
@@ -93,19 +94,15 @@ def exclusive():
   """Holds --lock (if any) so that only one process times on the device at once;
   nested uses in one process hold it once."""
   if not LOCK[0] or _HELD[0]:
-    _HELD[0] += 1
-    try:
-      yield
-    finally:
-      _HELD[0] -= 1
+    yield
     return
   with open(LOCK[0], "a") as f:
     fcntl.flock(f, fcntl.LOCK_EX)
-    _HELD[0] += 1
+    _HELD[0] = True
     try:
       yield
     finally:
-      _HELD[0] -= 1
+      _HELD[0] = False
       fcntl.flock(f, fcntl.LOCK_UN)
 
 
@@ -216,35 +213,28 @@ def compiled_bytes(mem) -> int:
 def step_bytes(args, batch_size: int) -> int:
   """Device bytes of the full step compiled at `batch_size` from abstract inputs (no
   state or batch is allocated)."""
-  from mtaclip_jax import train_state  # pylint: disable=g-import-not-at-top
+  from mtaclip_jax import compile_ahead, train_state  # pylint: disable=g-import-not-at-top
   config, mesh, model, tokens, tx = _setup("full", args, batch_size)
-  one = fake_batch(1, args.size, args.segments, args.max_segments)
-  batch = {k: jax.ShapeDtypeStruct((batch_size,) + v.shape[1:], v.dtype)
-           for k, v in one.items()}
   with jax.set_mesh(mesh):
     abstract = train_state.abstract_state(model, tx, config, tokens, jax.random.key(0))
     shard = train_state.state_shardings(abstract, config, mesh)
     step = train_state.jit_train_step(model, tx, config, shard, mesh)
-    return compiled_bytes(step.lower(abstract, batch, tokens).compile().memory_analysis())
+    lowered = step.lower(abstract, compile_ahead.batch_spec(config), tokens)
+    return compiled_bytes(lowered.compile().memory_analysis())
 
 
-def max_batch(args, limit: int) -> tuple[int, list[str]]:
+def max_batch(args, limit: int) -> int:
   """Largest batch (multiple of 8, <= limit) of the full step that fits the device:
   the compiled memory at batches 16 and 32 (compile only) extrapolated linearly, then
-  the prediction compiled and run (and 8 less if that fails). Returns it and the log."""
+  the prediction compiled and run (and 8 less if that fails), each probe printed."""
   import copy  # pylint: disable=g-import-not-at-top
   stats = jax.devices()[0].memory_stats() or {}
   capacity = stats.get("bytes_limit", 0)
-  log, need = [], {}
-
-  def note(line):
-    log.append(line)
-    print(line, flush=True)
-
+  note = functools.partial(print, flush=True)
   if not capacity:
     note("the device reports no memory limit")
-    return 0, log
-
+    return 0
+  need = {}
   for b in (16, 32):
     start = time.perf_counter()
     need[b] = step_bytes(args, b)
@@ -265,8 +255,8 @@ def max_batch(args, limit: int) -> tuple[int, list[str]]:
       continue
     note(f"batch {best}: ran, {np.median(times):.3f} s/step, "
          f"{best / np.median(times):.1f} img/s")
-    return best, log
-  return 0, log
+    return best
+  return 0
 
 
 def text_tower(args):
@@ -396,10 +386,9 @@ def main(args):
   if "full" in rows and "hf" in rows:
     print(f"(c)/(b) = {np.median(rows['hf']) / np.median(rows['full']):.2f}")
   if args.max_batch:
-    best, _ = max_batch(args, args.max_batch)
+    best = max_batch(args, args.max_batch)
     print(f"largest batch of the full step that fits and ran (multiple of 8, <= "
-          f"{args.max_batch}): "
-          f"{best}")
+          f"{args.max_batch}): {best}")
 
 
 if __name__ == "__main__":
