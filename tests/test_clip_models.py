@@ -2,6 +2,7 @@
 resized positional embeddings (ViT and attention pool) against PyTorch."""
 import functools
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,7 +10,7 @@ import pytest
 import torch
 
 from convert_weights import convert_clip, merge_into
-from mtaclip_jax.models import clip
+from mtaclip_jax.models import clip, clip_resnet
 from tests.clip_reference import reference_clip, rel_err
 
 # A 12-block ViT small enough for CPU tests (the dense taps need blocks 3/5/7/11).
@@ -82,6 +83,42 @@ def test_frozen_bn_ignores_train_and_bn_uses_batch_stats(tiny_variables):
     np.testing.assert_array_equal(a2["res5"], a["res5"])
     assert not np.allclose(c["res5"], a["res5"])
     assert not np.allclose(stats["bn1"]["mean"], variables["batch_stats"]["bn1"]["mean"])
+
+
+class _ConvBN(nn.Module):
+    fold: bool
+
+    @nn.compact
+    def __call__(self, x):
+        if self.fold:
+            return clip_resnet.conv_bn(x, 8, 3, jnp.float64, "conv", "bn", running=True,
+                                       stride=2)
+        y = clip_resnet._conv(8, 3, jnp.float64, "conv", stride=2)(x)
+        return clip_resnet._bn(jnp.float64, "bn")(y, use_running_average=True)
+
+
+def test_frozen_bn_folded_into_the_convolution():
+    """conv_bn with running statistics = nn.Conv then nn.BatchNorm: same variables (tree,
+    initial values) and, in float64, the same output and gradients to rounding."""
+    with jax.enable_x64(True):
+        x = jax.random.normal(jax.random.key(1), (2, 9, 9, 5), jnp.float64)
+        plain, folded = _ConvBN(False), _ConvBN(True)
+        v = plain.init(jax.random.key(0), x)
+        jax.tree.map(np.testing.assert_array_equal, folded.init(jax.random.key(0), x), v)
+        rng = np.random.default_rng(0)
+        v = {"params": {"conv": {"kernel": v["params"]["conv"]["kernel"].astype(jnp.float64)},
+                        "bn": {"scale": rng.uniform(0.5, 1.5, 8), "bias": rng.normal(size=8)}},
+             "batch_stats": {"bn": {"mean": rng.normal(size=8),
+                                    "var": rng.uniform(0.5, 2.0, 8)}}}
+        def loss(module, params):
+            out = module.apply({**v, "params": params}, x)
+            return jnp.sum(jnp.sin(out)), out
+        (_, a), ga = jax.value_and_grad(functools.partial(loss, plain), has_aux=True)(v["params"])
+        (_, b), gb = jax.value_and_grad(functools.partial(loss, folded), has_aux=True)(v["params"])
+        assert a.shape == (2, 5, 5, 8)
+        np.testing.assert_allclose(b, a, rtol=1e-12, atol=1e-12)
+        jax.tree.map(lambda p, q: np.testing.assert_allclose(q, p, rtol=1e-11, atol=1e-11),
+                     ga, gb)
 
 
 @pytest.mark.slow

@@ -38,6 +38,50 @@ def _bn(dtype, name):
                         name=name)
 
 
+class _Kernel(nn.Module):
+    """The `kernel` of a bias-free `nn.Conv` (same name, shape and initialiser)."""
+    shape: tuple
+
+    @nn.compact
+    def __call__(self):
+        return self.param("kernel", nn.initializers.lecun_normal(), self.shape, jnp.float32)
+
+
+class _FrozenBN(nn.Module):
+    """The variables of `nn.BatchNorm` (same names and initialisers), for folding."""
+    features: int
+
+    @nn.compact
+    def __call__(self):
+        scale = self.param("scale", nn.initializers.ones, (self.features,), jnp.float32)
+        bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
+        mean = self.variable("batch_stats", "mean", jnp.zeros, (self.features,), jnp.float32)
+        var = self.variable("batch_stats", "var", jnp.ones, (self.features,), jnp.float32)
+        return scale, bias, mean.value, var.value
+
+
+def conv_bn(x, features, kernel, dtype, conv_name, bn_name, *, running, stride=1):
+    """A bias-free conv followed by BatchNorm, as `_bn(...)(_conv(...)(x))`.
+
+    With running statistics (frozen BN, or eval) the BN is an affine map per output
+    channel, folded into the convolution: conv(x, w * s) + (b - mean * s) with
+    s = scale / sqrt(var + eps). The result is the same up to rounding, the parameter
+    tree is the same, and the step saves the BN's elementwise passes over the
+    activations and the reductions of its scale gradient. Must be called inside a
+    compact method (the variables belong to the caller's scope)."""
+    if not running:
+        return _bn(dtype, bn_name)(_conv(features, kernel, dtype, conv_name, stride)(x),
+                                   use_running_average=False)
+    w = _Kernel((kernel, kernel, x.shape[-1], features), name=conv_name)()
+    scale, bias, mean, var = _FrozenBN(features, name=bn_name)()
+    s = scale * jax.lax.rsqrt(var + 1e-5)
+    pad = kernel // 2
+    y = jax.lax.conv_general_dilated(
+        x.astype(dtype), (w * s).astype(dtype), (stride, stride), ((pad, pad), (pad, pad)),
+        dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    return y + (bias - mean * s).astype(dtype)
+
+
 class Bottleneck(nn.Module):
     planes: int
     stride: int = 1
@@ -47,13 +91,11 @@ class Bottleneck(nn.Module):
     @nn.compact
     def __call__(self, x, train: bool = False):
         running = self.norm == "frozen_bn" or not train
-        out = nn.relu(_bn(self.dtype, "bn1")(_conv(self.planes, 1, self.dtype, "conv1")(x),
-                                             use_running_average=running))
-        out = nn.relu(_bn(self.dtype, "bn2")(_conv(self.planes, 3, self.dtype, "conv2")(out),
-                                             use_running_average=running))
+        out = nn.relu(conv_bn(x, self.planes, 1, self.dtype, "conv1", "bn1", running=running))
+        out = nn.relu(conv_bn(out, self.planes, 3, self.dtype, "conv2", "bn2",
+                              running=running))
         out = _avg_pool(out, self.stride)
-        out = _bn(self.dtype, "bn3")(_conv(self.planes * 4, 1, self.dtype, "conv3")(out),
-                                     use_running_average=running)
+        out = conv_bn(out, self.planes * 4, 1, self.dtype, "conv3", "bn3", running=running)
         identity = x
         if self.stride > 1 or x.shape[-1] != self.planes * 4:
             identity = Downsample(self.planes * 4, self.stride, self.norm, self.dtype,
@@ -72,8 +114,7 @@ class Downsample(nn.Module):
     def __call__(self, x, train: bool = False):
         running = self.norm == "frozen_bn" or not train
         x = _avg_pool(x, self.stride)
-        x = _conv(self.features, 1, self.dtype, "0")(x)
-        return _bn(self.dtype, "1")(x, use_running_average=running)
+        return conv_bn(x, self.features, 1, self.dtype, "0", "1", running=running)
 
 
 class ResLayer(nn.Module):
@@ -139,12 +180,10 @@ class ModifiedResNet(nn.Module):
         running = self.norm == "frozen_bn" or not train
         x = images.astype(self.dtype)
         w = self.width
-        x = nn.relu(_bn(self.dtype, "bn1")(_conv(w // 2, 3, self.dtype, "conv1", stride=2)(x),
-                                           use_running_average=running))
-        x = nn.relu(_bn(self.dtype, "bn2")(_conv(w // 2, 3, self.dtype, "conv2")(x),
-                                           use_running_average=running))
-        x = nn.relu(_bn(self.dtype, "bn3")(_conv(w, 3, self.dtype, "conv3")(x),
-                                           use_running_average=running))
+        x = nn.relu(conv_bn(x, w // 2, 3, self.dtype, "conv1", "bn1", running=running,
+                            stride=2))
+        x = nn.relu(conv_bn(x, w // 2, 3, self.dtype, "conv2", "bn2", running=running))
+        x = nn.relu(conv_bn(x, w, 3, self.dtype, "conv3", "bn3", running=running))
         x = _avg_pool(x, 2)
         outputs = {}
         for i, (blocks, mult) in enumerate(zip(self.layers, (1, 2, 4, 8))):
