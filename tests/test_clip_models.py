@@ -87,22 +87,26 @@ def test_frozen_bn_ignores_train_and_bn_uses_batch_stats(tiny_variables):
 
 class _ConvBN(nn.Module):
     fold: bool
+    kernel: int
+    stride: int
 
     @nn.compact
     def __call__(self, x):
         if self.fold:
-            return clip_resnet.conv_bn(x, 8, 3, jnp.float64, "conv", "bn", running=True,
-                                       stride=2)
-        y = clip_resnet._conv(8, 3, jnp.float64, "conv", stride=2)(x)
+            return clip_resnet.conv_bn(x, 8, self.kernel, jnp.float64, "conv", "bn",
+                                       running=True, stride=self.stride)
+        y = clip_resnet._conv(8, self.kernel, jnp.float64, "conv", stride=self.stride)(x)
         return clip_resnet._bn(jnp.float64, "bn")(y, use_running_average=True)
 
 
-def test_frozen_bn_folded_into_the_convolution():
+@pytest.mark.parametrize("kernel,stride", [(3, 2), (3, 1), (1, 1)])
+def test_frozen_bn_folded_into_the_convolution(kernel, stride):
     """conv_bn with running statistics = nn.Conv then nn.BatchNorm: same variables (tree,
-    initial values) and, in float64, the same output and gradients to rounding."""
+    initial values) and, in float64, the same output and gradients to rounding (1x1
+    stride 1 goes through `pointwise_conv`, a matmul with its own weight gradient)."""
     with jax.enable_x64(True):
         x = jax.random.normal(jax.random.key(1), (2, 9, 9, 5), jnp.float64)
-        plain, folded = _ConvBN(False), _ConvBN(True)
+        plain, folded = _ConvBN(False, kernel, stride), _ConvBN(True, kernel, stride)
         v = plain.init(jax.random.key(0), x)
         jax.tree.map(np.testing.assert_array_equal, folded.init(jax.random.key(0), x), v)
         rng = np.random.default_rng(0)
@@ -110,12 +114,13 @@ def test_frozen_bn_folded_into_the_convolution():
                         "bn": {"scale": rng.uniform(0.5, 1.5, 8), "bias": rng.normal(size=8)}},
              "batch_stats": {"bn": {"mean": rng.normal(size=8),
                                     "var": rng.uniform(0.5, 2.0, 8)}}}
-        def loss(module, params):
-            out = module.apply({**v, "params": params}, x)
+        def loss(module, params, images):
+            out = module.apply({**v, "params": params}, images)
             return jnp.sum(jnp.sin(out)), out
-        (_, a), ga = jax.value_and_grad(functools.partial(loss, plain), has_aux=True)(v["params"])
-        (_, b), gb = jax.value_and_grad(functools.partial(loss, folded), has_aux=True)(v["params"])
-        assert a.shape == (2, 5, 5, 8)
+        grad = lambda m: jax.value_and_grad(functools.partial(loss, m), (0, 1), has_aux=True)
+        (_, a), ga = grad(plain)(v["params"], x)
+        (_, b), gb = grad(folded)(v["params"], x)
+        assert a.shape == (2, 9 // stride + (stride > 1), 9 // stride + (stride > 1), 8)
         np.testing.assert_allclose(b, a, rtol=1e-12, atol=1e-12)
         jax.tree.map(lambda p, q: np.testing.assert_allclose(q, p, rtol=1e-11, atol=1e-11),
                      ga, gb)

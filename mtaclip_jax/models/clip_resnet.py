@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from mtaclip_jax.models.clip_resize import resize_positional_embedding
+from mtaclip_jax.models.pointwise import PointwiseConv, pointwise_conv
 
 NORMS = ("frozen_bn", "bn")
 
@@ -27,6 +28,8 @@ def _avg_pool(x, stride):
 
 
 def _conv(features, kernel, dtype, name, stride=1):
+    if kernel == 1 and stride == 1:
+        return PointwiseConv(features, use_bias=False, dtype=dtype, name=name)
     pad = kernel // 2
     return nn.Conv(features, (kernel, kernel), strides=(stride, stride),
                    padding=((pad, pad), (pad, pad)), use_bias=False, dtype=dtype,
@@ -75,10 +78,13 @@ def conv_bn(x, features, kernel, dtype, conv_name, bn_name, *, running, stride=1
     w = _Kernel((kernel, kernel, x.shape[-1], features), name=conv_name)()
     scale, bias, mean, var = _FrozenBN(features, name=bn_name)()
     s = scale * jax.lax.rsqrt(var + 1e-5)
-    pad = kernel // 2
-    y = jax.lax.conv_general_dilated(
-        x.astype(dtype), (w * s).astype(dtype), (stride, stride), ((pad, pad), (pad, pad)),
-        dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    x, w = x.astype(dtype), (w * s).astype(dtype)
+    if kernel == 1 and stride == 1:
+        y = pointwise_conv(x, w[0, 0])
+    else:
+        pad = kernel // 2
+        y = jax.lax.conv_general_dilated(x, w, (stride, stride), ((pad, pad), (pad, pad)),
+                                         dimension_numbers=("NHWC", "HWIO", "NHWC"))
     return y + (bias - mean * s).astype(dtype)
 
 

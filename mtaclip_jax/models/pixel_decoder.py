@@ -16,6 +16,7 @@ import numpy as np
 import flax.linen as nn
 
 from mtaclip_jax.models.deform_attn import MSDeformAttn
+from mtaclip_jax.models.pointwise import PointwiseConv
 
 FEATURE_STRIDES = {"res2": 4, "res3": 8, "res4": 16, "res5": 32}
 # Detectron2's c2_xavier_fill (kaiming_uniform with a=1), as Mask2Former.
@@ -73,8 +74,11 @@ class ConvNorm(nn.Module):
   @nn.compact
   def __call__(self, x):
     k = self.kernel_size
-    x = nn.Conv(self.features, (k, k), padding=k // 2, use_bias=self.use_bias,
-                kernel_init=conv_init, dtype=self.dtype, name="conv")(x)
+    if k == 1:
+      x = PointwiseConv(self.features, self.use_bias, self.dtype, conv_init, name="conv")(x)
+    else:
+      x = nn.Conv(self.features, (k, k), padding=k // 2, use_bias=self.use_bias,
+                  kernel_init=conv_init, dtype=self.dtype, name="conv")(x)
     x = nn.GroupNorm(32, epsilon=1e-5, use_fast_variance=False, dtype=jnp.float32,
                      name="norm")(x)
     return nn.relu(x) if self.relu else x
@@ -179,6 +183,6 @@ class PixelDecoder(nn.Module):
       y = lateral + resize_bilinear(outs[-1], lateral.shape[1:3])
       outs.append(ConvNorm(self.conv_dim, 3, use_bias=False, relu=True, dtype=self.dtype,
                            name=f"layer_{idx + 1}")(y))
-    mask_features = nn.Conv(self.mask_dim, (1, 1), kernel_init=conv_init, dtype=self.dtype,
-                            name="mask_projection")(outs[-1])
+    mask_features = PointwiseConv(self.mask_dim, kernel_init=conv_init, dtype=self.dtype,
+                                  name="mask_projection")(outs[-1])
     return {"mask_features": mask_features, "multi_scale_features": multi_scale}
