@@ -95,6 +95,39 @@ class _Plan:
         return (layer * self.B + b[None]) * self.Q + q
 
 
+def _running_count(flags: jax.Array) -> jax.Array:
+    """Inclusive running count along axis 1. (`jnp.cumsum` lowers to a reduce-window
+    that XLA's cost analysis counts as n^2 additions: 227 GFLOP for [160, 37632].)"""
+    return jax.lax.associative_scan(jnp.add, flags.astype(jnp.int32), axis=1)
+
+
+def smallest_k(values: jax.Array, k: int) -> jax.Array:
+    """Indices [R, k] of the k smallest of the non-negative `values` [R, n], ties to the
+    lower index, in increasing index order: the set `lax.top_k(-values, k)` picks (the
+    losses sum over points, so the order does not matter). Bisection on the float bits
+    (monotone for values >= 0) finds the k-th smallest, then one pass takes the indices;
+    no sort (XLA:CPU's top-k took 0.39 s of the baseline step, docs/BENCHMARKS.md)."""
+    bits = jax.lax.bitcast_convert_type(values, jnp.int32)
+    rows = values.shape[0]
+
+    def halve(_, bounds):
+        lo, hi = bounds
+        mid = lo + (hi - lo) // 2
+        enough = jnp.sum(bits <= mid[:, None], axis=1, dtype=jnp.int32) >= k
+        return jnp.where(enough, lo, mid + 1), jnp.where(enough, mid, hi)
+
+    kth, _ = jax.lax.fori_loop(0, 31, halve, (jnp.zeros(rows, jnp.int32),
+                                              jnp.full(rows, 2 ** 31 - 1, jnp.int32)))
+    below = bits < kth[:, None]
+    ties = k - jnp.sum(below, axis=1, dtype=jnp.int32, keepdims=True)
+    at = bits == kth[:, None]
+    take = below | (at & (_running_count(at) <= ties))
+    slot = jnp.where(take, _running_count(take) - 1, k)
+    index = jnp.broadcast_to(jnp.arange(values.shape[1], dtype=jnp.int32), values.shape)
+    return jnp.zeros((rows, k), jnp.int32).at[jnp.arange(rows)[:, None], slot].set(
+        index, mode="drop")
+
+
 def _draw(key, draws, plan, slot, slot_offset, num_over, num_rand):
     """([L, C, Po, 2], [L, C, Pr, 2]) uniform draws of the chunk's slots."""
     if draws is not None:
@@ -120,7 +153,7 @@ def _forward(masks, target_masks, query_index, valid, key, draws, slot_offset, *
         over, rand = _draw(key, draws, plan, slot, slot_offset, num_over, num_rand)
         over = over.reshape(L * C, num_over, 2)
         cand = sample_padded(pmasks, maps, over)
-        _, top = jax.lax.top_k(-jnp.abs(cand), num_uncertain)
+        top = smallest_k(jnp.abs(cand), num_uncertain)
         chosen = jnp.take_along_axis(over, top[..., None], axis=1)
         points = jnp.concatenate([chosen, rand.reshape(L * C, num_rand, 2)], axis=1)
         logits = sample_padded(pmasks, maps, points)

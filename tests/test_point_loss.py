@@ -112,3 +112,19 @@ def test_needs_exactly_one_random_source():
     with pytest.raises(ValueError, match="exactly one"):
         point_loss.mask_point_losses(masks, targets, index, valid, num_over=P_OVER,
                                      num_uncertain=K, num_rand=P_RAND)
+
+
+@pytest.mark.parametrize("k", [1, 7, 64, 200])
+def test_smallest_k_is_the_set_top_k_picks(k):
+    """Same indices as lax.top_k(-v, k) (ties to the lower index), in index order;
+    with ties, zeros, a subnormal and inf in the rows."""
+    rng = np.random.default_rng(k)
+    v = np.abs(rng.normal(size=(5, 200))).astype(np.float32)
+    v[:, ::7] = 0.5
+    v[1, :40] = 0.0
+    v[2, 3] = np.inf
+    v[3, 5] = 1e-42
+    v[4] = 2.0  # all tied
+    got = np.asarray(jax.jit(point_loss.smallest_k, static_argnums=1)(jnp.asarray(v), k))
+    want = np.sort(np.asarray(jax.lax.top_k(-jnp.asarray(v), k)[1]), axis=1)
+    np.testing.assert_array_equal(got, want)
