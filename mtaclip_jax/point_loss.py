@@ -107,7 +107,7 @@ def smallest_k(values: jax.Array, k: int) -> jax.Array:
     losses sum over points, so the order does not matter). Bisection on the float bits
     (monotone for values >= 0) finds the k-th smallest, then one pass takes the indices;
     no sort (XLA:CPU's top-k took 0.39 s of the baseline step, docs/BENCHMARKS.md)."""
-    bits = jax.lax.bitcast_convert_type(values, jnp.int32)
+    bits = jax.lax.bitcast_convert_type(values.astype(jnp.float32), jnp.int32)
     rows = values.shape[0]
 
     def halve(_, bounds):

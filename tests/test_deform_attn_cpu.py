@@ -1,5 +1,9 @@
 """Fused CPU deformable attention kernel vs the gather impl and transformers."""
 
+import os
+import pathlib
+import time
+
 import numpy as np
 import pytest
 import jax
@@ -131,6 +135,29 @@ def test_build_failure_falls_back(monkeypatch, tmp_path, compiler, reason):
   with pytest.raises(RuntimeError, match=f"deform_attn_impl 'cpu'.*{reason}"):
     deform_attn.get_impl("cpu")(value, SHAPES, loc, attn)
   assert list(tmp_path.rglob("*")) == [tmp_path / "mtaclip_jax"]  # no temp files left
+
+
+def test_a_new_build_prunes_builds_unused_for_a_month(monkeypatch, tmp_path):
+  # _load builds into a fresh cache; the FFI targets are registered already.
+  monkeypatch.setattr(jax.ffi, "register_ffi_target", lambda *a, **k: None)
+  monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+  cache = tmp_path / "mtaclip_jax"
+  cache.mkdir()
+  month = deform_attn_cpu.PRUNE_DAYS * 86400
+  stale, recent, other = (cache / "ms_deform_attn_cpu-old.so",
+                          cache / "ms_deform_attn_cpu-recent.so", cache / "notes.txt")
+  for f in (stale, recent, other):
+    f.write_bytes(b"x")
+  os.utime(stale, (time.time() - month - 60,) * 2)
+  os.utime(recent, (time.time() - month + 3600,) * 2)
+  os.utime(other, (time.time() - 2 * month,) * 2)
+  ok, built = deform_attn_cpu._load()
+  assert ok, built
+  assert sorted(cache.iterdir()) == sorted([pathlib.Path(built), recent, other])
+  # Loading an existing build marks it as used, so other versions' builds keep it.
+  os.utime(built, (time.time() - 2 * month,) * 2)
+  assert deform_attn_cpu._load() == (True, built)
+  assert os.stat(built).st_mtime > time.time() - 60
 
 
 def test_library_keyed_by_cpu_and_compiler(monkeypatch):

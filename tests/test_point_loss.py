@@ -128,3 +128,8 @@ def test_smallest_k_is_the_set_top_k_picks(k):
     got = np.asarray(jax.jit(point_loss.smallest_k, static_argnums=1)(jnp.asarray(v), k))
     want = np.sort(np.asarray(jax.lax.top_k(-jnp.asarray(v), k)[1]), axis=1)
     np.testing.assert_array_equal(got, want)
+
+
+def test_smallest_k_takes_half_precision():
+    v = jnp.asarray([[0.5, 0.25, 2.0, 0.25, 1.0]], jnp.bfloat16)
+    np.testing.assert_array_equal(point_loss.smallest_k(v, 3), [[0, 1, 3]])

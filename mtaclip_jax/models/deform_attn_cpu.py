@@ -7,7 +7,8 @@ PyTorch's grid_sample does, instead of materialising the gathered corners
 compiled with g++ on first use into a per-user cache
 ($XDG_CACHE_HOME/mtaclip_jax or ~/.cache/mtaclip_jax), one file per (source,
 jaxlib, compiler, flags, CPU flags), so a home shared between machines never
-loads a binary built for another CPU. Without a compiler the impl is
+loads a binary built for another CPU. Each load marks its file as used (mtime); a
+new build deletes the builds nobody loaded for PRUNE_DAYS days. Without a compiler the impl is
 unavailable: "cpu" raises naming why, "auto" warns once and uses "gather".
 Threads: $MTACLIP_DEFORM_THREADS caps the kernel's (default: usable cores).
 """
@@ -21,6 +22,7 @@ import os
 import pathlib
 import subprocess
 import tempfile
+import time
 import warnings
 from typing import Callable, Sequence
 
@@ -39,6 +41,8 @@ FLAGS = ("-O3", "-march=native", "-shared", "-fPIC", "-std=c++17",
          "-ffp-contract=off", "-fopenmp-simd", "-pthread")
 FORWARD_TARGET = "mtaclip_ms_deform_attn_cpu_fwd"
 BACKWARD_TARGET = "mtaclip_ms_deform_attn_cpu_bwd"
+
+PRUNE_DAYS = 30
 
 # The one build/load per process: {"status": (available, reason)}. Tests swap
 # in a fresh dict to exercise a failing build.
@@ -91,6 +95,18 @@ def _compile(target: pathlib.Path) -> None:
   finally:
     if os.path.exists(tmp):
       os.remove(tmp)
+  _prune(target)
+
+
+def _prune(keep: pathlib.Path) -> None:
+  """Deletes the other builds not loaded for PRUNE_DAYS days (old sources, jaxlibs)."""
+  cutoff = time.time() - PRUNE_DAYS * 86400
+  for old in keep.parent.glob("ms_deform_attn_cpu-*.so"):
+    try:
+      if old != keep and old.stat().st_mtime < cutoff:
+        old.unlink()
+    except OSError:  # another process pruned it first, or it is not ours to delete
+      pass
 
 
 def _load() -> tuple[bool, str]:
@@ -98,6 +114,11 @@ def _load() -> tuple[bool, str]:
     path = library_path()
     if not path.exists():
       _compile(path)
+    else:
+      try:
+        os.utime(path)  # in use: not pruned by another version's build
+      except OSError:  # a read-only cache still loads
+        pass
     lib = ctypes.CDLL(str(path))
     jax.ffi.register_ffi_target(FORWARD_TARGET, jax.ffi.pycapsule(lib.MsDeformAttnForward),
                                 platform="cpu")
