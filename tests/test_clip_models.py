@@ -11,6 +11,7 @@ import torch
 
 from convert_weights import convert_clip, merge_into
 from mtaclip_jax.models import clip, clip_resnet
+from mtaclip_jax.models.clip_transformer import Transformer, causal_mask
 from tests.clip_reference import reference_clip, rel_err
 
 # A 12-block ViT small enough for CPU tests (the dense taps need blocks 3/5/7/11).
@@ -234,3 +235,28 @@ def test_fpn_adapters_match_torch():
     fpn1.train()
     got, _ = Fpn1(w).apply(v1, x, train=True, mutable=["batch_stats"])
     assert rel_err(got, to_nhwc(fpn1(xt))) <= 1e-5
+
+
+def test_transformer_last_block_at_one_position_equals_the_whole():
+    """`last_at`: the last block computes only the queried position (the text tower's
+    EOT token); output and input gradient equal the whole transformer's there
+    (float64, causal mask)."""
+    with jax.enable_x64(True):
+        x = jax.random.normal(jax.random.key(3), (4, 7, 16), jnp.float64)
+        at = jnp.asarray([6, 0, 3, 5])
+        tower = Transformer(16, 3, 2, jnp.float64)
+        v = jax.tree.map(lambda a: a.astype(jnp.float64) + 0.01,
+                         tower.init(jax.random.key(0), x, causal_mask(7)))
+
+        def whole(xs):
+            out, _ = tower.apply(v, xs, causal_mask(7))
+            return out[jnp.arange(4), at]
+
+        def only_at(xs):
+            out, _ = tower.apply(v, xs, causal_mask(7), last_at=at)
+            assert out.shape == (4, 1, 16)
+            return out[:, 0]
+
+        np.testing.assert_allclose(only_at(x), whole(x), rtol=1e-12, atol=1e-12)
+        grad = lambda f: jax.grad(lambda xs: jnp.sum(jnp.sin(f(xs))))(x)
+        np.testing.assert_allclose(grad(only_at), grad(whole), rtol=1e-11, atol=1e-11)

@@ -69,8 +69,8 @@ class TextTransformer(nn.Module):
         """x [N, L, width] embedded sequence -> [N, embed_dim] at eot_index [N]."""
         length = x.shape[1]
         x = x + self.positional_embedding[:length].astype(self.dtype)[None]
-        x, _ = self.transformer(x, mask=causal_mask(length))
-        x = jnp.take_along_axis(x, eot_index[:, None, None], axis=1)[:, 0]
+        x, _ = self.transformer(x, mask=causal_mask(length), last_at=eot_index)
+        x = x[:, 0]
         return self.ln_final(x) @ self.text_projection.astype(self.dtype)
 
     def encode_text(self, tokens):

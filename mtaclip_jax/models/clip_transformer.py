@@ -43,23 +43,34 @@ class MultiheadAttention(nn.Module):
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x, mask: Optional[jax.Array] = None):
-        """x: [B, L, width]; mask: additive [L, L] (0 or -inf) or None."""
+    def __call__(self, x, mask: Optional[jax.Array] = None,
+                 query_index: Optional[jax.Array] = None):
+        """x: [B, L, width]; mask: additive [L, L] (0 or -inf) or None. With
+        query_index [B], only that position's query: -> [B, 1, width]."""
         w = self.width
         in_w = self.param("in_proj_weight", nn.initializers.normal(w ** -0.5), (3 * w, w),
-                          jnp.float32)
-        in_b = self.param("in_proj_bias", nn.initializers.zeros, (3 * w,), jnp.float32)
-        qkv = jnp.einsum("bld,ed->ble", x.astype(self.dtype), in_w.astype(self.dtype))
-        qkv = qkv + in_b.astype(self.dtype)
-        q, k, v = jnp.split(qkv, 3, axis=-1)
+                          jnp.float32).astype(self.dtype)
+        in_b = self.param("in_proj_bias", nn.initializers.zeros, (3 * w,),
+                          jnp.float32).astype(self.dtype)
+        x = x.astype(self.dtype)
         b, l, _ = x.shape
+        if query_index is None:
+            qkv = jnp.einsum("bld,ed->ble", x, in_w) + in_b
+            q, k, v = jnp.split(qkv, 3, axis=-1)
+        else:
+            rows = jnp.take_along_axis(x, query_index[:, None, None], axis=1)
+            q = jnp.einsum("bld,ed->ble", rows, in_w[:w]) + in_b[:w]
+            k, v = jnp.split(jnp.einsum("bld,ed->ble", x, in_w[w:]) + in_b[w:], 2, axis=-1)
+            if mask is not None:
+                mask = mask[query_index][:, None, None, :]  # [B, 1, 1, L]
         hd = w // self.heads
-        q, k, v = (t.reshape(b, l, self.heads, hd) for t in (q, k, v))
+        q = q.reshape(b, q.shape[1], self.heads, hd)
+        k, v = (t.reshape(b, l, self.heads, hd) for t in (k, v))
         logits = jnp.einsum("bqhd,bkhd->bhqk", q * (hd ** -0.5), k).astype(jnp.float32)
         if mask is not None:
             logits = logits + mask
         probs = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
-        out = jnp.einsum("bhqk,bkhd->bqhd", probs, v).reshape(b, l, w)
+        out = jnp.einsum("bhqk,bkhd->bqhd", probs, v).reshape(b, q.shape[1], w)
         return nn.Dense(w, dtype=self.dtype, param_dtype=jnp.float32, name="out_proj")(out)
 
 
@@ -80,9 +91,13 @@ class ResidualAttentionBlock(nn.Module):
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x, mask=None):
-        x = x + MultiheadAttention(self.width, self.heads, self.dtype, name="attn")(
-            LayerNorm(name="ln_1")(x), mask)
+    def __call__(self, x, mask=None, query_index=None):
+        """With query_index [B]: only the output at that position, [B, 1, width]."""
+        attn = MultiheadAttention(self.width, self.heads, self.dtype, name="attn")(
+            LayerNorm(name="ln_1")(x), mask, query_index)
+        if query_index is not None:
+            x = jnp.take_along_axis(x, query_index[:, None, None], axis=1)
+        x = x + attn
         x = x + Mlp(self.width, self.dtype, name="mlp")(LayerNorm(name="ln_2")(x))
         return x
 
@@ -95,10 +110,14 @@ class Resblocks(nn.Module):
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x, mask=None):
+    def __call__(self, x, mask=None, last_at=None):
+        """last_at [B]: the last block computes only that position (its output
+        [B, 1, width]); the others are whole."""
         outputs = []
         for i in range(self.layers):
-            x = ResidualAttentionBlock(self.width, self.heads, self.dtype, name=str(i))(x, mask)
+            at = last_at if i == self.layers - 1 else None
+            x = ResidualAttentionBlock(self.width, self.heads, self.dtype, name=str(i))(
+                x, mask, at)
             outputs.append(x)
         return outputs
 
@@ -110,10 +129,12 @@ class Transformer(nn.Module):
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x, mask=None, taps: Sequence[int] = ()):
-        """x [B, L, width] -> (final output, [outputs after the blocks listed in taps])."""
+    def __call__(self, x, mask=None, taps: Sequence[int] = (), last_at=None):
+        """x [B, L, width] -> (final output, [outputs after the blocks listed in taps]).
+        last_at [B]: the final output only at that position, [B, 1, width] (the text
+        tower reads one token: its last block skips the others' queries and MLPs)."""
         outputs = Resblocks(self.width, self.layers, self.heads, self.dtype,
-                            name="resblocks")(x, mask)
+                            name="resblocks")(x, mask, last_at)
         return outputs[-1], [outputs[i] for i in taps]
 
 
