@@ -65,3 +65,28 @@ def test_module_init_matches_deformable_detr():
   assert not np.any(np.asarray(params["sampling_offsets"]["kernel"]))
   with pytest.raises(ValueError, match="deform_attn_impl"):
     deform_attn.get_impl("nope")
+
+
+def test_gather_gradients_with_bf16_value():
+  """bf16 values: the gradient comes back bf16 and equals the fp32 one to bf16
+  rounding (the scatter-add itself accumulates in fp32)."""
+  rng = np.random.default_rng(3)
+  shapes = ((6, 9), (3, 5))
+  s = sum(h * w for h, w in shapes)
+  value = rng.standard_normal((2, s, 4, 8)).astype(np.float32)
+  loc = rng.uniform(-0.2, 1.2, (2, 7, 4, 2, 3, 2)).astype(np.float32)
+  attn = rng.random((2, 7, 4, 2, 3)).astype(np.float32)
+  cot = rng.standard_normal((2, 7, 32)).astype(np.float32)
+
+  def grads(v):
+    f = lambda v, l, a: jnp.sum(
+        deform_attn.ms_deform_attn_gather(v, shapes, l, a).astype(jnp.float32) * cot)
+    return jax.jit(jax.grad(f, argnums=(0, 1, 2)))(v, loc, attn)
+
+  want = grads(jnp.asarray(value))
+  got = grads(jnp.asarray(value, jnp.bfloat16))
+  assert got[0].dtype == jnp.bfloat16 and got[1].dtype == jnp.float32
+  for g, w in zip(got, want):
+    g, w = np.asarray(g, np.float32), np.asarray(w, np.float32)
+    # bf16 inputs/outputs: 8 mantissa bits, 2e-2 of the largest entry.
+    assert np.abs(g - w).max() <= 2e-2 * np.abs(w).max()

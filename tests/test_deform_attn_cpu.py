@@ -179,12 +179,13 @@ def test_mismatched_shapes_name_the_inputs():
 
 
 @pytest.mark.parity
-def test_matches_transformers_with_gradients():
+@pytest.mark.parametrize("impl", ["gather", "cpu"])
+def test_matches_transformers_with_gradients(impl):
   value, loc, attn, cot = make_inputs(6, borders=False)
   tv, tl, ta = (torch.from_numpy(x).requires_grad_() for x in (value, loc, attn))
   ref = m2f.multi_scale_deformable_attention(tv, list(SHAPES), tl, ta)
   (ref * torch.from_numpy(cot)).sum().backward()
-  (_, out), grads = value_and_grads(deform_attn.IMPLS["cpu"], value, loc, attn, cot)
+  (_, out), grads = value_and_grads(deform_attn.IMPLS[impl], value, loc, attn, cot)
   assert_close(out, ref.detach().numpy(), "out")
   for got, want, name in zip(grads, (tv, tl, ta), ("d_value", "d_loc", "d_attn")):
     assert_close(got, want.grad.numpy(), name)

@@ -23,6 +23,40 @@ from mtaclip_jax.models import deform_attn_cpu
 SpatialShapes = Sequence[tuple[int, int]]
 
 
+@jax.custom_vjp
+def _weighted_rows(rows: jax.Array, index: jax.Array, weights: jax.Array) -> jax.Array:
+  """out[m] = sum_k weights[m, k] * rows[index[m, k]] in float32.
+
+  rows [N, Dh] (any float dtype), index [M, K] int32 (in range), weights [M, K]
+  float32 -> [M, Dh] float32. Its own gradient: the rows' is one scatter-add of
+  weights x cotangent (fused, never the [M, K, Dh] gathered corners), the weights'
+  a second gather reduced against the cotangent, so nothing of size M*K*Dh is
+  saved between the passes (autodiff of the gather kept all gathered corners:
+  1.5 GiB per layer at batch 2, 512x512).
+  """
+  picked = jnp.take(rows, index, axis=0, mode="clip").astype(jnp.float32)
+  return jnp.sum(picked * weights[..., None], axis=1)
+
+
+def _weighted_rows_fwd(rows, index, weights):
+  return _weighted_rows(rows, index, weights), (rows, index, weights)
+
+
+def _weighted_rows_bwd(residuals, g):
+  rows, index, weights = residuals
+  picked = jnp.take(rows, index, axis=0, mode="clip").astype(jnp.float32)
+  d_weights = jnp.sum(picked * g[:, None, :], axis=-1)
+  updates = (weights[..., None] * g[:, None, :]).reshape(-1, g.shape[-1])
+  # Scatter-add in float32 even for bf16 rows: bf16 scatter-adds are ~15x slower
+  # on GPUs (atomics; measured on an H200).
+  d_rows = jnp.zeros(rows.shape, jnp.float32).at[index.reshape(-1)].add(
+      updates, mode="clip")
+  return d_rows.astype(rows.dtype), None, d_weights
+
+
+_weighted_rows.defvjp(_weighted_rows_fwd, _weighted_rows_bwd)
+
+
 def ms_deform_attn_gather(value: jax.Array, spatial_shapes: SpatialShapes,
                           sampling_locations: jax.Array,
                           attention_weights: jax.Array) -> jax.Array:
@@ -37,6 +71,11 @@ def ms_deform_attn_gather(value: jax.Array, spatial_shapes: SpatialShapes,
 
   Returns:
     [B, Lq, H * Dh] in value's dtype.
+
+  Every (image, query, head) reads its L*P*4 bilinear corners as rows of the
+  [B*S*H, Dh] value matrix (value's own layout: no transposes), weighted by
+  bilinear weight x attention weight; gradients reach the locations through the
+  bilinear weights.
   """
   b, s, nh, dh = value.shape
   _, lq, _, nl, npts, _ = sampling_locations.shape
@@ -49,10 +88,10 @@ def ms_deform_attn_gather(value: jax.Array, spatial_shapes: SpatialShapes,
   ws = jnp.asarray(shapes[:, 1])[:, None]
   start = jnp.asarray(starts)[:, None]
 
-  loc = jnp.transpose(sampling_locations.astype(jnp.float32), (0, 2, 1, 3, 4, 5))
-  attn = jnp.transpose(attention_weights.astype(jnp.float32), (0, 2, 1, 3, 4))
+  loc = sampling_locations.astype(jnp.float32)
+  attn = attention_weights.astype(jnp.float32)
   # grid_sample with align_corners=False: pixel = loc * size - 0.5.
-  x = loc[..., 0] * ws - 0.5  # [B, H, Lq, L, P]
+  x = loc[..., 0] * ws - 0.5  # [B, Lq, H, L, P]
   y = loc[..., 1] * hs - 0.5
   x0 = jnp.floor(x)
   y0 = jnp.floor(y)
@@ -60,6 +99,9 @@ def ms_deform_attn_gather(value: jax.Array, spatial_shapes: SpatialShapes,
   fy = y - y0
   x0 = x0.astype(jnp.int32)
   y0 = y0.astype(jnp.int32)
+  # Row of (image, position, head) in the [B*S*H, Dh] value matrix.
+  image = jnp.arange(b, dtype=jnp.int32)[:, None, None, None, None] * s
+  head = jnp.arange(nh, dtype=jnp.int32)[None, None, :, None, None]
 
   idx, wts = [], []
   for dy, wy in ((0, 1.0 - fy), (1, fy)):
@@ -67,22 +109,14 @@ def ms_deform_attn_gather(value: jax.Array, spatial_shapes: SpatialShapes,
       xi = x0 + dx
       yi = y0 + dy
       inside = (xi >= 0) & (xi < ws) & (yi >= 0) & (yi < hs)
-      flat = start + jnp.clip(yi, 0, hs - 1) * ws + jnp.clip(xi, 0, ws - 1)
-      idx.append(flat)
+      pos = start + jnp.clip(yi, 0, hs - 1) * ws + jnp.clip(xi, 0, ws - 1)
+      idx.append((image + pos) * nh + head)
       wts.append(jnp.where(inside, wy * wx * attn, 0.0))
-  idx = jnp.stack(idx, -1).reshape(b, nh, lq * nl * npts * 4)
-  wts = jnp.stack(wts, -1).reshape(b, nh, lq, nl * npts * 4)
-
-  # Gather from fp32 values: the gather's gradient is a scatter-add, which is
-  # ~15x slower in bf16 on GPUs (measured on an H200).
-  v = jnp.transpose(value.astype(jnp.float32), (0, 2, 1, 3))  # [B, H, S, Dh]
-  picked = jnp.take_along_axis(v, idx[..., None], axis=2, mode="clip")
-  picked = picked.reshape(b, nh, lq, nl * npts * 4, dh)
-  # Multiply-and-reduce (not einsum) so XLA can fuse the gather into the
-  # reduction instead of materialising the gathered corners.
-  out = jnp.sum(picked * wts[..., None], axis=3)
-  out = jnp.transpose(out, (0, 2, 1, 3)).reshape(b, lq, nh * dh)
-  return out.astype(value.dtype)
+  taps = nl * npts * 4
+  idx = jnp.stack(idx, -1).reshape(b * lq * nh, taps)
+  wts = jnp.stack(wts, -1).reshape(b * lq * nh, taps)
+  out = _weighted_rows(value.reshape(b * s * nh, dh), idx, wts)
+  return out.reshape(b, lq, nh * dh).astype(value.dtype)
 
 
 IMPLS: dict[str, Callable[..., jax.Array]] = {
