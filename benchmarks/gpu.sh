@@ -57,8 +57,11 @@ part inference "$limit" "${common[@]}" --inference --which full &
 p3=$!
 part max_batch $((limit + 60)) "${common[@]}" --which "" --max-batch 128 &
 p4=$!
-part profile $((limit + 60)) --size "$size" --batch "$batch" --variant full --bf16 \
-  --steps 2 --lock "$lock" --top 30 &
+# Command buffers (CUDA graphs) off for the profile only: with them the trace names
+# whole graphs, not ops (session 7).
+XLA_FLAGS="$XLA_FLAGS --xla_gpu_enable_command_buffer=" \
+  part profile $((limit + 60)) --size "$size" --batch "$batch" --variant full --bf16 \
+  --steps 2 --lock "$lock" --top 40 &
 p5=$!
 wait $p1 $p2 $p3
 part hf 120 "${common[@]}" --batch "$batch" --which hf

@@ -5,9 +5,13 @@
 
 Runs one warm-up step and `--steps` profiled steps, then prints the top ops by total
 time and the share per op category (convolution, dot, gather, scatter, sort/top-k,
-reduce, fusion, custom call / callback) read from the Perfetto trace. On a GPU only
-the device's kernels count (the host's launch events are left out), each under the
-HLO op that launched it where the trace names one.
+reduce, fusion, host callback, custom call = cuBLAS on GPUs) read from the Perfetto
+trace. On a GPU only the device's kernels count (the host's launch events are left
+out), each under the HLO op that launched it where the trace names one, and the
+kernels' total per step against the step's time says how long the GPU sat idle.
+Profile a GPU with XLA's command buffers off (`XLA_FLAGS=...
+--xla_gpu_enable_command_buffer=`, as benchmarks/gpu.sh does): with them the trace
+names only whole CUDA graphs (`command_buffer_N`), not ops (session 7).
 """
 
 from __future__ import annotations
@@ -29,7 +33,9 @@ from benchmarks import train_step as bench
 CATEGORIES = [
     ("convolution", r"conv"), ("dot", r"dot|matmul|gemm"), ("gather", r"gather"),
     ("scatter", r"scatter"), ("sort/top-k", r"sort|topk|top_k"),
-    ("callback", r"callback|custom-call|custom_call"), ("reduce", r"reduce"),
+    ("host callback", r"callback"),
+    # XLA:GPU's cuBLAS matmuls are custom calls (cuDNN convolutions matched above).
+    ("custom call (cuBLAS)", r"custom-call|custom_call"), ("reduce", r"reduce"),
     ("copy/transpose", r"copy|transpose"),
 ]
 
@@ -85,6 +91,28 @@ def op_times(events: list[dict]) -> tuple[collections.Counter, str]:
   return per_op, ("device kernels" if device_pids else "host op events")
 
 
+def idle_gaps(events: list[dict], top: int = 10) -> tuple[float, list[tuple]]:
+  """Where an accelerator sat idle: holes in the union of its kernels' intervals ->
+  (total idle seconds, the `top` largest as (seconds, op before, op after)). The
+  window is first kernel start to last kernel end; empty without device events."""
+  device_pids = {e.get("pid") for e in events
+                 if e.get("ph") == "M" and e.get("name") == "process_name"
+                 and re.search(r"/device:(GPU|TPU)", str(e.get("args", {}).get("name")))}
+  spans = sorted((e["ts"], e["ts"] + e["dur"],
+                  (e.get("args") or {}).get("hlo_op") or e.get("name", "?"))
+                 for e in events if e.get("ph") == "X" and "dur" in e and "ts" in e
+                 and e.get("pid") in device_pids and not _SKIP.search(e.get("name", "")))
+  if not spans:
+    return 0.0, []
+  gaps, end, last = [], spans[0][1], spans[0][2]
+  for start, stop, name in spans[1:]:
+    if start > end:
+      gaps.append(((start - end) / 1e6, last, name))
+    if stop > end:
+      end, last = stop, name
+  return sum(g[0] for g in gaps), sorted(gaps, reverse=True)[:top]
+
+
 def source_of(op: str, where: dict[str, str]) -> str:
   """An op or kernel name's source line: XLA:GPU names a fusion's kernel after the
   HLO instruction with "." as "_" (fusion.12 -> fusion_12)."""
@@ -122,8 +150,9 @@ def main():
   bench.timed = traced
   keep = {}
   times, flops, _ = bench.ours(a.variant, args, batch, keep)
-  print(f"profiled steps: median {sorted(times)[len(times) // 2]:.3f} s, "
-        f"{flops / 1e9:.0f} GFLOP each")
+  step_s = sorted(times)[len(times) // 2]
+  print(f"profiled steps: median {step_s:.3f} s, {flops[0] / 1e9:.0f} GFLOP matmul+conv "
+        f"each")
   paths = glob.glob(os.path.join(out, "**", "*.trace.json.gz"), recursive=True)
   with gzip.open(paths[0], "rt") as f:
     events = json.load(f)
@@ -132,6 +161,14 @@ def main():
   total = sum(ops.values())
   print(f"sum of op times over {a.steps} step(s) {total:.3f} s ({where_run}; ops on "
         f"several threads or streams may overlap)")
+  if where_run == "device kernels":  # the rest of the step the device sat idle
+    idle, gaps = idle_gaps(events.get("traceEvents", events) if isinstance(
+        events, dict) else events)
+    print(f"device kernels {total / a.steps:.3f} s per {step_s:.3f} s step; idle "
+          f"between kernels {idle / a.steps:.3f} s per step; largest idle gaps "
+          f"(op before -> op after):")
+    for gap, before, after in gaps:
+      print(f"  {gap * 1e3:8.2f} ms  {before[:60]} -> {after[:60]}")
   cats = collections.Counter()
   for k, v in ops.items():
     cats[category(k)] += v

@@ -10,8 +10,10 @@
     random init) forward + loss + backward + AdamW step at the same size, batch,
     classes and points.
 All sides get the same images and ground truth (8 segments per image), warm-up is
-excluded, and the median and spread of `--steps` steps are printed, with FLOPs from
-XLA's cost analysis, achieved GFLOP/s and the share of the measured matmul peak.
+excluded, and the median and spread of `--steps` steps are printed, with the matmul +
+convolution FLOPs counted from the jaxpr (benchmarks/flops.py; XLA's cost analysis
+beside it where the backend gives one), achieved GFLOP/s and the share of the
+measured matmul peak.
 Threads: JAX's CPU client uses every core; torch is set to `--threads`, default the
 number of cores, so both sides use the same threads.
 """
@@ -57,6 +59,8 @@ import mtaclip_jax  # noqa: E402,F401  (its XLA:CPU setting must precede jax's c
 import jax  # noqa: E402  pylint: disable=g-import-not-at-top
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
+
+from benchmarks import flops  # noqa: E402
 
 
 def fake_batch(batch, size, segments, slots, num_classes=150, seed=0):
@@ -140,12 +144,26 @@ def matmul_peak(dtype=jnp.float32):
 
 def hlo_flops(lowered) -> float:
   """FLOPs of the program as traced, from XLA's cost analysis of the HLO before
-  optimisation. (The compiled program's analysis leaves out the convolutions and
-  matmuls that XLA:GPU hands to cuDNN / cuBLAS: 3258 instead of 7097 GFLOP for the
-  baseline step at batch 16; on CPU the two agree.)"""
+  optimisation (elementwise work included; 0 where the backend gives none: XLA:GPU did
+  on an H200, session 7). The compiled program's analysis leaves out the convolutions
+  and matmuls that XLA:GPU hands to cuDNN / cuBLAS."""
   cost = lowered.cost_analysis()
   cost = cost[0] if isinstance(cost, list) else cost
   return float((cost or {}).get("flops", 0.0))
+
+
+def step_flops(traced) -> tuple[float, float]:
+  """(matmul + convolution FLOPs counted from the jaxpr, XLA's count) of a traced
+  program: the first is the same on every backend and is what "% of peak" uses."""
+  return float(flops.jaxpr_flops(traced.jaxpr)), hlo_flops(traced.lower())
+
+
+def flops_text(counts: tuple[float, float], seconds: float, peak: float) -> str:
+  model, xla = counts
+  xla_txt = f"XLA's count {xla / 1e9:.0f}" if xla else "XLA's count: none"
+  return (f"{model / 1e9:.0f} GFLOP matmul+conv ({xla_txt}), "
+          f"{model / seconds / 1e9:.0f} GFLOP/s = {100 * model / seconds / 1e9 / peak:.1f}%"
+          f" of peak")
 
 
 def _setup(variant, args, batch_size):
@@ -179,14 +197,16 @@ def ours(variant, args, batch, keep=None):
       images = jnp.asarray(batch["image"][:1])
       t0 = inference.text_embeddings(model, state.variables(), tokens)
       fwd = jax.jit(lambda v, x, t: inference.apply_model(model, v, x, tokens, t))
-      lowered = fwd.lower(state.variables(), images, t0)
+      traced = fwd.trace(state.variables(), images, t0)
+      lowered = traced.lower()
       stamp(f"{variant}: inference traced", start)
       compiled = lowered.compile()
       run = lambda: jax.block_until_ready(compiled(state.variables(), images, t0))
     else:
       step = train_state.jit_train_step(model, tx, config, shard, mesh)
       gb = sharding.global_batch(batch, mesh)
-      lowered = step.lower(state, gb, tokens)
+      traced = step.trace(state, gb, tokens)
+      lowered = traced.lower()
       stamp(f"{variant}: step traced", start)
       compiled = lowered.compile()
       holder = {"state": state}
@@ -198,7 +218,7 @@ def ours(variant, args, batch, keep=None):
     stamp(f"{variant}: compiled", start)
     if keep is not None:
       keep["compiled"] = compiled
-    cost = hlo_flops(lowered)
+    cost = step_flops(traced)
     mem = compiled.memory_analysis()
     times = timed(run, args.steps, args.warmup)
   return times, cost, mem
@@ -277,9 +297,9 @@ def text_tower(args):
     t = enc.apply(params, tokens, c, method="encode_prompts")
     return jnp.sum(t.astype(jnp.float32) ** 2)
 
-  lowered = jax.jit(jax.grad(loss)).lower(ctx)
-  compiled = lowered.compile()
-  cost = hlo_flops(lowered)
+  traced = jax.jit(jax.grad(loss)).trace(ctx)
+  compiled = traced.lower().compile()
+  cost = step_flops(traced)
   times = timed(lambda: jax.block_until_ready(compiled(ctx)), args.steps, args.warmup)
   return times, cost
 
@@ -353,7 +373,8 @@ def main(args):
   if args.text:
     times, flops = text_tower(args)
     print(f"prompted text tower (K x (C+1) sequences, fwd + bwd to the contexts): "
-          f"median {np.median(times):.3f} s, {flops / 1e9:.0f} GFLOP", flush=True)
+          f"median {np.median(times):.3f} s, "
+          f"{flops_text(flops, np.median(times), peak)}", flush=True)
   for which in args.which.split(","):
     if not which:
       continue
@@ -364,8 +385,7 @@ def main(args):
       mem_txt = (f", temp {mem.temp_size_in_bytes / 2**30:.2f} GiB" if mem else "")
       print(f"({'a' if which == 'baseline' else 'b'}) ours {which}: median {med:.3f} s "
             f"(min {times.min():.3f}, max {times.max():.3f}), {n_img / med:.1f} img/s; "
-            f"{flops / 1e9:.0f} GFLOP, {flops / med / 1e9:.0f} GFLOP/s = "
-            f"{100 * flops / med / 1e9 / peak:.1f}% of peak{mem_txt}; "
+            f"{flops_text(flops, med, peak)}{mem_txt}; "
             f"{np.median(CPU_SECONDS):.1f} CPU-s/step; init + compile "
             f"{SETUP_SECONDS[0]:.0f} s", flush=True)
     elif which == "hf":

@@ -8,7 +8,7 @@ import time
 import jax
 import jax.numpy as jnp
 
-from benchmarks import profile_step
+from benchmarks import flops, profile_step
 from benchmarks import train_step as bench
 
 
@@ -46,6 +46,57 @@ def test_hlo_flops_counts_the_traced_program():
   assert bench.hlo_flops(lowered) == 2 * 64 * 32 * 16
 
 
+def _xla_flops(fn, *args):
+  return bench.hlo_flops(jax.jit(fn).lower(*args))
+
+
+def test_jaxpr_flops_equal_xla_for_matmuls_and_convolutions():
+  """Programs of matmuls and convolutions only: the jaxpr count equals XLA's cost
+  analysis (CPU), gradients (conv weight gradients use batch groups) included."""
+  rng = jax.random.key(0)
+  x = jax.random.normal(rng, (2, 12, 10, 6))
+  w = jax.random.normal(rng, (3, 3, 6, 8))
+  wg = jax.random.normal(rng, (3, 3, 2, 9))  # 3 feature groups
+  a = jax.random.normal(rng, (4, 5, 7))
+  b = jax.random.normal(rng, (4, 7, 3))
+  conv = lambda x, w, g=1, s=1, pad="VALID": jax.lax.conv_general_dilated(
+      x, w, (s, s), pad, dimension_numbers=("NHWC", "HWIO", "NHWC"),
+      feature_group_count=g)
+  cases = [
+      (lambda a, b: jnp.einsum("bij,bjk->bik", a, b), (a, b)),
+      (lambda x, w: conv(x, w, s=2), (x, w)),
+      (lambda x, w: conv(x, w, s=2, pad="SAME"), (x, w)),  # taps on padding: not counted
+      (lambda x, w: conv(x, w, g=3), (x, wg)),
+      (jax.grad(lambda x, w: jnp.sum(conv(x, w) ** 2), argnums=(0, 1)), (x, w)),
+  ]
+  for fn, args in cases:
+    traced = jax.jit(fn).trace(*args)
+    model = flops.jaxpr_flops(traced.jaxpr)
+    assert model > 0
+    if fn is cases[-1][0]:  # XLA also counts the square and its gradient
+      assert 0 < _xla_flops(fn, *args) - model < 0.01 * model
+    else:
+      assert model == _xla_flops(fn, *args)
+
+
+def test_jaxpr_flops_loops_and_branches():
+  a = jnp.ones((8, 8))
+  one = 2 * 8 ** 3
+  scan = lambda a: jax.lax.scan(lambda c, _: (c @ a, None), a, None, length=5)[0]
+  cond = lambda a: jax.lax.cond(a[0, 0] > 0, lambda a: a @ a @ a, lambda a: a @ a, a)
+  inner = jax.jit(lambda a: a @ a)
+  assert flops.jaxpr_flops(jax.make_jaxpr(scan)(a)) == 5 * one
+  assert flops.jaxpr_flops(jax.make_jaxpr(cond)(a)) == 2 * one
+  assert flops.jaxpr_flops(jax.make_jaxpr(lambda a: inner(a) @ a)(a)) == 2 * one
+
+
+def test_step_flops_reports_both_counts():
+  traced = jax.jit(lambda x, y: x @ y).trace(jnp.ones((64, 32)), jnp.ones((32, 16)))
+  assert bench.step_flops(traced) == (2 * 64 * 32 * 16, 2 * 64 * 32 * 16)
+  text = bench.flops_text((2e9, 0.0), 1.0, 4.0)
+  assert "2 GFLOP matmul+conv" in text and "none" in text and "50.0% of peak" in text
+
+
 def test_op_times_keeps_only_device_kernels_when_the_trace_has_them():
   meta = [{"ph": "M", "name": "process_name", "pid": 1, "args": {"name": "/host:CPU"}},
           {"ph": "M", "name": "process_name", "pid": 7,
@@ -66,3 +117,18 @@ def test_op_times_keeps_only_device_kernels_when_the_trace_has_them():
   where = {"loop_fusion.3": "model.py:1 conv"}
   assert profile_step.source_of("loop_fusion_3", where) == "model.py:1 conv"
   assert profile_step.source_of("unknown_7", where) == "?"
+
+
+def test_idle_gaps_are_holes_in_the_union_of_device_kernels():
+  meta = [{"ph": "M", "name": "process_name", "pid": 7,
+           "args": {"name": "/device:GPU:0 NVIDIA H200"}}]
+  kernels = [  # (start us, duration us, name); two streams overlap at 10-30
+      (0, 30, "a"), (10, 5, "b"), (50, 10, "pure_callback.1"), (60, 20, "c"),
+      (200, 10, "d")]
+  events = meta + [{"ph": "X", "pid": 7, "ts": t, "dur": d, "name": n}
+                   for t, d, n in kernels]
+  events.append({"ph": "X", "pid": 1, "ts": 90, "dur": 50, "name": "host"})  # not device
+  idle, gaps = profile_step.idle_gaps(events)
+  assert abs(idle - 140e-6) < 1e-12
+  assert gaps == [(120e-6, "c", "d"), (20e-6, "a", "pure_callback.1")]
+  assert profile_step.idle_gaps(events[1:]) == (0.0, [])  # no device timeline
