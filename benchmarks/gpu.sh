@@ -11,7 +11,9 @@
 # tokenizer's vocabulary) (docs/BENCHMARKS.md says how to fetch them).
 # Each part runs in its own process under a time limit, so one failing part does not
 # lose the others; the last part is a jax.profiler trace of the full step summarised
-# by HLO op (benchmarks/profile_step.py). XLA:GPU compiles this model for minutes (session 2: the full step
+# by HLO op (benchmarks/profile_step.py), with the device's idle gaps; one more part
+# times the full step with cuDNN's fused attention in the decoder (opt-in config).
+# XLA:GPU compiles this model for minutes (session 2: the full step
 # not within 220 s), so our four parts compile side by side (CPU work) and take turns
 # on the GPU: every timed section, the matmul peak included, holds one file lock.
 # transformers runs after our three timed parts, while at most the largest-batch probe
@@ -55,8 +57,15 @@ part baseline "$limit" "${common[@]}" --batch "$batch" --which baseline &
 p2=$!
 part inference "$limit" "${common[@]}" --inference --which full &
 p3=$!
-part max_batch $((limit + 60)) "${common[@]}" --which "" --max-batch 128 &
+# The largest batch from compiled memory (16 and 32) only: the confirming run never
+# finished inside the limit (sessions 5 and 7).
+part max_batch $((limit + 60)) "${common[@]}" --which "" --max-batch 128 --estimate-only &
 p4=$!
+# The full step with the decoder's attention in cuDNN's fused kernel (session 7's
+# opt-in, config.model.attention_impl=cudnn), against part full's default "xla".
+part full_cudnn $((limit + 60)) "${common[@]}" --batch "$batch" --which full \
+  --set model.attention_impl=cudnn &
+p6=$!
 # Command buffers (CUDA graphs) off for the profile only: with them the trace names
 # whole graphs, not ops (session 7).
 XLA_FLAGS="$XLA_FLAGS --xla_gpu_enable_command_buffer=" \
@@ -66,8 +75,8 @@ p5=$!
 wait $p1 $p2 $p3
 part hf 120 "${common[@]}" --batch "$batch" --which hf
 part hf_inference 60 "${common[@]}" --inference --which hf
-wait $p4 $p5
-for name in full baseline inference hf hf_inference max_batch profile; do
+wait $p4 $p5 $p6
+for name in full baseline inference hf hf_inference full_cudnn max_batch profile; do
   cat "$out/part_$name.txt" >> "$log"
 done
 rm -f "$out"/part_*.txt "$lock"

@@ -47,12 +47,39 @@ def _args(argv=None):
                  help="ours: gradient accumulation over N micro-batches of the batch")
   p.add_argument("--max-batch", type=int, default=0,
                  help="also find the largest batch of the full step that fits, up to N")
+  p.add_argument("--estimate-only", action="store_true",
+                 help="--max-batch: print the estimate from compiled memory, skip the run")
   p.add_argument("--text", action="store_true",
                  help="also time the prompted text tower alone (forward + backward)")
   p.add_argument("--lock", default="",
                  help="file locked around every timed section, so that processes that "
                       "compile side by side take turns on the device (gpu.sh)")
+  p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                 help="ours: override a config entry, e.g. model.attention_impl=cudnn "
+                      "(repeatable; the value takes the type of the entry it replaces)")
   return p.parse_args(argv)
+
+
+def apply_overrides(config, pairs) -> None:
+  """`--set a.b=v` entries into the config; unknown keys name themselves."""
+  for pair in pairs:
+    key, sep, text = pair.partition("=")
+    *path, leaf = key.split(".")
+    node = config
+    for part in path:
+      node = node[part] if part in node else None
+      if node is None:
+        raise SystemExit(f"--set {pair}: config has no {key!r}")
+    if not sep or leaf not in node:
+      raise SystemExit(f"--set {pair}: config has no {key!r} (expected KEY=VALUE)")
+    old = node[leaf]
+    if isinstance(old, bool):
+      value = text.lower() in ("1", "true", "yes")
+    elif isinstance(old, (int, float)):
+      value = type(old)(text)
+    else:
+      value = text
+    node[leaf] = value
 
 
 import mtaclip_jax  # noqa: E402,F401  (its XLA:CPU setting must precede jax's client)
@@ -179,6 +206,7 @@ def _setup(variant, args, batch_size):
   config.data.batch_size = batch_size
   config.data.max_segments = args.max_segments
   config.train.micro_batches = getattr(args, "micro_batches", 1)
+  apply_overrides(config, getattr(args, "set", []))
   return (config, sharding.make_mesh(config.mesh), mtaclip.build_model(config.model),
           runtime.class_tokens(config), optim.make_optimizer(config.optim))
 
@@ -263,6 +291,8 @@ def max_batch(args, limit: int) -> int:
   per_image = max((need[32] - need[16]) / 16, 1)
   best = min(limit, 32 + int((capacity - need[32]) / per_image)) // 8 * 8
   note(f"linear estimate: {per_image / 2**30:.3f} GiB per image -> batch {best}")
+  if getattr(args, "estimate_only", False):
+    return best
   while best >= 8:
     a = copy.copy(args)
     a.batch, a.steps, a.warmup = best, 2, 1
@@ -363,6 +393,8 @@ def main(args):
     args.max_segments = config_lib.RECIPES["ade20k"]["max_segments"]
   print(f"ground truth: {args.segments} segments per image, padded to "
         f"T={args.max_segments} slots", flush=True)
+  if args.set:
+    print(f"config overrides (ours): {' '.join(args.set)}", flush=True)
   batch = fake_batch(args.batch, args.size, args.segments, args.max_segments)
   peak_dtype = jnp.bfloat16 if args.bf16 else jnp.float32
   peak = matmul_peak(peak_dtype)  # timed under --lock, like every timed section
@@ -407,6 +439,10 @@ def main(args):
     print(f"(c)/(b) = {np.median(rows['hf']) / np.median(rows['full']):.2f}")
   if args.max_batch:
     best = max_batch(args, args.max_batch)
+    if args.estimate_only:
+      print(f"largest batch of the full step by compiled memory (multiple of 8, <= "
+            f"{args.max_batch}; not run): {best}")
+      return
     print(f"largest batch of the full step that fits and ran (multiple of 8, <= "
           f"{args.max_batch}): {best}")
 

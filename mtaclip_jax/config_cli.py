@@ -113,8 +113,9 @@ def user_errors() -> tuple[type[BaseException], ...]:
   # pylint: disable=g-import-not-at-top
   from mtaclip_jax import checkpoint, runtime, sharding, train
   from mtaclip_jax.data import readers, transforms
-  return (runtime.ConfigError, runtime.WorkdirError, sharding.MeshConfigError,
-          checkpoint.CheckpointError, readers.BadSampleError, train.NonFiniteLossError,
+  from mtaclip_jax.models import mtaclip
+  return (runtime.ConfigError, mtaclip.ModelConfigError, runtime.WorkdirError,
+          sharding.MeshConfigError, checkpoint.CheckpointError, readers.BadSampleError, train.NonFiniteLossError,
           transforms.CropConfigError, FileNotFoundError)
 
 

@@ -71,6 +71,7 @@ def model_defaults(backbone: str, num_classes: int) -> ml_collections.ConfigDict
       class_length=5,
       gamma_init=1e-4,
       deform_attn_impl="auto",
+      attention_impl="xla",  # decoder attention: "xla" | "cudnn" (GPU, bf16; models/decoder.py)
       dtype="float32",
   ))
 

@@ -132,3 +132,16 @@ def test_idle_gaps_are_holes_in_the_union_of_device_kernels():
   assert abs(idle - 140e-6) < 1e-12
   assert gaps == [(120e-6, "c", "d"), (20e-6, "a", "pure_callback.1")]
   assert profile_step.idle_gaps(events[1:]) == (0.0, [])  # no device timeline
+
+
+def test_config_overrides_take_the_entry_type_and_name_unknown_keys():
+  import pytest
+  from mtaclip_jax import config_lib
+  config = config_lib.paper_config("ade20k", "RN50", "bf16")
+  bench.apply_overrides(config, ["model.attention_impl=cudnn", "train.micro_batches=2",
+                                 "model.joint_self_attn=false", "loss.class_weight=1.5"])
+  assert config.model.attention_impl == "cudnn" and config.train.micro_batches == 2
+  assert config.model.joint_self_attn is False and config.loss.class_weight == 1.5
+  for bad in ("model.attention_implx=xla", "modle.dtype=float32", "model.dtype"):
+    with pytest.raises(SystemExit, match=bad.split("=")[0].replace(".", r"\.")):
+      bench.apply_overrides(config, [bad])

@@ -28,6 +28,19 @@ def test_bad_override(tmp_path, args, message):
   assert not any("Traceback" in line for line in err), err
 
 
+@pytest.mark.parametrize("args,message", [
+    (["--config.model.backbone=RN49"], "config.model.backbone must be one of"),
+    (["--config.model.attention_impl=flash"], "config.model.attention_impl must be one of"),
+])
+def test_bad_model_value(tmp_path, args, message):
+  """Known keys with values no model can be built from: one line, exit code 1 (as
+  every error found after the flags parse)."""
+  rc, err = run_main("--config", "configs/demo.py", "--workdir", str(tmp_path), *args)
+  assert rc == 1
+  assert err[-1].startswith("error:") and message in err[-1], err
+  assert not any("Traceback" in line for line in err), err
+
+
 @pytest.mark.parametrize("spec,message", [
     ("configs/nope.py", "no such file"),
     ("configs/demo.py:K3", "unknown config variant 'K3'"),

@@ -117,6 +117,12 @@ def test_config_errors():
     mtaclip.build_model(_config(dtype="float16"))
   with pytest.raises(ValueError, match="config.model.backbone"):
     mtaclip.build_model(_config(backbone="RN49"))
+  with pytest.raises(ValueError, match="config.model.attention_impl"):
+    mtaclip.build_model(_config(attention_impl="flash"))
+  with pytest.raises(ValueError, match="attention_impl='cudnn' needs config.model.dtype"):
+    mtaclip.build_model(_config(attention_impl="cudnn"))
+  with pytest.raises(ValueError, match="attention_impl='cudnn' needs an NVIDIA GPU"):
+    mtaclip.build_model(_config(attention_impl="cudnn", dtype="bfloat16"))
   model = mtaclip.build_model(_config())
   with pytest.raises(ValueError, match="class_tokens"):
     jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.ones((1, 64, 64, 3)), _tokens(3))

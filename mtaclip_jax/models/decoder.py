@@ -42,12 +42,32 @@ def attention_blocked(masks: jax.Array, size: tuple[int, int]) -> jax.Array:
   return jax.lax.stop_gradient(blocked)
 
 
+# Decoder attention implementations (config.model.attention_impl): "xla" = einsums and an
+# fp32 softmax; "cudnn" = jax.nn.dot_product_attention's cuDNN fused kernel (GPU, bf16 or
+# fp16 only; never materialises the [B, heads, Lq, Lk] logits).
+ATTENTION_IMPLS = ("xla", "cudnn")
+
+
+def fused_attention(q: jax.Array, k: jax.Array, v: jax.Array, blocked: jax.Array | None,
+                    implementation: str) -> jax.Array:
+  """`jax.nn.dot_product_attention` of q [B, Lq, N, Dh], k / v [B, Lk, N, Dh] with the
+  block mask [B or 1, Lq, Lk] (True = may not attend) as an additive bias of the
+  dtype's lowest value -> [B, Lq, N, Dh]."""
+  bias = None
+  if blocked is not None:
+    low = jnp.asarray(jnp.finfo(q.dtype).min, q.dtype)
+    bias = jnp.where(blocked[:, None], low, jnp.zeros((), q.dtype))
+  return jax.nn.dot_product_attention(q, k, v, bias=bias, scale=q.shape[-1] ** -0.5,
+                                      implementation=implementation)
+
+
 class Attention(nn.Module):
   """Multi-head attention; `blocked` [B or 1, Lq, Lk] True = may not attend.
-  Softmax in fp32."""
+  Softmax in fp32 ("xla"; cuDNN's fused kernel accumulates in fp32 too)."""
   embed_dim: int = 256
   num_heads: int = 8
   dtype: jnp.dtype = jnp.float32
+  impl: str = "xla"
 
   @nn.compact
   def __call__(self, query, key, value, blocked=None):
@@ -57,14 +77,22 @@ class Attention(nn.Module):
       y = nn.Dense(self.embed_dim, kernel_init=xavier, dtype=self.dtype, name=name)(x)
       return y.reshape(y.shape[:2] + (self.num_heads, dh))
 
-    q = proj(query, "q_proj") * (dh ** -0.5)
-    k = proj(key, "k_proj")
-    v = proj(value, "v_proj")
-    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32)
-    if blocked is not None:
-      logits = jnp.where(blocked[:, None], -jnp.inf, logits)
-    weights = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
-    out = jnp.einsum("bhqk,bkhd->bqhd", weights, v).reshape(query.shape[:2] + (self.embed_dim,))
+    if self.impl == "cudnn":
+      out = fused_attention(proj(query, "q_proj"), proj(key, "k_proj"),
+                            proj(value, "v_proj"), blocked, "cudnn")
+    elif self.impl == "xla":
+      q = proj(query, "q_proj") * (dh ** -0.5)
+      k = proj(key, "k_proj")
+      v = proj(value, "v_proj")
+      logits = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32)
+      if blocked is not None:
+        logits = jnp.where(blocked[:, None], -jnp.inf, logits)
+      weights = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
+      out = jnp.einsum("bhqk,bkhd->bqhd", weights, v)
+    else:
+      raise ValueError(f"config.model.attention_impl must be one of {ATTENTION_IMPLS}, "
+                       f"got {self.impl!r}")
+    out = out.reshape(query.shape[:2] + (self.embed_dim,))
     return nn.Dense(self.embed_dim, kernel_init=xavier, dtype=self.dtype, name="out_proj")(out)
 
 
@@ -74,14 +102,17 @@ class DecoderLayer(nn.Module):
   num_heads: int = 8
   ffn_dim: int = 2048
   dtype: jnp.dtype = jnp.float32
+  attention_impl: str = "xla"
 
   @nn.compact
   def __call__(self, x, query_pos, memory, memory_pos, cross_blocked, self_blocked):
-    attn = Attention(self.hidden_dim, self.num_heads, self.dtype, name="cross_attn")
+    attn = Attention(self.hidden_dim, self.num_heads, self.dtype, self.attention_impl,
+                     name="cross_attn")
     x = x + attn(x + query_pos, memory + memory_pos, memory, cross_blocked)
     x = _layer_norm("cross_attn_layer_norm")(x)
     q = x + query_pos
-    attn = Attention(self.hidden_dim, self.num_heads, self.dtype, name="self_attn")
+    attn = Attention(self.hidden_dim, self.num_heads, self.dtype, self.attention_impl,
+                     name="self_attn")
     x = _layer_norm("self_attn_layer_norm")(x + attn(q, q, x, self_blocked))
     y = nn.relu(nn.Dense(self.ffn_dim, kernel_init=xavier, dtype=self.dtype, name="fc1")(x))
     y = nn.Dense(self.hidden_dim, kernel_init=xavier, dtype=self.dtype, name="fc2")(y)
@@ -124,6 +155,7 @@ class MaskTextDecoder(nn.Module):
   num_contexts: int = 3
   gamma_init: float = 1e-4
   dtype: jnp.dtype = jnp.float32
+  attention_impl: str = "xla"
 
   def _predict(self, x, mask_features, size, small_features=None):
     """Shared head on all queries: (normed queries, class logits and mask logits of
@@ -151,8 +183,8 @@ class MaskTextDecoder(nn.Module):
     self.layernorm = ln()
     self.class_predictor = nn.Dense(self.num_classes + 1, dtype=jnp.float32)
     self.mask_predictor = MaskEmbedder(self.hidden_dim, self.mask_dim, self.dtype)
-    self.layers = [DecoderLayer(self.hidden_dim, self.num_heads, self.ffn_dim, self.dtype)
-                   for _ in range(self.num_layers)]
+    self.layers = [DecoderLayer(self.hidden_dim, self.num_heads, self.ffn_dim, self.dtype,
+                                self.attention_impl) for _ in range(self.num_layers)]
     emb = nn.initializers.normal(1.0)
     self.queries_features = self.param("queries_features", emb, (self.num_queries, self.hidden_dim))
     self.queries_embedder = self.param("queries_embedder", emb, (self.num_queries, self.hidden_dim))

@@ -18,8 +18,13 @@ import jax.numpy as jnp
 import flax.linen as nn
 
 from mtaclip_jax.models import backbones, clip
+from mtaclip_jax.models import decoder as decoder_lib
 from mtaclip_jax.models.decoder import MaskTextDecoder
 from mtaclip_jax.models.pixel_decoder import PixelDecoder
+
+class ModelConfigError(ValueError):
+  """A `config.model` entry that cannot build a model (the CLIs print it as one line)."""
+
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -49,6 +54,7 @@ class MTACLIP(nn.Module):
   num_contexts: int = 3
   context_length: int = 8
   deform_attn_impl: str = "gather"
+  attention_impl: str = "xla"
   gamma_init: float = 1e-4
   dtype: Any = jnp.float32
 
@@ -95,7 +101,7 @@ class MTACLIP(nn.Module):
         num_feature_levels=self.num_feature_levels, text_queries=self.text_queries,
         joint_self_attn=self.joint_self_attn, embed_dim=text_arch.embed_dim,
         num_contexts=self.num_contexts, gamma_init=self.gamma_init, dtype=self.dtype,
-        name="decoder")
+        attention_impl=self.attention_impl, name="decoder")
     return decoder(pix["multi_scale_features"], pix["mask_features"], t0)
 
 
@@ -120,23 +126,33 @@ def build_model(model_config) -> MTACLIP:
   c = dict(model_config)
   dtype = c.get("dtype", "float32")
   if dtype not in DTYPES:
-    raise ValueError(f"config.model.dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    raise ModelConfigError(f"config.model.dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
   backbone = c.get("backbone", "RN50")
   if backbone not in backbones.REGISTRY:
-    raise ValueError(f"config.model.backbone must be one of {sorted(backbones.REGISTRY)}, "
+    raise ModelConfigError(f"config.model.backbone must be one of {sorted(backbones.REGISTRY)}, "
                      f"got {backbone!r}")
   text_encoder = c.get("text_encoder") or backbones.get(backbone).default_text_encoder
   if text_encoder not in clip.ARCHS:
-    raise ValueError(f"config.model.text_encoder must be a CLIP arch, one of "
+    raise ModelConfigError(f"config.model.text_encoder must be a CLIP arch, one of "
                      f"{sorted(clip.ARCHS)}, got {text_encoder!r}")
   if "num_classes" not in c:
-    raise ValueError("config.model.num_classes is required (dataset classes without 'none')")
+    raise ModelConfigError("config.model.num_classes is required (dataset classes without 'none')")
   if c.get("class_length", 5) + c.get("context_length", 8) > clip.ARCHS[text_encoder].context_length:
-    raise ValueError("config.model.class_length + context_length exceeds the text context length")
+    raise ModelConfigError("config.model.class_length + context_length exceeds the text context length")
   fields = ("backbone_norm", "num_queries", "hidden_dim", "mask_dim", "enc_layers",
             "enc_ffn_dim", "enc_heads", "enc_points", "num_feature_levels", "dec_layers",
             "dec_ffn_dim", "dec_heads", "text_queries", "joint_self_attn", "num_contexts",
-            "context_length", "deform_attn_impl", "gamma_init")
+            "context_length", "deform_attn_impl", "attention_impl", "gamma_init")
+  attention_impl = c.get("attention_impl", "xla")
+  if attention_impl not in decoder_lib.ATTENTION_IMPLS:
+    raise ModelConfigError(f"config.model.attention_impl must be one of "
+                     f"{list(decoder_lib.ATTENTION_IMPLS)}, got {attention_impl!r}")
+  if attention_impl == "cudnn" and dtype != "bfloat16":
+    raise ModelConfigError("config.model.attention_impl='cudnn' needs config.model.dtype "
+                     f"'bfloat16' (cuDNN's fused attention), got {dtype!r}")
+  if attention_impl == "cudnn" and jax.default_backend() != "gpu":
+    raise ModelConfigError("config.model.attention_impl='cudnn' needs an NVIDIA GPU; this "
+                     f"process runs on {jax.default_backend()!r} (use 'xla')")
   kwargs = {k: c[k] for k in fields if k in c}
   return MTACLIP(backbone=backbone, text_encoder=text_encoder,
                  num_classes=int(c["num_classes"]), dtype=DTYPES[dtype], **kwargs)
