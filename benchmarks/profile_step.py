@@ -72,13 +72,18 @@ def hlo_sources(hlo_text: str) -> dict[str, str]:
 _SKIP = re.compile(r"^(\$|PjitFunction|.*Execute|XlaModule|Thunk|jit_)", re.I)
 
 
+def _device_pids(events: list[dict]) -> set:
+  """Trace processes that are an accelerator's timeline."""
+  return {e.get("pid") for e in events
+          if e.get("ph") == "M" and e.get("name") == "process_name"
+          and re.search(r"/device:(GPU|TPU)", str(e.get("args", {}).get("name")))}
+
+
 def op_times(events: list[dict]) -> tuple[collections.Counter, str]:
   """Seconds per op from Perfetto trace events -> (counter, what was counted). Where
   the trace holds an accelerator's timeline, only its events count, named by the
   `hlo_op` that launched them when given."""
-  device_pids = {e.get("pid") for e in events
-                 if e.get("ph") == "M" and e.get("name") == "process_name"
-                 and re.search(r"/device:(GPU|TPU)", str(e.get("args", {}).get("name")))}
+  device_pids = _device_pids(events)
   per_op = collections.Counter()
   for e in events:
     if e.get("ph") != "X" or "dur" not in e:
@@ -95,9 +100,7 @@ def idle_gaps(events: list[dict], top: int = 10) -> tuple[float, list[tuple]]:
   """Where an accelerator sat idle: holes in the union of its kernels' intervals ->
   (total idle seconds, the `top` largest as (seconds, op before, op after)). The
   window is first kernel start to last kernel end; empty without device events."""
-  device_pids = {e.get("pid") for e in events
-                 if e.get("ph") == "M" and e.get("name") == "process_name"
-                 and re.search(r"/device:(GPU|TPU)", str(e.get("args", {}).get("name")))}
+  device_pids = _device_pids(events)
   spans = sorted((e["ts"], e["ts"] + e["dur"],
                   (e.get("args") or {}).get("hlo_op") or e.get("name", "?"))
                  for e in events if e.get("ph") == "X" and "dur" in e and "ts" in e
