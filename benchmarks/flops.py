@@ -4,8 +4,10 @@ The same number on every backend (XLA:GPU's cost analysis returned 0 for our low
 train step on an H200, and its compiled program's analysis leaves out what it hands
 to cuBLAS/cuDNN), and the convention of model-FLOP utilisation: 2 x multiply-adds of
 every `dot_general` and `conv_general_dilated`, elementwise work not counted. Loops
-count their body times their trip count (`scan`); a `while` of unknown trip count
-counts its body once, a `cond` its most expensive branch. A convolution counts the
+count their body times their trip count (`scan`; XLA's cost analysis counts a loop
+body once, which is most of the ~1% by which it falls short of this count for our
+step: the matcher's 10-layer `lax.map` of cost matmuls is ~6 GFLOP at batch 2); a
+`while` of unknown trip count counts its body once, a `cond` its most expensive branch. A convolution counts the
 kernel taps that land on its input, not those on padding (as XLA's cost analysis;
 this matters for input gradients, transposed convolutions over a padded input).
 """
