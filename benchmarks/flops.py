@@ -7,9 +7,10 @@ every `dot_general` and `conv_general_dilated`, elementwise work not counted. Lo
 count their body times their trip count (`scan`; XLA's cost analysis counts a loop
 body once, which is most of the ~1% by which it falls short of this count for our
 step: the matcher's 10-layer `lax.map` of cost matmuls is ~6 GFLOP at batch 2); a
-`while` of unknown trip count counts its body once, a `cond` its most expensive branch. A convolution counts the
-kernel taps that land on its input, not those on padding (as XLA's cost analysis;
-this matters for input gradients, transposed convolutions over a padded input).
+`while` of unknown trip count counts its body once, a `cond` its most expensive branch.
+A convolution counts the kernel taps that land on its input, not those on padding
+(as XLA's cost analysis; this matters for input gradients, transposed convolutions
+over a padded input).
 """
 
 from __future__ import annotations

@@ -115,8 +115,8 @@ def user_errors() -> tuple[type[BaseException], ...]:
   from mtaclip_jax.data import readers, transforms
   from mtaclip_jax.models import mtaclip
   return (runtime.ConfigError, mtaclip.ModelConfigError, runtime.WorkdirError,
-          sharding.MeshConfigError, checkpoint.CheckpointError, readers.BadSampleError, train.NonFiniteLossError,
-          transforms.CropConfigError, FileNotFoundError)
+          sharding.MeshConfigError, checkpoint.CheckpointError, readers.BadSampleError,
+          train.NonFiniteLossError, transforms.CropConfigError, FileNotFoundError)
 
 
 def run_app(main, flags_parser=parse_flags_or_exit,

@@ -22,6 +22,7 @@ from mtaclip_jax.models import decoder as decoder_lib
 from mtaclip_jax.models.decoder import MaskTextDecoder
 from mtaclip_jax.models.pixel_decoder import PixelDecoder
 
+
 class ModelConfigError(ValueError):
   """A `config.model` entry that cannot build a model (the CLIs print it as one line)."""
 
@@ -136,9 +137,11 @@ def build_model(model_config) -> MTACLIP:
     raise ModelConfigError(f"config.model.text_encoder must be a CLIP arch, one of "
                      f"{sorted(clip.ARCHS)}, got {text_encoder!r}")
   if "num_classes" not in c:
-    raise ModelConfigError("config.model.num_classes is required (dataset classes without 'none')")
+    raise ModelConfigError(
+        "config.model.num_classes is required (dataset classes without 'none')")
   if c.get("class_length", 5) + c.get("context_length", 8) > clip.ARCHS[text_encoder].context_length:
-    raise ModelConfigError("config.model.class_length + context_length exceeds the text context length")
+    raise ModelConfigError(
+        "config.model.class_length + context_length exceeds the text context length")
   fields = ("backbone_norm", "num_queries", "hidden_dim", "mask_dim", "enc_layers",
             "enc_ffn_dim", "enc_heads", "enc_points", "num_feature_levels", "dec_layers",
             "dec_ffn_dim", "dec_heads", "text_queries", "joint_self_attn", "num_contexts",
