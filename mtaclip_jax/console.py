@@ -5,8 +5,9 @@ failure from each of its background threads with a full traceback, and tensorsto
 callbacks then hit the closed asyncio event loop hundreds of times ("RuntimeError:
 Event loop is closed"): over 4000 lines of stderr before the one line that says what
 happened and what to do (measured on the disk-full test, tests/test_faults.py).
-`install()` drops the tracebacks of the libraries' absl log records (their one-line
-messages stay) and the closed-loop noise. `MTACLIP_TRACEBACKS=1` keeps everything.
+`install()` drops the tracebacks of the libraries' absl log records, also those
+inside a message's text (the first line of each message stays), and the closed-loop
+noise. `MTACLIP_TRACEBACKS=1` keeps everything.
 """
 
 from __future__ import annotations
@@ -31,6 +32,14 @@ class _NoLibraryTracebacks(logging.Filter):
     if record.exc_info:
       record.exc_info = None
       record.exc_text = None
+    # An exception's text can carry a whole traceback (orbax logs tensorstore's errors
+    # that way when a write fails with EFBIG): keep the message's first line.
+    message = record.getMessage()
+    if "\n" in message:
+      first, rest = message.split("\n", 1)
+      record.msg = (f"{first} [{rest.count(chr(10)) + 1} more lines; "
+                    f"MTACLIP_TRACEBACKS=1 shows them]")
+      record.args = ()
     return True
 
 

@@ -15,6 +15,8 @@ try:
   raise ValueError("write failed")
 except ValueError as e:
   logging.exception("background save failed: %s", e)
+logging.error("raised an exception: %s", "OUT_OF_RANGE: Error writing local file\\n"
+              "Traceback (most recent call last):\\n  File 'serialization.py', line 193")
 def closed():
   raise RuntimeError("Event loop is closed")
 def other():
@@ -36,6 +38,10 @@ def test_library_tracebacks_and_closed_loop_noise_are_dropped():
   err = _stderr()
   assert "background save failed: write failed" in err  # the log line stays
   assert "ValueError: write failed" not in err  # its traceback does not
+  # A traceback inside a message's text (tensorstore's errors logged by orbax, seen in
+  # CI on a file-size-limit failure): the first line stays, with a count of the rest.
+  assert "raised an exception: OUT_OF_RANGE: Error writing local file [2 more lines" in err
+  assert "serialization.py" not in err
   assert "Event loop is closed" not in err
   assert "KeyError: 'real bug'" in err  # other thread failures still show
 
@@ -43,3 +49,4 @@ def test_library_tracebacks_and_closed_loop_noise_are_dropped():
 def test_mtaclip_tracebacks_keeps_everything():
   err = _stderr({"MTACLIP_TRACEBACKS": "1"})
   assert "ValueError: write failed" in err and "Event loop is closed" in err
+  assert "serialization.py" in err
