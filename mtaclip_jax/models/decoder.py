@@ -77,14 +77,13 @@ class Attention(nn.Module):
       y = nn.Dense(self.embed_dim, kernel_init=xavier, dtype=self.dtype, name=name)(x)
       return y.reshape(y.shape[:2] + (self.num_heads, dh))
 
+    q = proj(query, "q_proj")
+    k = proj(key, "k_proj")
+    v = proj(value, "v_proj")
     if self.impl == "cudnn":
-      out = fused_attention(proj(query, "q_proj"), proj(key, "k_proj"),
-                            proj(value, "v_proj"), blocked, "cudnn")
+      out = fused_attention(q, k, v, blocked, "cudnn")
     elif self.impl == "xla":
-      q = proj(query, "q_proj") * (dh ** -0.5)
-      k = proj(key, "k_proj")
-      v = proj(value, "v_proj")
-      logits = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32)
+      logits = jnp.einsum("bqhd,bkhd->bhqk", q * (dh ** -0.5), k).astype(jnp.float32)
       if blocked is not None:
         logits = jnp.where(blocked[:, None], -jnp.inf, logits)
       weights = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
