@@ -3,12 +3,12 @@
 `config.train.micro_batches = n` splits each step's batch into n micro-batches that
 run one after the other (a `lax.scan`), so only one micro-batch's activations are
 alive at a time: the recipe's batch on a device that cannot hold it (as big_vision's
-accumulation, meant for GPUs and TPUs). On XLA:CPU the scanned step is slow: 256x256,
-batch 2 as 2 micro-batches took 30 s per step against 3.5-4.4 s for the same loop
-unrolled (measured in session 4); unrolled, XLA:CPU kept every micro-batch's
-activations alive (batch 16 as 4 micro-batches asked for 26.9 GB), so the scan stays.
-A profile shows XLA:CPU running the loop body's convolutions as slow generic loops
-instead of its convolution library (docs/BENCHMARKS.md, "Session 4").
+accumulation). Unrolled, XLA:CPU kept every micro-batch's activations alive (batch 16
+as 4 micro-batches asked for 26.9 GB), so it is a scan. XLA:CPU ran the convolutions
+of a loop body as generic loops (20 s per 256x256 step of 2 images as 2 micro-batches);
+the models' convolutions now go through `models/conv.py`, whose gradients it runs
+through its convolution library anywhere: 3.4 s, against 2.9 s unaccumulated
+(docs/BENCHMARKS.md, "Session 8").
 
 The step's loss and gradient are the whole batch's: every micro-batch loss is
 normalised by the whole batch's counts (`losses.batch_normalizers`), so the

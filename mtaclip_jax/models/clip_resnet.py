@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from mtaclip_jax.models.clip_resize import resize_positional_embedding
+from mtaclip_jax.models.conv import Conv2d, conv2d
 from mtaclip_jax.models.pointwise import PointwiseConv, pointwise_conv
 
 NORMS = ("frozen_bn", "bn")
@@ -31,9 +32,8 @@ def _conv(features, kernel, dtype, name, stride=1):
     if kernel == 1 and stride == 1:
         return PointwiseConv(features, use_bias=False, dtype=dtype, name=name)
     pad = kernel // 2
-    return nn.Conv(features, (kernel, kernel), strides=(stride, stride),
-                   padding=((pad, pad), (pad, pad)), use_bias=False, dtype=dtype,
-                   param_dtype=jnp.float32, name=name)
+    return Conv2d(features, (kernel, kernel), (stride, stride), pad, use_bias=False,
+                  dtype=dtype, name=name)
 
 
 def _bn(dtype, name):
@@ -83,8 +83,7 @@ def conv_bn(x, features, kernel, dtype, conv_name, bn_name, *, running, stride=1
         y = pointwise_conv(x, w[0, 0])
     else:
         pad = kernel // 2
-        y = jax.lax.conv_general_dilated(x, w, (stride, stride), ((pad, pad), (pad, pad)),
-                                         dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        y = conv2d(x, w, (stride, stride), pad)
     return y + (bias - mean * s).astype(dtype)
 
 

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 
 from mtaclip_jax.models.clip_resize import resize_positional_embedding
 from mtaclip_jax.models.clip_transformer import LayerNorm, Transformer
+from mtaclip_jax.models.conv import Conv2d
 
 TAPS = (3, 5, 7, 11)
 
@@ -69,9 +70,8 @@ class VisionTransformer(nn.Module):
         if h % p or w % p:
             raise ValueError(f"image size {h}x{w} is not a multiple of the patch size {p}")
         scale = self.width ** -0.5
-        x = nn.Conv(self.width, (p, p), strides=(p, p), padding="VALID", use_bias=False,
-                    dtype=self.dtype, param_dtype=jnp.float32,
-                    name="conv1")(images.astype(self.dtype))
+        x = Conv2d(self.width, (p, p), (p, p), use_bias=False, dtype=self.dtype,
+                   name="conv1")(images)
         gh, gw = x.shape[1], x.shape[2]
         x = x.reshape(b, gh * gw, self.width)
         cls = self.param("class_embedding", nn.initializers.normal(scale), (self.width,),

@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from mtaclip_jax.models.clip_transformer import LayerNorm
+from mtaclip_jax.models.conv import Conv2d
 
 _B1_B5 = dict(hidden_sizes=(64, 128, 320, 512), num_attention_heads=(1, 2, 5, 8),
               sr_ratios=(8, 4, 2, 1), patch_sizes=(7, 3, 3, 3), strides=(4, 2, 2, 2),
@@ -38,6 +39,9 @@ LN_EPS = 1e-5
 
 
 def _conv(features, kernel, stride, padding, dtype, name, groups=1):
+    if groups == 1:
+        return Conv2d(features, (kernel, kernel), (stride, stride), padding, dtype=dtype,
+                      name=name)
     return nn.Conv(features, (kernel, kernel), strides=(stride, stride),
                    padding=((padding, padding), (padding, padding)),
                    feature_group_count=groups, dtype=dtype, param_dtype=jnp.float32,

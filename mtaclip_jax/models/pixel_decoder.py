@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import flax.linen as nn
 
+from mtaclip_jax.models.conv import Conv2d
 from mtaclip_jax.models.deform_attn import MSDeformAttn
 from mtaclip_jax.models.pointwise import PointwiseConv
 
@@ -77,8 +78,8 @@ class ConvNorm(nn.Module):
     if k == 1:
       x = PointwiseConv(self.features, self.use_bias, self.dtype, conv_init, name="conv")(x)
     else:
-      x = nn.Conv(self.features, (k, k), padding=k // 2, use_bias=self.use_bias,
-                  kernel_init=conv_init, dtype=self.dtype, name="conv")(x)
+      x = Conv2d(self.features, (k, k), padding=k // 2, use_bias=self.use_bias,
+                 dtype=self.dtype, kernel_init=conv_init, name="conv")(x)
     x = nn.GroupNorm(32, epsilon=1e-5, use_fast_variance=False, dtype=jnp.float32,
                      name="norm")(x)
     return nn.relu(x) if self.relu else x

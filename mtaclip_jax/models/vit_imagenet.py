@@ -23,6 +23,7 @@ import jax.numpy as jnp
 
 from mtaclip_jax.models.clip_resize import resize_positional_embedding
 from mtaclip_jax.models.clip_transformer import LayerNorm
+from mtaclip_jax.models.conv import Conv2d
 from mtaclip_jax.models.clip_vit import TAPS, Fpn1, Fpn2
 
 
@@ -72,8 +73,8 @@ class PatchEmbeddings(nn.Module):
     @nn.compact
     def __call__(self, images):
         p = self.arch.patch_size
-        return nn.Conv(self.arch.hidden_size, (p, p), strides=(p, p), padding="VALID",
-                       dtype=self.dtype, param_dtype=jnp.float32, name="projection")(images)
+        return Conv2d(self.arch.hidden_size, (p, p), (p, p), dtype=self.dtype,
+                      name="projection")(images)
 
 
 class Embeddings(nn.Module):
