@@ -73,3 +73,17 @@ def test_conv2d_computes_in_its_dtype():
     assert mine.apply(v, x).dtype == jnp.bfloat16
     g = jax.grad(lambda v: jnp.sum(mine.apply(v, x).astype(jnp.float32)))(v)
     assert g["params"]["kernel"].dtype == jnp.float32
+
+
+def test_conv2d_skips_gradients_nobody_needs():
+    """Patch embeddings: no input gradient for the images; a frozen kernel: no weight
+    gradient (counted in the traced program)."""
+    from benchmarks import flops  # pylint: disable=g-import-not-at-top
+    images, kernel = jnp.ones((2, 8, 8, 3)), jnp.ones((4, 4, 3, 16))
+    fwd = 2 * 2 * 2 * 2 * 16 * 4 * 4 * 3
+    loss = lambda im, k: jnp.sum(conv2d(im, k, (4, 4), 0) ** 2)
+    count = lambda argnums: flops.jaxpr_flops(
+        jax.jit(jax.grad(loss, argnums)).trace(images, kernel).jaxpr)
+    assert count(1) == 2 * fwd
+    assert count(0) == 2 * fwd
+    assert count((0, 1)) == 3 * fwd

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 
 from mtaclip_jax.models.clip_resize import resize_positional_embedding
 from mtaclip_jax.models.conv import Conv2d, conv2d
-from mtaclip_jax.models.pointwise import PointwiseConv, pointwise_conv
+from mtaclip_jax.models.pointwise import PointwiseConv, add_bias, pointwise_conv
 
 NORMS = ("frozen_bn", "bn")
 
@@ -84,7 +84,7 @@ def conv_bn(x, features, kernel, dtype, conv_name, bn_name, *, running, stride=1
     else:
         pad = kernel // 2
         y = conv2d(x, w, (stride, stride), pad)
-    return y + (bias - mean * s).astype(dtype)
+    return add_bias(y, (bias - mean * s).astype(dtype))
 
 
 class Bottleneck(nn.Module):

@@ -11,6 +11,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mtaclip_jax.models.pointwise import Dense
+
 
 class LayerNorm(nn.Module):
     """LayerNorm computed in float32 whatever the compute dtype (as CLIP's subclass).
@@ -71,7 +73,7 @@ class MultiheadAttention(nn.Module):
             logits = logits + mask
         probs = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
         out = jnp.einsum("bhqk,bkhd->bqhd", probs, v).reshape(b, q.shape[1], w)
-        return nn.Dense(w, dtype=self.dtype, param_dtype=jnp.float32, name="out_proj")(out)
+        return Dense(w, dtype=self.dtype, name="out_proj")(out)
 
 
 class Mlp(nn.Module):
@@ -80,9 +82,9 @@ class Mlp(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        x = nn.Dense(4 * self.width, dtype=self.dtype, param_dtype=jnp.float32, name="c_fc")(x)
+        x = Dense(4 * self.width, dtype=self.dtype, name="c_fc")(x)
         x = quick_gelu(x)
-        return nn.Dense(self.width, dtype=self.dtype, param_dtype=jnp.float32, name="c_proj")(x)
+        return Dense(self.width, dtype=self.dtype, name="c_proj")(x)
 
 
 class ResidualAttentionBlock(nn.Module):

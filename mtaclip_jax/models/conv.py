@@ -22,6 +22,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from mtaclip_jax.models.pointwise import add_bias
+
 _DN = ("NHWC", "HWIO", "NHWC")
 Padding = tuple[tuple[int, int], tuple[int, int]]
 
@@ -37,30 +39,39 @@ def _canonical_conv(x, w, strides, padding):
 
 
 def _fwd(x, w, strides, padding):
-    return _conv(x, w, strides, padding), (x, w)
+    # Symbolic zeros: no input gradient for images, no weight gradient for a frozen
+    # kernel (as under plain autodiff); the shapes travel as zero-size arrays.
+    shapes = (jnp.zeros(x.value.shape + (0,), x.value.dtype),
+              jnp.zeros(w.value.shape + (0,), w.value.dtype))
+    return _conv(x.value, w.value, strides, padding), (
+        x.value if w.perturbed else None, w.value if x.perturbed else None, shapes)
 
 
 def _bwd(strides, padding, residuals, g):
-    x, w = residuals
-    size_in, size_out, kernel = x.shape[1:3], g.shape[1:3], w.shape[:2]
+    x, w, (x_shape, w_shape) = residuals
+    if isinstance(g, jax.custom_derivatives.SymbolicZero):
+        return None, None
+    size_in, size_out, kernel = x_shape.shape[1:3], g.shape[1:3], w_shape.shape[:2]
     # Input gradient: the output gradient dilated by the stride, convolved with the
     # kernel rotated by 180 degrees and its in/out features swapped (HWIO again).
     in_pad = []
     for n, m, k, s, (lo, _) in zip(size_in, size_out, kernel, strides, padding):
         before = k - 1 - lo
         in_pad.append((before, n + k - 2 - (m - 1) * s - before))
-    w_t = jnp.swapaxes(jnp.flip(w, (0, 1)), 2, 3)
-    dx = _conv(g, w_t, (1, 1), in_pad, lhs_dilation=strides)
+    dx = None if w is None else _conv(g, jnp.swapaxes(jnp.flip(w, (0, 1)), 2, 3), (1, 1),
+                                      in_pad, lhs_dilation=strides)
     # Weight gradient: the input's channels as the batch ([I, H, W, B]) convolved with
     # the output gradient as the kernel ([Ho, Wo, B, O], dilated by the stride).
     w_pad = [(lo, k + (m - 1) * s - n - lo)
              for n, m, k, s, (lo, _) in zip(size_in, size_out, kernel, strides, padding)]
+    if x is None:
+        return dx, None
     dw = _conv(jnp.transpose(x, (3, 1, 2, 0)), jnp.transpose(g, (1, 2, 0, 3)), (1, 1),
                w_pad, rhs_dilation=strides)  # [I, kh, kw, O]
     return dx, jnp.transpose(dw, (1, 2, 0, 3))
 
 
-_canonical_conv.defvjp(_fwd, _bwd)
+_canonical_conv.defvjp(_fwd, _bwd, symbolic_zeros=True)
 
 
 def _pairs(padding) -> Padding:
@@ -100,5 +111,5 @@ class Conv2d(nn.Module):
         y = conv2d(x.astype(self.dtype), kernel.astype(self.dtype), self.strides, padding)
         if self.use_bias:
             bias = self.param("bias", self.bias_init, (self.features,), jnp.float32)
-            y = y + bias.astype(self.dtype)
+            y = add_bias(y, bias.astype(self.dtype))
         return y

@@ -19,6 +19,7 @@ import numpy as np
 import flax.linen as nn
 
 from mtaclip_jax.models import deform_attn_cpu
+from mtaclip_jax.models.pointwise import Dense
 
 SpatialShapes = Sequence[tuple[int, int]]
 
@@ -171,20 +172,20 @@ class MSDeformAttn(nn.Module):
     if self.d_model % nh:
       raise ValueError(f"d_model {self.d_model} not divisible by n_heads {nh}")
     xavier = nn.initializers.xavier_uniform()
-    value = nn.Dense(self.d_model, kernel_init=xavier, dtype=self.dtype,
-                     name="value_proj")(value_input)
+    value = Dense(self.d_model, kernel_init=xavier, dtype=self.dtype,
+                  name="value_proj")(value_input)
     value = value.reshape(b, s, nh, self.d_model // nh)
-    offsets = nn.Dense(nh * nl * npts * 2, kernel_init=nn.initializers.zeros,
-                       bias_init=sampling_offsets_bias_init(nh, nl, npts),
-                       dtype=jnp.float32, name="sampling_offsets")(query)
+    offsets = Dense(nh * nl * npts * 2, kernel_init=nn.initializers.zeros,
+                    bias_init=sampling_offsets_bias_init(nh, nl, npts),
+                    dtype=jnp.float32, name="sampling_offsets")(query)
     offsets = offsets.reshape(b, lq, nh, nl, npts, 2)
-    logits = nn.Dense(nh * nl * npts, kernel_init=nn.initializers.zeros,
-                      dtype=jnp.float32, name="attention_weights")(query)
+    logits = Dense(nh * nl * npts, kernel_init=nn.initializers.zeros,
+                   dtype=jnp.float32, name="attention_weights")(query)
     weights = jax.nn.softmax(logits.reshape(b, lq, nh, nl * npts).astype(jnp.float32), -1)
     weights = weights.reshape(b, lq, nh, nl, npts)
     normalizer = jnp.asarray([[w, h] for h, w in spatial_shapes], jnp.float32)
     locations = (reference_points[:, :, None, :, None, :].astype(jnp.float32)
                  + offsets / normalizer[None, None, None, :, None, :])
     out = get_impl(self.impl)(value, spatial_shapes, locations, weights)
-    return nn.Dense(self.d_model, kernel_init=xavier, dtype=self.dtype,
-                    name="output_proj")(out)
+    return Dense(self.d_model, kernel_init=xavier, dtype=self.dtype,
+                 name="output_proj")(out)

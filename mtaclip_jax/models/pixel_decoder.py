@@ -17,7 +17,7 @@ import flax.linen as nn
 
 from mtaclip_jax.models.conv import Conv2d
 from mtaclip_jax.models.deform_attn import MSDeformAttn
-from mtaclip_jax.models.pointwise import PointwiseConv
+from mtaclip_jax.models.pointwise import Dense, PointwiseConv
 
 FEATURE_STRIDES = {"res2": 4, "res3": 8, "res4": 16, "res5": 32}
 # Detectron2's c2_xavier_fill (kaiming_uniform with a=1), as Mask2Former.
@@ -102,8 +102,8 @@ class EncoderLayer(nn.Module):
     x = x + attn(x + pos, refs, x, spatial_shapes)
     x = nn.LayerNorm(epsilon=1e-5, use_fast_variance=False, dtype=jnp.float32,
                      name="self_attn_layer_norm")(x)
-    y = nn.relu(nn.Dense(self.ffn_dim, dtype=self.dtype, name="fc1")(x))
-    y = nn.Dense(self.d_model, dtype=self.dtype, name="fc2")(y)
+    y = nn.relu(Dense(self.ffn_dim, dtype=self.dtype, name="fc1")(x))
+    y = Dense(self.d_model, dtype=self.dtype, name="fc2")(y)
     return nn.LayerNorm(epsilon=1e-5, use_fast_variance=False, dtype=jnp.float32,
                         name="final_layer_norm")(x + y)
 

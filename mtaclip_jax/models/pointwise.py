@@ -7,6 +7,13 @@ runs at a few hundred MB/s and took ~1.7 of the 18 CPU-seconds of the baseline t
 step (docs/BENCHMARKS.md, session 6). `pointwise_conv` contracts the flattened
 positions of the activations and the output gradient in one matmul instead. Same
 values as `nn.Conv(features, (1, 1))` to rounding; `PointwiseConv` has its variables.
+
+`add_bias` (used by the layers here, `conv.Conv2d` and the CLIP ResNet's folded BN):
+on XLA:CPU a bias gradient, the sum of the output gradient over every position, ran as
+a column reduction fused with the ReLU's backward select and took 20-40 ms for
+[2, 5376, 1024] (2 ms as a matmul with a ones vector); ~0.55 of the baseline step's 16
+CPU-seconds went to such sums (docs/BENCHMARKS.md, session 8). On CPU its gradient is
+that matmul; elsewhere it is `y + b`. `Dense` is `nn.Dense` through it.
 """
 from typing import Any, Callable
 
@@ -22,17 +29,48 @@ def pointwise_conv(x: jax.Array, w: jax.Array) -> jax.Array:
 
 
 def _fwd(x, w):
-    return pointwise_conv(x, w), (x, w)
+    # Symbolic zeros: keep only what a needed gradient reads (a frozen kernel, e.g. the
+    # text tower's, gets no weight gradient, as under plain autodiff).
+    out = pointwise_conv(x.value, w.value)
+    return out, (x.value if w.perturbed else None, w.value if x.perturbed else None)
 
 
 def _bwd(residuals, g):
     x, w = residuals
-    dw = jax.lax.dot_general(x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1]),
-                             (((0,), (0,)), ((), ())))
-    return jnp.einsum("...o,io->...i", g, w), dw
+    if isinstance(g, jax.custom_derivatives.SymbolicZero):
+        return None, None
+    dx = None if w is None else jnp.einsum("...o,io->...i", g, w)
+    dw = None if x is None else jax.lax.dot_general(
+        x.reshape(-1, x.shape[-1]), g.reshape(-1, g.shape[-1]), (((0,), (0,)), ((), ())))
+    return dx, dw
 
 
-pointwise_conv.defvjp(_fwd, _bwd)
+pointwise_conv.defvjp(_fwd, _bwd, symbolic_zeros=True)
+
+
+@jax.custom_vjp
+def _add_bias_colsum(y, b):
+    return y + b
+
+
+def _bias_fwd(y, b):
+    return y + b, None
+
+
+def _bias_bwd(_, g):
+    rows = jax.lax.optimization_barrier(g.reshape(-1, g.shape[-1]))
+    return g, jnp.sum(rows, 0)
+
+
+_add_bias_colsum.defvjp(_bias_fwd, _bias_bwd)
+
+
+def add_bias(y: jax.Array, b: jax.Array) -> jax.Array:
+    """y [..., C] + b [C] in y's dtype; on CPU the bias gradient is a matmul."""
+    b = b.astype(y.dtype)
+    if jax.default_backend() != "cpu":
+        return y + b
+    return _add_bias_colsum(y, b)
 
 
 class PointwiseConv(nn.Module):
@@ -51,5 +89,25 @@ class PointwiseConv(nn.Module):
         y = pointwise_conv(x.astype(self.dtype), kernel[0, 0].astype(self.dtype))
         if self.use_bias:
             bias = self.param("bias", self.bias_init, (self.features,), jnp.float32)
-            y = y + bias.astype(self.dtype)
+            y = add_bias(y, bias.astype(self.dtype))
+        return y
+
+
+class Dense(nn.Module):
+    """`nn.Dense(features)` (same variables, names, shapes and initialisers) with the
+    bias through `add_bias`, in `dtype`."""
+    features: int
+    use_bias: bool = True
+    dtype: Any = jnp.float32
+    kernel_init: Callable = nn.initializers.lecun_normal()
+    bias_init: Callable = nn.initializers.zeros
+
+    @nn.compact
+    def __call__(self, x):
+        kernel = self.param("kernel", self.kernel_init, (x.shape[-1], self.features),
+                            jnp.float32)
+        y = pointwise_conv(x.astype(self.dtype), kernel.astype(self.dtype))
+        if self.use_bias:
+            bias = self.param("bias", self.bias_init, (self.features,), jnp.float32)
+            y = add_bias(y, bias.astype(self.dtype))
         return y
