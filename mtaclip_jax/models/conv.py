@@ -22,7 +22,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from mtaclip_jax.models.pointwise import add_bias
+from mtaclip_jax.models.pointwise import add_bias_param
 
 _DN = ("NHWC", "HWIO", "NHWC")
 Padding = tuple[tuple[int, int], tuple[int, int]]
@@ -108,8 +108,5 @@ class Conv2d(nn.Module):
                             tuple(self.kernel_size) + (x.shape[-1], self.features),
                             jnp.float32)
         padding = 0 if self.padding == "VALID" else self.padding
-        y = conv2d(x.astype(self.dtype), kernel.astype(self.dtype), self.strides, padding)
-        if self.use_bias:
-            bias = self.param("bias", self.bias_init, (self.features,), jnp.float32)
-            y = add_bias(y, bias.astype(self.dtype))
-        return y
+        return add_bias_param(self, conv2d(x.astype(self.dtype), kernel.astype(self.dtype),
+                                           self.strides, padding))

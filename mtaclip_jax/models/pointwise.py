@@ -73,41 +73,35 @@ def add_bias(y: jax.Array, b: jax.Array) -> jax.Array:
     return _add_bias_colsum(y, b)
 
 
-class PointwiseConv(nn.Module):
-    """`nn.Conv(features, (1, 1))` (same variables, names, shapes and initialisers)
-    computed by `pointwise_conv` in `dtype`."""
-    features: int
-    use_bias: bool = True
-    dtype: Any = jnp.float32
-    kernel_init: Callable = nn.initializers.lecun_normal()
-    bias_init: Callable = nn.initializers.zeros
-
-    @nn.compact
-    def __call__(self, x):
-        kernel = self.param("kernel", self.kernel_init, (1, 1, x.shape[-1], self.features),
-                            jnp.float32)
-        y = pointwise_conv(x.astype(self.dtype), kernel[0, 0].astype(self.dtype))
-        if self.use_bias:
-            bias = self.param("bias", self.bias_init, (self.features,), jnp.float32)
-            y = add_bias(y, bias.astype(self.dtype))
+def add_bias_param(module: nn.Module, y: jax.Array) -> jax.Array:
+    """y plus `module`'s "bias" parameter (`module.features`, `module.bias_init`, as
+    flax's layers) through `add_bias`, when `module.use_bias`; call from a compact
+    method."""
+    if not module.use_bias:
         return y
+    bias = module.param("bias", module.bias_init, (module.features,), jnp.float32)
+    return add_bias(y, bias.astype(module.dtype))
 
 
 class Dense(nn.Module):
-    """`nn.Dense(features)` (same variables, names, shapes and initialisers) with the
-    bias through `add_bias`, in `dtype`."""
+    """`nn.Dense(features)` (same variables, names, shapes and initialisers) computed by
+    `pointwise_conv` and `add_bias` in `dtype`."""
     features: int
     use_bias: bool = True
     dtype: Any = jnp.float32
     kernel_init: Callable = nn.initializers.lecun_normal()
     bias_init: Callable = nn.initializers.zeros
+    kernel_lead = ()  # leading kernel dimensions, not a field
 
     @nn.compact
     def __call__(self, x):
-        kernel = self.param("kernel", self.kernel_init, (x.shape[-1], self.features),
-                            jnp.float32)
-        y = pointwise_conv(x.astype(self.dtype), kernel.astype(self.dtype))
-        if self.use_bias:
-            bias = self.param("bias", self.bias_init, (self.features,), jnp.float32)
-            y = add_bias(y, bias.astype(self.dtype))
-        return y
+        kernel = self.param("kernel", self.kernel_init,
+                            self.kernel_lead + (x.shape[-1], self.features), jnp.float32)
+        kernel = kernel.reshape(kernel.shape[-2:]).astype(self.dtype)
+        return add_bias_param(self, pointwise_conv(x.astype(self.dtype), kernel))
+
+
+class PointwiseConv(Dense):
+    """`nn.Conv(features, (1, 1))` (same variables, names, shapes and initialisers):
+    `Dense` with a [1, 1, I, O] kernel."""
+    kernel_lead = (1, 1)
