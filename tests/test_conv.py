@@ -1,7 +1,6 @@
 """Conv2d / conv2d = nn.Conv for 2-D NHWC images: same variables, in float64 the same
 output and gradients (its own backward, written in XLA:CPU's canonical convolution
 form), and every convolution of a scanned gradient is in that form."""
-import functools
 import re
 
 import flax.linen as nn
@@ -11,6 +10,7 @@ import numpy as np
 import pytest
 
 from mtaclip_jax.models.conv import Conv2d, conv2d
+from tests.test_pointwise import assert_same_as_flax
 
 # (image size, kernel, stride, padding, bias): the shapes the backbones and the pixel
 # decoder use (3x3 / 1, 3x3 / 2 on odd and even sizes, MiT's 7x7 / 4 patch embedding and
@@ -27,21 +27,7 @@ def test_conv2d_equals_nn_conv(size, kernel, stride, pad, use_bias):
                       padding=((pad, pad), (pad, pad)), use_bias=use_bias, dtype=jnp.float64)
         mine = Conv2d(4, (kernel, kernel), (stride, stride), pad, use_bias=use_bias,
                       dtype=jnp.float64)
-        v = ref.init(jax.random.key(0), x)
-        jax.tree.map(np.testing.assert_array_equal, mine.init(jax.random.key(0), x), v)
-        v = jax.tree.map(lambda a: a.astype(jnp.float64) + 0.1, v)  # a non-zero bias
-
-        def loss(module, variables, images):
-            out = module.apply(variables, images)
-            return jnp.sum(jnp.cos(out)), out
-
-        grad = lambda m: jax.value_and_grad(functools.partial(loss, m), (0, 1), has_aux=True)
-        (_, a), ga = grad(ref)(v, x)
-        (_, b), gb = grad(mine)(v, x)
-        assert b.shape == a.shape and b.dtype == jnp.float64
-        np.testing.assert_allclose(b, a, rtol=1e-12, atol=1e-12)
-        jax.tree.map(lambda p, q: np.testing.assert_allclose(q, p, rtol=1e-11, atol=1e-11),
-                     ga, gb)
+        assert_same_as_flax(ref, mine, x)
 
 
 def test_scanned_conv_gradients_are_canonical_on_cpu():

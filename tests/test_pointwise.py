@@ -13,28 +13,33 @@ from mtaclip_jax.models.pixel_decoder import conv_init
 from mtaclip_jax.models.pointwise import Dense, PointwiseConv, add_bias
 
 
+def assert_same_as_flax(ref: nn.Module, mine: nn.Module, x: jax.Array) -> None:
+    """Same variables from the same key and, with a non-zero bias, in float64 the same
+    output and gradients (w.r.t. variables and input) as the flax layer `ref`."""
+    v = ref.init(jax.random.key(0), x)
+    jax.tree.map(np.testing.assert_array_equal, mine.init(jax.random.key(0), x), v)
+    v = jax.tree.map(lambda a: a.astype(jnp.float64) + 0.1, v)
+
+    def loss(module, variables, inputs):
+        out = module.apply(variables, inputs)
+        return jnp.sum(jnp.cos(nn.relu(out) + out)), out
+
+    grad = lambda m: jax.value_and_grad(functools.partial(loss, m), (0, 1), has_aux=True)
+    (_, a), ga = grad(ref)(v, x)
+    (_, b), gb = grad(mine)(v, x)
+    assert b.shape == a.shape and b.dtype == jnp.float64
+    np.testing.assert_allclose(b, a, rtol=1e-12, atol=1e-12)
+    jax.tree.map(lambda p, q: np.testing.assert_allclose(q, p, rtol=1e-11, atol=1e-11),
+                 ga, gb)
+
+
 @pytest.mark.parametrize("use_bias", [True, False])
 def test_pointwise_conv_is_a_1x1_convolution(use_bias):
     with jax.enable_x64(True):
         x = jax.random.normal(jax.random.key(1), (2, 5, 7, 6), jnp.float64)
-        conv = nn.Conv(4, (1, 1), use_bias=use_bias, kernel_init=conv_init,
-                       dtype=jnp.float64)
-        mine = PointwiseConv(4, use_bias, jnp.float64, conv_init)
-        v = conv.init(jax.random.key(0), x)
-        jax.tree.map(np.testing.assert_array_equal, mine.init(jax.random.key(0), x), v)
-        v = jax.tree.map(lambda a: a.astype(jnp.float64) + 0.1, v)  # a non-zero bias
-
-        def loss(module, variables, images):
-            out = module.apply(variables, images)
-            return jnp.sum(jnp.cos(out)), out
-
-        grad = lambda m: jax.value_and_grad(functools.partial(loss, m), (0, 1), has_aux=True)
-        (_, a), ga = grad(conv)(v, x)
-        (_, b), gb = grad(mine)(v, x)
-        assert b.shape == (2, 5, 7, 4) and b.dtype == jnp.float64
-        np.testing.assert_allclose(b, a, rtol=1e-12, atol=1e-12)
-        jax.tree.map(lambda p, q: np.testing.assert_allclose(q, p, rtol=1e-11, atol=1e-11),
-                     ga, gb)
+        assert_same_as_flax(
+            nn.Conv(4, (1, 1), use_bias=use_bias, kernel_init=conv_init, dtype=jnp.float64),
+            PointwiseConv(4, use_bias, jnp.float64, conv_init), x)
 
 
 def test_pointwise_conv_computes_in_its_dtype():
@@ -49,21 +54,8 @@ def test_pointwise_conv_computes_in_its_dtype():
 def test_dense_is_nn_dense(use_bias):
     with jax.enable_x64(True):
         x = jax.random.normal(jax.random.key(1), (2, 3, 7, 6), jnp.float64)
-        ref = nn.Dense(4, use_bias=use_bias, dtype=jnp.float64)
-        mine = Dense(4, use_bias, jnp.float64)
-        v = ref.init(jax.random.key(0), x)
-        jax.tree.map(np.testing.assert_array_equal, mine.init(jax.random.key(0), x), v)
-        v = jax.tree.map(lambda a: a.astype(jnp.float64) + 0.1, v)
-
-        def loss(module, variables, inputs):
-            return jnp.sum(jnp.cos(nn.relu(module.apply(variables, inputs))))
-
-        ga = jax.grad(functools.partial(loss, ref), (0, 1))(v, x)
-        gb = jax.grad(functools.partial(loss, mine), (0, 1))(v, x)
-        np.testing.assert_allclose(mine.apply(v, x), ref.apply(v, x), rtol=1e-12,
-                                   atol=1e-12)
-        jax.tree.map(lambda p, q: np.testing.assert_allclose(q, p, rtol=1e-11, atol=1e-11),
-                     ga, gb)
+        assert_same_as_flax(nn.Dense(4, use_bias=use_bias, dtype=jnp.float64),
+                            Dense(4, use_bias, jnp.float64), x)
 
 
 def test_add_bias_gradient_is_the_sum_over_positions():
