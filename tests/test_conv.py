@@ -6,7 +6,6 @@ import re
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 import pytest
 
 from mtaclip_jax.models.conv import Conv2d, conv2d
