@@ -10,10 +10,11 @@ values as `nn.Conv(features, (1, 1))` to rounding; `PointwiseConv` has its varia
 
 `add_bias` (used by the layers here, `conv.Conv2d` and the CLIP ResNet's folded BN):
 on XLA:CPU a bias gradient, the sum of the output gradient over every position, ran as
-a column reduction fused with the ReLU's backward select and took 20-40 ms for
-[2, 5376, 1024] (2 ms as a matmul with a ones vector); ~0.55 of the baseline step's 16
-CPU-seconds went to such sums (docs/BENCHMARKS.md, session 8). On CPU its gradient is
-that matmul; elsewhere it is `y + b`. `Dense` is `nn.Dense` through it.
+a column reduction fused with the ReLU's backward select (a `reduce-window` of 30-39
+ms for [2, 5376, 1024]); ~0.55 of the baseline step's 16 CPU-seconds went to such sums
+(docs/BENCHMARKS.md, session 8). On CPU its gradient is the sum of the output gradient
+flattened to [positions, C] behind an `optimization_barrier` (not fused, not a
+`reduce-window`); elsewhere it is `y + b`. `Dense` is `nn.Dense` through both.
 """
 from typing import Any, Callable
 
