@@ -49,10 +49,39 @@ def category(name: str) -> str:
 
 
 _INSTR = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = .*?metadata=\{([^}]*)\}")
+_SECTION = re.compile(r"^(FileNames|FunctionNames|FileLocations|StackFrames)$")
+
+
+def _frame_locations(hlo_text: str) -> dict[str, str]:
+  """stack_frame_id -> "file.py:line" of that (innermost) frame, from the module's
+  FileNames / FileLocations / StackFrames tables (how newer XLA prints metadata)."""
+  tables, section = {}, None
+  for line in hlo_text.splitlines():
+    head = _SECTION.match(line)
+    if head:
+      section = tables.setdefault(head.group(1), {})
+      continue
+    m = re.match(r"^(\d+) (.*)$", line) if section is not None else None
+    if not m:
+      section = None if not line.strip() or line.startswith(("%", "ENTRY")) else section
+      continue
+    section[m.group(1)] = m.group(2)
+  files = {k: os.path.basename(v.strip('"')) for k, v in tables.get("FileNames", {}).items()}
+  out = {}
+  for frame, text in tables.get("StackFrames", {}).items():
+    loc = re.search(r"file_location_id=(\d+)", text)
+    where = tables.get("FileLocations", {}).get(loc.group(1) if loc else "", "")
+    f = re.search(r"file_name_id=(\d+)", where)
+    ln = re.search(r"\bline=(\d+)", where)
+    if f and ln:
+      out[frame] = f"{files.get(f.group(1), '?')}:{ln.group(1)}"
+  return out
 
 
 def hlo_sources(hlo_text: str) -> dict[str, str]:
-  """HLO instruction name -> "file:line (last op_name part)" from its metadata."""
+  """HLO instruction name -> "file:line (last op_name part)" from its metadata
+  (source_file/source_line, or a stack_frame_id resolved through the module's tables)."""
+  frames = _frame_locations(hlo_text)
   out = {}
   for line in hlo_text.splitlines():
     m = _INSTR.match(line)
@@ -61,8 +90,12 @@ def hlo_sources(hlo_text: str) -> dict[str, str]:
     meta = m.group(2)
     f = re.search(r'source_file="([^"]*)"', meta)
     ln = re.search(r"source_line=(\d+)", meta)
+    frame = re.search(r"stack_frame_id=(\d+)", meta)
     op = re.search(r'op_name="([^"]*)"', meta)
-    src = f"{os.path.basename(f.group(1))}:{ln.group(1)}" if f and ln else "?"
+    if f and ln:
+      src = f"{os.path.basename(f.group(1))}:{ln.group(1)}"
+    else:
+      src = frames.get(frame.group(1), "?") if frame else "?"
     tail = "/".join(op.group(1).split("/")[-2:]) if op else ""
     out[m.group(1)] = f"{src} {tail}"
   return out

@@ -120,6 +120,36 @@ def test_op_times_keeps_only_device_kernels_when_the_trace_has_them():
   assert profile_step.source_of("unknown_7", where) == "?"
 
 
+HLO_WITH_FRAMES = """HloModule jit_step
+
+FileNames
+1 "/src/mtaclip_jax/models/pixel_decoder.py"
+2 "/src/mtaclip_jax/train_state.py"
+
+FunctionNames
+1 "__call__"
+
+FileLocations
+1 {file_name_id=1 function_name_id=1 line=105 end_line=105 column=4 end_column=60}
+2 {file_name_id=2 function_name_id=1 line=42 end_line=42 column=1 end_column=9}
+
+StackFrames
+1 {file_location_id=2 parent_frame_id=1}
+2 {file_location_id=1 parent_frame_id=2}
+
+ENTRY %main (p: f32[4]) -> f32[4] {
+  %p = f32[4]{0} parameter(0)
+  ROOT %fusion.3 = f32[4]{0} fusion(%p), kind=kLoop, metadata={op_name="jit(step)/encoder/fc1/dot_general" stack_frame_id=2}
+}
+"""
+
+
+def test_hlo_sources_resolves_stack_frames():
+  where = profile_step.hlo_sources(HLO_WITH_FRAMES)
+  assert where["fusion.3"] == "pixel_decoder.py:105 fc1/dot_general"
+  assert profile_step.source_of("fusion_3", where) == "pixel_decoder.py:105 fc1/dot_general"
+
+
 def test_idle_gaps_are_holes_in_the_union_of_device_kernels():
   meta = [{"ph": "M", "name": "process_name", "pid": 7,
            "args": {"name": "/device:GPU:0 NVIDIA H200"}}]
