@@ -49,7 +49,7 @@ def category(name: str) -> str:
 
 
 _INSTR = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = .*?metadata=\{([^}]*)\}")
-_SECTION = re.compile(r"^(FileNames|FunctionNames|FileLocations|StackFrames)$")
+_SECTION = re.compile(r"^(FileNames|FileLocations|StackFrames)$")
 
 
 def _frame_locations(hlo_text: str) -> dict[str, str]:
@@ -62,10 +62,10 @@ def _frame_locations(hlo_text: str) -> dict[str, str]:
       section = tables.setdefault(head.group(1), {})
       continue
     m = re.match(r"^(\d+) (.*)$", line) if section is not None else None
-    if not m:
-      section = None if not line.strip() or line.startswith(("%", "ENTRY")) else section
-      continue
-    section[m.group(1)] = m.group(2)
+    if m:
+      section[m.group(1)] = m.group(2)
+    else:  # a table ends at its first line that is not a row
+      section = None
   files = {k: os.path.basename(v.strip('"')) for k, v in tables.get("FileNames", {}).items()}
   out = {}
   for frame, text in tables.get("StackFrames", {}).items():

@@ -60,12 +60,12 @@ def _bwd(strides, padding, residuals, g):
         in_pad.append((before, n + k - 2 - (m - 1) * s - before))
     dx = None if w is None else _conv(g, jnp.swapaxes(jnp.flip(w, (0, 1)), 2, 3), (1, 1),
                                       in_pad, lhs_dilation=strides)
+    if x is None:
+        return dx, None
     # Weight gradient: the input's channels as the batch ([I, H, W, B]) convolved with
     # the output gradient as the kernel ([Ho, Wo, B, O], dilated by the stride).
     w_pad = [(lo, k + (m - 1) * s - n - lo)
              for n, m, k, s, (lo, _) in zip(size_in, size_out, kernel, strides, padding)]
-    if x is None:
-        return dx, None
     dw = _conv(jnp.transpose(x, (3, 1, 2, 0)), jnp.transpose(g, (1, 2, 0, 3)), (1, 1),
                w_pad, rhs_dilation=strides)  # [I, kh, kw, O]
     return dx, jnp.transpose(dw, (1, 2, 0, 3))

@@ -67,7 +67,8 @@ _add_bias_colsum.defvjp(_bias_fwd, _bias_bwd)
 
 
 def add_bias(y: jax.Array, b: jax.Array) -> jax.Array:
-    """y [..., C] + b [C] in y's dtype; on CPU the bias gradient is a matmul."""
+    """y [..., C] + b [C] in y's dtype; on CPU the bias gradient is the module doc's
+    2-D sum."""
     b = b.astype(y.dtype)
     if jax.default_backend() != "cpu":
         return y + b
@@ -81,7 +82,7 @@ def add_bias_param(module: nn.Module, y: jax.Array) -> jax.Array:
     if not module.use_bias:
         return y
     bias = module.param("bias", module.bias_init, (module.features,), jnp.float32)
-    return add_bias(y, bias.astype(module.dtype))
+    return add_bias(y, bias)
 
 
 class Dense(nn.Module):
