@@ -4,7 +4,9 @@
       python -m benchmarks.text_sharding [--arch RN50 --classes 150 --devices 8]
 
 The K x (C+1) prompt sequences do not depend on the batch; `clip_text.shard_sequences`
-splits them over the mesh's "data" axis. This compiles the tower's forward + backward
+splits them over the mesh's "data" axis (their [SOT] + contexts tokens, shared by the
+C+1 sequences of a context, are computed once per context on every device: K x 9 of
+the K x (9 + (C+1) x 4) tokens). This compiles the tower's forward + backward
 (to the contexts, as in training) on one device and on a ("data",) mesh of `--devices`,
 prints XLA's per-device FLOPs for both and checks the outputs agree.
 """
@@ -65,7 +67,8 @@ def main(argv=None):
   n = a.contexts * (a.classes + 1)
   print(f"{n} prompt sequences, text tower {arch.name}: per-device GFLOP "
         f"1 device {flops_one / 1e9:.2f}, {a.devices} devices {flops_many / 1e9:.2f} "
-        f"(ratio {flops_many / flops_one:.3f}, ideal {1 / a.devices:.3f})")
+        f"(ratio {flops_many / flops_one:.3f}; 1/devices = {1 / a.devices:.3f} for the "
+        f"sequences' own tokens, the shared part on every device)")
   print(f"OK ratio={flops_many / flops_one:.4f} out_err={t_err:.2e} grad_err={g_err:.2e}")
 
 

@@ -23,6 +23,12 @@ RECIPES = {
 # Regexes over "/"-joined parameter paths (see docs/CONTRACT.md for the top level).
 LR_MULT_RULES = (
     (r"^text_encoder/", 0.0),  # frozen CLIP text tower
+    # The image towers' image-level heads, which segmentation never reads (CLIP
+    # ResNets' attention pool, CLIP ViT's ln_post/proj, the ImageNet ViT's final
+    # layernorm): no gradient reaches them, so they are frozen, as PyTorch's AdamW
+    # skips a parameter without a gradient (tests/test_backbones.py checks that this
+    # is exactly the set of unreached parameters of every registered backbone).
+    (r"^backbone/(attnpool|ln_post|proj|layernorm)(/|$)", 0.0),
     (r"^backbone/", 0.1),
     (r"^contexts$", 1.0),
 )

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from ml_collections import config_flags
 
+from mtaclip_jax import config_lib
 from mtaclip_jax.models import backbones, mtaclip
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "model/training config file")
@@ -28,8 +29,6 @@ _BATCH = flags.DEFINE_integer("batch", 1, "images per forward / train step")
 _SIZE = flags.DEFINE_string("size", None, "image HxW (default: config.data.crop_size)")
 _PARAMS_ONLY = flags.DEFINE_bool("params_only", False, "skip compiling (no FLOPs/memory)")
 _TRAIN = flags.DEFINE_bool("train_step", True, "also compile a train step")
-
-FROZEN_DEFAULT = ((r"^text_encoder/", 0.0),)
 
 
 def _flat(tree, prefix=""):
@@ -55,7 +54,7 @@ def param_table(config, model) -> tuple[list[tuple[str, int, int]], Any]:
   variables = jax.eval_shape(model.init, jax.random.PRNGKey(0), images, tokens)
   optim_cfg = config.get("optim")
   rules = [tuple(r) for r in optim_cfg.lr_mult_rules] if optim_cfg and \
-      "lr_mult_rules" in optim_cfg else list(FROZEN_DEFAULT)
+      "lr_mult_rules" in optim_cfg else list(config_lib.LR_MULT_RULES)
   rows: dict[str, list[int]] = {}
   for path, leaf in _flat(variables["params"]).items():
     mult = next((m for p, m in rules if re.search(p, path)), 1.0)

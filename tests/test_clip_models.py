@@ -178,6 +178,41 @@ def test_encode_prompts_shapes_and_context_sensitivity(tiny_ref):
     assert float(jnp.abs(grad).sum()) > 0
 
 
+def _whole_prompts(module, class_tokens, contexts):
+    """The prompts encoded as whole sequences [SOT] + contexts + names (no shared part)."""
+    k, ctx_len, width = contexts.shape
+    c, n = class_tokens.shape
+    emb = module.token_embedding(class_tokens)
+    x = jnp.concatenate([jnp.broadcast_to(emb[None, :, :1], (k, c, 1, width)),
+                         jnp.broadcast_to(contexts[:, None], (k, c, ctx_len, width)),
+                         jnp.broadcast_to(emb[None, :, 1:], (k, c, n - 1, width))], axis=2)
+    eot = jnp.tile(jnp.argmax(class_tokens, axis=-1) + ctx_len, k)
+    return module._encode(x.reshape(k * c, ctx_len + n, width), eot).reshape(k, c, -1)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float64, jnp.float32])
+def test_encode_prompts_shares_the_context_tokens_exactly(tiny_ref, dtype):
+    """encode_prompts computes [SOT] + contexts once per context: outputs and the
+    contexts' gradient equal encoding every whole sequence (float64: 1e-12 relative;
+    float32: 1e-5), for names of every length (the [EOT] at each position)."""
+    with jax.enable_x64(dtype == jnp.float64):
+        text = clip.TextEncoder("tiny", dtype=dtype)
+        tv = jax.tree.map(lambda a: jnp.asarray(a, dtype), tiny_ref[1]["text"])
+        tokens = jnp.array([[49406, 320, 49407, 0, 0], [49406, 320, 321, 322, 49407],
+                            [49406, 49407, 0, 0, 0], [49406, 323, 324, 49407, 0]])
+        ctx = jax.random.normal(jax.random.key(2), (3, 8, 64), dtype) * 0.5
+        cot = jax.random.normal(jax.random.key(3), (3, 4, 64), dtype)
+        tol = 1e-12 if dtype == jnp.float64 else 1e-5
+        outs = []
+        for fn in ("encode_prompts", _whole_prompts):
+            f = jax.jit(lambda c: text.apply(tv, tokens, c, method=fn))
+            out, vjp = jax.vjp(f, ctx)
+            outs.append((out, vjp(cot)[0]))
+        for got, want in zip(*outs):
+            assert got.dtype == dtype
+            assert rel_err(got, want) < tol
+
+
 @pytest.mark.slow
 @pytest.mark.parity
 def test_vit_resized_positional_embedding_matches_torch():

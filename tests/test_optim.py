@@ -117,7 +117,8 @@ def test_clipping_uses_trainable_grads_only():
 @pytest.mark.parametrize("backbone", ["RN50", "ViT-B/16"])
 def test_rules_on_the_real_model(backbone):
   """Every norm, embedding and query parameter of the real model gets no decay;
-  every kernel gets decay; only the text tower is frozen."""
+  every kernel gets decay; only the text tower and the image tower's unread
+  image-level head are frozen."""
   import re
   from mtaclip_jax.models import mtaclip
   c = config_lib.paper_config("ade20k", backbone)
@@ -136,5 +137,7 @@ def test_rules_on_the_real_model(backbone):
     assert not p.endswith("/scale"), p
   assert {"decoder/queries_features", "decoder/queries_embedder", "decoder/level_embed",
           "decoder/gamma", "contexts", "pixel_decoder/level_embed"} <= no_decay
-  assert all(p.startswith("text_encoder/") for p in groups["lr x0"])
+  heads = {"RN50": "backbone/attnpool/", "ViT-B/16": "backbone/(ln_post|proj)"}[backbone]
+  assert all(re.match(f"text_encoder/|{heads}", p) for p in groups["lr x0"])
+  assert any(re.match(heads, p) for p in groups["lr x0"])  # segmentation never reads it
   assert all(p.startswith("backbone/") for p in groups["lr x0.1"])

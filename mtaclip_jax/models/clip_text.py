@@ -22,20 +22,18 @@ def _data_axis_size() -> int:
     return mesh.shape["data"]
 
 
-def shard_sequences(x, eot):
-    """Pads the N prompt sequences to a multiple of the "data" axis and splits them over
-    it, so each device encodes N / devices prompts (their cost does not depend on the
-    batch, so repeating them on every device would not scale). Returns x, eot, N."""
-    n = x.shape[0]
+def shard_sequences(*arrays):
+    """Pads arrays of N prompt sequences (leading axis) to a multiple of the "data" axis
+    and splits them over it, so each device encodes N / devices prompts (their cost does
+    not depend on the batch, so repeating them on every device would not scale).
+    Returns the arrays and N."""
+    n = arrays[0].shape[0]
     d = _data_axis_size()
     if d == 1:
-        return x, eot, n
+        return (*arrays, n)
     pad = -n % d
-    x = jnp.pad(x, ((0, pad), (0, 0), (0, 0)))
-    eot = jnp.pad(eot, (0, pad))
-    x = jax.lax.with_sharding_constraint(x, P("data"))
-    eot = jax.lax.with_sharding_constraint(eot, P("data"))
-    return x, eot, n
+    arrays = [jnp.pad(a, ((0, pad),) + ((0, 0),) * (a.ndim - 1)) for a in arrays]
+    return (*(jax.lax.with_sharding_constraint(a, P("data")) for a in arrays), n)
 
 
 class TextTransformer(nn.Module):
@@ -86,7 +84,12 @@ class TextTransformer(nn.Module):
         """class_tokens [C', n] ([SOT] name [EOT] pad, from `tokenize_class_names`),
         contexts [K, 8, width] -> [K, C', embed_dim].
 
-        Sequence = [SOT] + 8 contexts + class_tokens[:, 1:]: length 8 + n (13 for n=5)."""
+        Sequence = [SOT] + 8 contexts + class_tokens[:, 1:]: length 8 + n (13 for n=5).
+        The attention is causal, so the first 9 tokens ([SOT] + contexts, the same for
+        every class: every row of class_tokens starts with [SOT]) have the same states in
+        all C' sequences of a context: they are computed once per context and the C'
+        sequences only for their n - 1 class tokens (4 of 13 tokens for n=5; equal to
+        encoding the whole sequences up to rounding, tests/test_clip_models.py)."""
         num_classes, n = class_tokens.shape
         k, ctx_len, width = contexts.shape
         if width != self.width:
@@ -94,14 +97,15 @@ class TextTransformer(nn.Module):
         if ctx_len + n > self.context_length:
             raise ValueError(f"prompt length {ctx_len + n} > context length "
                              f"{self.context_length}")
+        pos = self.positional_embedding[:ctx_len + n].astype(self.dtype)
         emb = self.token_embedding(class_tokens).astype(self.dtype)  # [C', n, width]
-        sot = jnp.broadcast_to(emb[None, :, :1], (k, num_classes, 1, width))
-        names = jnp.broadcast_to(emb[None, :, 1:], (k, num_classes, n - 1, width))
-        ctx = jnp.broadcast_to(contexts.astype(self.dtype)[:, None],
-                               (k, num_classes, ctx_len, width))
-        x = jnp.concatenate([sot, ctx, names], axis=2).reshape(k * num_classes, ctx_len + n,
-                                                                width)
-        eot = jnp.argmax(class_tokens, axis=-1) + ctx_len  # SOT stays at 0, names shift
-        eot = jnp.tile(eot, k)
-        x, eot, n_seq = shard_sequences(x, eot)
-        return self._encode(x, eot)[:n_seq].reshape(k, num_classes, self.embed_dim)
+        sot = jnp.broadcast_to(emb[:1, :1], (k, 1, width))
+        shared = jnp.concatenate([sot, contexts.astype(self.dtype)], axis=1) + \
+            pos[:ctx_len + 1]  # [K, 1 + ctx_len, width]
+        names = jnp.tile(emb[:, 1:] + pos[ctx_len + 1:], (k, 1, 1))  # [K * C', n - 1, w]
+        eot = jnp.tile(jnp.argmax(class_tokens, axis=-1) - 1, k)  # within names
+        owner = jnp.repeat(jnp.arange(k), num_classes)
+        names, eot, owner, n_seq = shard_sequences(names, eot, owner)
+        x, _ = self.transformer(names, last_at=eot, prefix=(shared, owner))
+        x = self.ln_final(x[:, 0]) @ self.text_projection.astype(self.dtype)
+        return x[:n_seq].reshape(k, num_classes, self.embed_dim)

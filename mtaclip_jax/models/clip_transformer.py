@@ -14,8 +14,14 @@ import numpy as np
 from mtaclip_jax.models.pointwise import Dense
 
 
+def _at_least_f32(dtype):
+    """The dtype norms and softmaxes compute in: float32, or float64 under x64."""
+    return jnp.promote_types(dtype, jnp.float32)
+
+
 class LayerNorm(nn.Module):
-    """LayerNorm computed in float32 whatever the compute dtype (as CLIP's subclass).
+    """LayerNorm computed in float32 (or wider) whatever the compute dtype (as CLIP's
+    subclass).
 
     Params `scale`/`bias` directly under the module (torch `weight`/`bias`).
     """
@@ -27,7 +33,7 @@ class LayerNorm(nn.Module):
         d = x.shape[-1]
         scale = self.param("scale", nn.initializers.ones, (d,), jnp.float32)
         bias = self.param("bias", nn.initializers.zeros, (d,), jnp.float32)
-        x = x.astype(jnp.float32)
+        x = x.astype(_at_least_f32(dtype))
         mean = x.mean(-1, keepdims=True)
         var = jnp.square(x - mean).mean(-1, keepdims=True)
         y = (x - mean) * jax.lax.rsqrt(var + self.epsilon) * scale + bias
@@ -46,34 +52,87 @@ class MultiheadAttention(nn.Module):
 
     @nn.compact
     def __call__(self, x, mask: Optional[jax.Array] = None,
-                 query_index: Optional[jax.Array] = None):
+                 query_index: Optional[jax.Array] = None, prefix=None):
         """x: [B, L, width]; mask: additive [L, L] (0 or -inf) or None. With
-        query_index [B], only that position's query: -> [B, 1, width]."""
+        query_index [B], only that position's query: -> [B, 1, width].
+
+        prefix = (p [K, P, width], owner [B] int): causal attention over sequences whose
+        first P tokens are shared, sequence b being p[owner[b]] followed by x[b] (x's
+        positions are P.. of it; `mask` is not used). The shared part is projected and
+        attended once per K instead of once per B. Returns (p's output [K, P, width] or
+        None with query_index, x's output)."""
         w = self.width
         in_w = self.param("in_proj_weight", nn.initializers.normal(w ** -0.5), (3 * w, w),
                           jnp.float32).astype(self.dtype)
         in_b = self.param("in_proj_bias", nn.initializers.zeros, (3 * w,),
                           jnp.float32).astype(self.dtype)
+        out_proj = Dense(w, dtype=self.dtype, name="out_proj")
+        if prefix is not None:
+            return self._with_prefix(x.astype(self.dtype), prefix, query_index, in_w, in_b,
+                                     out_proj)
         x = x.astype(self.dtype)
-        b, l, _ = x.shape
         if query_index is None:
-            qkv = jnp.einsum("bld,ed->ble", x, in_w) + in_b
-            q, k, v = jnp.split(qkv, 3, axis=-1)
+            q, k, v = _qkv(x, in_w, in_b)
         else:
             rows = jnp.take_along_axis(x, query_index[:, None, None], axis=1)
             q = jnp.einsum("bld,ed->ble", rows, in_w[:w]) + in_b[:w]
             k, v = jnp.split(jnp.einsum("bld,ed->ble", x, in_w[w:]) + in_b[w:], 2, axis=-1)
             if mask is not None:
                 mask = mask[query_index][:, None, None, :]  # [B, 1, 1, L]
-        hd = w // self.heads
-        q = q.reshape(b, q.shape[1], self.heads, hd)
-        k, v = (t.reshape(b, l, self.heads, hd) for t in (k, v))
-        logits = jnp.einsum("bqhd,bkhd->bhqk", q * (hd ** -0.5), k).astype(jnp.float32)
+        q, k, v = (self._heads(t) for t in (q, k, v))
+        scale = (w // self.heads) ** -0.5
+        logits = jnp.einsum("bqhd,bkhd->bhqk", q * scale, k).astype(_at_least_f32(q.dtype))
         if mask is not None:
             logits = logits + mask
         probs = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
-        out = jnp.einsum("bhqk,bkhd->bqhd", probs, v).reshape(b, q.shape[1], w)
-        return Dense(w, dtype=self.dtype, name="out_proj")(out)
+        return out_proj(self._merge(jnp.einsum("bhqk,bkhd->bqhd", probs, v)))
+
+    def _heads(self, t):
+        """[..., L, width] -> [..., L, heads, head_dim]."""
+        return t.reshape(t.shape[:-1] + (self.heads, self.width // self.heads))
+
+    def _merge(self, t):
+        return t.reshape(t.shape[:-2] + (self.width,))
+
+    def _with_prefix(self, x, prefix, query_index, in_w, in_b, out_proj):
+        p, owner = prefix
+        p = p.astype(self.dtype)
+        w, s = self.width, x.shape[1]
+        scale = (w // self.heads) ** -0.5
+        if query_index is None:  # the shared part's own causal attention
+            qp, kp, vp = (self._heads(t) for t in _qkv(p, in_w, in_b))
+            logits = jnp.einsum("kqhd,kthd->khqt", qp * scale, kp).astype(
+                _at_least_f32(qp.dtype))
+            probs = jax.nn.softmax(logits + causal_mask(p.shape[1]), axis=-1)
+            p_out = out_proj(self._merge(
+                jnp.einsum("khqt,kthd->kqhd", probs.astype(self.dtype), vp)))
+            q, k, v = (self._heads(t) for t in _qkv(x, in_w, in_b))
+            own = causal_mask(s)  # [S, S]
+        else:  # the last block: x's query at query_index only; p is only read
+            kp, vp = (self._heads(t) for t in jnp.split(
+                jnp.einsum("kld,ed->kle", p, in_w[w:]) + in_b[w:], 2, axis=-1))
+            p_out = None
+            rows = jnp.take_along_axis(x, query_index[:, None, None], axis=1)
+            q = self._heads(jnp.einsum("bld,ed->ble", rows, in_w[:w]) + in_b[:w])
+            k, v = (self._heads(t) for t in jnp.split(
+                jnp.einsum("bld,ed->ble", x, in_w[w:]) + in_b[w:], 2, axis=-1))
+            own = causal_mask(s)[query_index][:, None, None, :]  # [B, 1, 1, S]
+        kp, vp = jnp.take(kp, owner, axis=0), jnp.take(vp, owner, axis=0)  # [B, P, h, d]
+        q = q * scale
+        wide = _at_least_f32(q.dtype)
+        logits = jnp.concatenate([jnp.einsum("bqhd,bthd->bhqt", q, kp).astype(wide),
+                                  jnp.einsum("bqhd,bthd->bhqt", q, k).astype(wide) + own],
+                                 axis=-1)
+        probs = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
+        n = kp.shape[1]
+        out = (jnp.einsum("bhqt,bthd->bqhd", probs[..., :n], vp)
+               + jnp.einsum("bhqt,bthd->bqhd", probs[..., n:], v))
+        return p_out, out_proj(self._merge(out))
+
+
+def _qkv(x, in_w, in_b):
+    """The packed in-projection: [..., L, width] -> q, k, v [..., L, width]."""
+    return jnp.split(jnp.einsum("...ld,ed->...le", x, in_w) + in_b, 3, axis=-1)
 
 
 class Mlp(nn.Module):
@@ -93,15 +152,23 @@ class ResidualAttentionBlock(nn.Module):
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x, mask=None, query_index=None):
-        """With query_index [B]: only the output at that position, [B, 1, width]."""
-        attn = MultiheadAttention(self.width, self.heads, self.dtype, name="attn")(
-            LayerNorm(name="ln_1")(x), mask, query_index)
+    def __call__(self, x, mask=None, query_index=None, prefix=None):
+        """With query_index [B]: only the output at that position, [B, 1, width]. With
+        prefix (p, owner) (see MultiheadAttention): returns (p's output, x's output)."""
+        ln_1, ln_2 = LayerNorm(name="ln_1"), LayerNorm(name="ln_2")
+        attn = MultiheadAttention(self.width, self.heads, self.dtype, name="attn")
+        mlp = Mlp(self.width, self.dtype, name="mlp")
+        residual = lambda y, a: (lambda z: z + mlp(ln_2(z)))(y + a)
         if query_index is not None:
-            x = jnp.take_along_axis(x, query_index[:, None, None], axis=1)
-        x = x + attn
-        x = x + Mlp(self.width, self.dtype, name="mlp")(LayerNorm(name="ln_2")(x))
-        return x
+            pick = lambda y: jnp.take_along_axis(y, query_index[:, None, None], axis=1)
+        else:
+            pick = lambda y: y
+        if prefix is None:
+            return residual(pick(x), attn(ln_1(x), mask, query_index))
+        p, owner = prefix
+        p_attn, x_attn = attn(ln_1(x), None, query_index, prefix=(ln_1(p), owner))
+        p = None if p_attn is None else residual(p, p_attn)
+        return p, residual(pick(x), x_attn)
 
 
 class Resblocks(nn.Module):
@@ -112,14 +179,19 @@ class Resblocks(nn.Module):
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x, mask=None, last_at=None):
+    def __call__(self, x, mask=None, last_at=None, prefix=None):
         """last_at [B]: the last block computes only that position (its output
-        [B, 1, width]); the others are whole."""
+        [B, 1, width]); the others are whole. prefix: see MultiheadAttention (the
+        outputs are x's; the shared part's is only carried to the next block)."""
         outputs = []
         for i in range(self.layers):
             at = last_at if i == self.layers - 1 else None
-            x = ResidualAttentionBlock(self.width, self.heads, self.dtype, name=str(i))(
-                x, mask, at)
+            block = ResidualAttentionBlock(self.width, self.heads, self.dtype, name=str(i))
+            if prefix is None:
+                x = block(x, mask, at)
+            else:
+                p, x = block(x, None, at, prefix=prefix)
+                prefix = (p, prefix[1])
             outputs.append(x)
         return outputs
 
@@ -131,12 +203,14 @@ class Transformer(nn.Module):
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x, mask=None, taps: Sequence[int] = (), last_at=None):
+    def __call__(self, x, mask=None, taps: Sequence[int] = (), last_at=None, prefix=None):
         """x [B, L, width] -> (final output, [outputs after the blocks listed in taps]).
         last_at [B]: the final output only at that position, [B, 1, width] (the text
-        tower reads one token: its last block skips the others' queries and MLPs)."""
+        tower reads one token: its last block skips the others' queries and MLPs).
+        prefix (p [K, P, width], owner [B]): causal sequences p[owner[b]] + x[b] whose
+        shared first P tokens are computed once per K (see MultiheadAttention)."""
         outputs = Resblocks(self.width, self.layers, self.heads, self.dtype,
-                            name="resblocks")(x, mask, last_at)
+                            name="resblocks")(x, mask, last_at, prefix)
         return outputs[-1], [outputs[i] for i in taps]
 
 
