@@ -158,7 +158,11 @@ class ResidualAttentionBlock(nn.Module):
         ln_1, ln_2 = LayerNorm(name="ln_1"), LayerNorm(name="ln_2")
         attn = MultiheadAttention(self.width, self.heads, self.dtype, name="attn")
         mlp = Mlp(self.width, self.dtype, name="mlp")
-        residual = lambda y, a: (lambda z: z + mlp(ln_2(z)))(y + a)
+
+        def residual(y, attended):
+            y = y + attended
+            return y + mlp(ln_2(y))
+
         if query_index is not None:
             pick = lambda y: jnp.take_along_axis(y, query_index[:, None, None], axis=1)
         else:
