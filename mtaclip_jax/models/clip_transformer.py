@@ -67,72 +67,52 @@ class MultiheadAttention(nn.Module):
         in_b = self.param("in_proj_bias", nn.initializers.zeros, (3 * w,),
                           jnp.float32).astype(self.dtype)
         out_proj = Dense(w, dtype=self.dtype, name="out_proj")
-        if prefix is not None:
-            return self._with_prefix(x.astype(self.dtype), prefix, query_index, in_w, in_b,
-                                     out_proj)
         x = x.astype(self.dtype)
+        q, k, v = self._project(x, query_index, in_w, in_b)
+        if prefix is None:
+            if mask is not None and query_index is not None:
+                mask = mask[query_index][:, None, None, :]  # [B, 1, 1, L]
+            return out_proj(self._attend(q, k, v, mask))
+        p, owner = prefix
+        p = p.astype(self.dtype)
+        n, s = p.shape[1], x.shape[1]
+        qp, kp, vp = self._project(p, None, in_w, in_b)
+        p_out = None  # the last block (query_index) only reads p
+        own = causal_mask(s)  # x's positions among themselves
+        if query_index is None:  # the shared part's own causal attention
+            p_out = out_proj(self._attend(qp, kp, vp, causal_mask(n)))
+        else:
+            own = own[query_index][:, None, None, :]  # [B, 1, 1, S]
+        # Each sequence attends to its shared part (all visible) and to x causally.
+        keys = jnp.concatenate([jnp.take(kp, owner, axis=0), k], axis=1)
+        values = jnp.concatenate([jnp.take(vp, owner, axis=0), v], axis=1)
+        mask = jnp.concatenate([jnp.zeros(own.shape[:-1] + (n,), own.dtype), own], axis=-1)
+        return p_out, out_proj(self._attend(q, keys, values, mask))
+
+    def _project(self, x, query_index, in_w, in_b):
+        """The packed in-projection: [..., L, width] -> q, k, v [..., L, heads, head_dim]
+        (q only at query_index [B] when given: [B, 1, heads, head_dim])."""
+        w = self.width
         if query_index is None:
-            q, k, v = _qkv(x, in_w, in_b)
+            q, k, v = jnp.split(jnp.einsum("...ld,ed->...le", x, in_w) + in_b, 3, axis=-1)
         else:
             rows = jnp.take_along_axis(x, query_index[:, None, None], axis=1)
             q = jnp.einsum("bld,ed->ble", rows, in_w[:w]) + in_b[:w]
             k, v = jnp.split(jnp.einsum("bld,ed->ble", x, in_w[w:]) + in_b[w:], 2, axis=-1)
-            if mask is not None:
-                mask = mask[query_index][:, None, None, :]  # [B, 1, 1, L]
-        q, k, v = (self._heads(t) for t in (q, k, v))
-        scale = (w // self.heads) ** -0.5
-        logits = jnp.einsum("bqhd,bkhd->bhqk", q * scale, k).astype(_at_least_f32(q.dtype))
+        heads = lambda t: t.reshape(t.shape[:-1] + (self.heads, w // self.heads))
+        return heads(q), heads(k), heads(v)
+
+    def _attend(self, q, k, v, mask):
+        """Scaled dot-product attention, softmax in float32 (or wider), additive mask
+        broadcast to [..., heads, Lq, Lk] -> [..., Lq, width]."""
+        scale = (self.width // self.heads) ** -0.5
+        logits = jnp.einsum("...qhd,...khd->...hqk", q * scale, k).astype(
+            _at_least_f32(q.dtype))
         if mask is not None:
             logits = logits + mask
         probs = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
-        return out_proj(self._merge(jnp.einsum("bhqk,bkhd->bqhd", probs, v)))
-
-    def _heads(self, t):
-        """[..., L, width] -> [..., L, heads, head_dim]."""
-        return t.reshape(t.shape[:-1] + (self.heads, self.width // self.heads))
-
-    def _merge(self, t):
-        return t.reshape(t.shape[:-2] + (self.width,))
-
-    def _with_prefix(self, x, prefix, query_index, in_w, in_b, out_proj):
-        p, owner = prefix
-        p = p.astype(self.dtype)
-        w, s = self.width, x.shape[1]
-        scale = (w // self.heads) ** -0.5
-        if query_index is None:  # the shared part's own causal attention
-            qp, kp, vp = (self._heads(t) for t in _qkv(p, in_w, in_b))
-            logits = jnp.einsum("kqhd,kthd->khqt", qp * scale, kp).astype(
-                _at_least_f32(qp.dtype))
-            probs = jax.nn.softmax(logits + causal_mask(p.shape[1]), axis=-1)
-            p_out = out_proj(self._merge(
-                jnp.einsum("khqt,kthd->kqhd", probs.astype(self.dtype), vp)))
-            q, k, v = (self._heads(t) for t in _qkv(x, in_w, in_b))
-            own = causal_mask(s)  # [S, S]
-        else:  # the last block: x's query at query_index only; p is only read
-            kp, vp = (self._heads(t) for t in jnp.split(
-                jnp.einsum("kld,ed->kle", p, in_w[w:]) + in_b[w:], 2, axis=-1))
-            p_out = None
-            rows = jnp.take_along_axis(x, query_index[:, None, None], axis=1)
-            q = self._heads(jnp.einsum("bld,ed->ble", rows, in_w[:w]) + in_b[:w])
-            k, v = (self._heads(t) for t in jnp.split(
-                jnp.einsum("bld,ed->ble", x, in_w[w:]) + in_b[w:], 2, axis=-1))
-            own = causal_mask(s)[query_index][:, None, None, :]  # [B, 1, 1, S]
-        kp, vp = jnp.take(kp, owner, axis=0), jnp.take(vp, owner, axis=0)  # [B, P, h, d]
-        q = q * scale
-        wide = _at_least_f32(q.dtype)
-        logits = jnp.concatenate([jnp.einsum("bqhd,bthd->bhqt", q, kp).astype(wide),
-                                  jnp.einsum("bqhd,bthd->bhqt", q, k).astype(wide) + own],
-                                 axis=-1)
-        probs = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
-        n = kp.shape[1]
-        out = (jnp.einsum("bhqt,bthd->bqhd", probs[..., :n], vp)
-               + jnp.einsum("bhqt,bthd->bqhd", probs[..., n:], v))
-        return p_out, out_proj(self._merge(out))
-
-
-def _qkv(x, in_w, in_b):
-    """The packed in-projection: [..., L, width] -> q, k, v [..., L, width]."""
-    return jnp.split(jnp.einsum("...ld,ed->...le", x, in_w) + in_b, 3, axis=-1)
+        out = jnp.einsum("...hqk,...khd->...qhd", probs, v)
+        return out.reshape(out.shape[:-2] + (self.width,))
 
 
 class Mlp(nn.Module):
