@@ -5,9 +5,12 @@ failure from each of its background threads with a full traceback, and tensorsto
 callbacks then hit the closed asyncio event loop hundreds of times ("RuntimeError:
 Event loop is closed"): over 4000 lines of stderr before the one line that says what
 happened and what to do (measured on the disk-full test, tests/test_faults.py).
-`install()` drops the tracebacks of the libraries' absl log records, also those
-inside a message's text (the first line of each message stays), and the closed-loop
-noise. `MTACLIP_TRACEBACKS=1` keeps everything.
+Also, now and then, a failed write's asyncio task is garbage-collected with its
+exception never retrieved and asyncio logs it with a traceback (seen once in a test
+run, depending on when the collector ran). `install()` drops the tracebacks of the
+libraries' absl and asyncio log records, also those inside a message's text (the first
+line of each message stays), and the closed-loop noise. `MTACLIP_TRACEBACKS=1` keeps
+everything.
 """
 
 from __future__ import annotations
@@ -25,8 +28,8 @@ def _closed_loop(exc: BaseException | None) -> bool:
 
 
 class _NoLibraryTracebacks(logging.Filter):
-  """On the "absl" logger, which the libraries (orbax) log through; this project logs
-  through its own loggers, so its messages are untouched."""
+  """On the "absl" logger, which the libraries (orbax) log through, and on "asyncio";
+  this project logs through its own loggers, so its messages are untouched."""
 
   def filter(self, record: logging.LogRecord) -> bool:
     if record.exc_info:
@@ -48,7 +51,8 @@ def install() -> None:
   if os.environ.get("MTACLIP_TRACEBACKS") == "1" or getattr(install, "done", False):
     return
   install.done = True
-  logging.getLogger("absl").addFilter(_NoLibraryTracebacks())
+  for name in ("absl", "asyncio"):
+    logging.getLogger(name).addFilter(_NoLibraryTracebacks())
   excepthook, thread_hook, unraisable = (sys.excepthook, threading.excepthook,
                                          sys.unraisablehook)
 
