@@ -41,6 +41,34 @@ def _config_json(config: ml_collections.ConfigDict) -> dict:
   return json.loads(config.to_json_best_effort())
 
 
+# Config keys that shape the saved train state (its tree and array shapes): every
+# model key, the number of classes, and the rules that freeze parameters (a frozen
+# parameter has no optimizer state).
+_LAYOUT_KEYS = ("model.", "data.num_classes", "optim.lr_mult_rules")
+
+
+def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
+  if not isinstance(tree, dict):
+    return {prefix: tree}
+  out = {}
+  for k, v in tree.items():
+    out.update(_flat(v, f"{prefix}.{k}" if prefix else str(k)))
+  return out
+
+
+def layout_differences(saved: dict, current: dict) -> list[str]:
+  """'key: value in the checkpoint vs now' for each config key that shapes the train
+  state and differs between a checkpoint's saved config and the current one (both
+  as JSON dicts)."""
+  a, b = _flat(saved), _flat(current)
+  out = []
+  for key in sorted(set(a) | set(b)):
+    if key.startswith(_LAYOUT_KEYS) and a.get(key, "(unset)") != b.get(key, "(unset)"):
+      out.append(f"{key}: {json.dumps(a.get(key, '(unset)'))} in the checkpoint, "
+                 f"{json.dumps(b.get(key, '(unset)'))} now")
+  return out
+
+
 class Checkpointer:
   """Saves/restores {state, data iterator, config} together, every N steps."""
 
@@ -137,12 +165,14 @@ class Checkpointer:
         log.warning("moved damaged checkpoint %s to %s", src, dst)
     self.manager.reload()
 
-  def restore(self, abstract_state: Any, data_iter: Any = None, step: int | None = None
-              ) -> tuple[int, Any, dict]:
+  def restore(self, abstract_state: Any, data_iter: Any = None, step: int | None = None,
+              config: ml_collections.ConfigDict | None = None) -> tuple[int, Any, dict]:
     """Restores (step, state, config dict) into the shardings of `abstract_state`.
 
     `step=None` takes the latest readable checkpoint, falling back to older ones
     with a warning naming what was wrong. `data_iter` (if given) is set in place.
+    `config` (the run's) lets the error when nothing can be restored name the config
+    keys that differ from the checkpoint's.
     """
     steps = self.all_steps()
     if not steps:
@@ -174,13 +204,32 @@ class Checkpointer:
       return s, restored["state"], dict(restored["config"] or {})
     raise CheckpointError(
         "no checkpoint could be restored (damaged, or saved by a different model, "
-        "number of classes or optimizer than this config): " + " | ".join(errors))
+        "number of classes or optimizer than this config)"
+        f"{self._layout_hint(candidates[0], config)}: " + " | ".join(errors))
+
+  def _layout_hint(self, step: int, config: ml_collections.ConfigDict | None) -> str:
+    """'; step N was saved with ...' naming the differing layout keys, or ''."""
+    if config is None:
+      return ""
+    try:
+      saved = self.manager.restore(
+          step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
+    except Exception:  # pylint: disable=broad-except
+      return ""
+    diffs = layout_differences(dict(saved or {}), _config_json(config))
+    if not diffs:
+      return ""
+    return (f"; step {step} was saved with a different config: " + "; ".join(diffs) +
+            " (to resume it, give the config the checkpoint's values: --config.KEY=VALUE "
+            "for a number or string, the config file for a list; or use another "
+            "--workdir)")
 
 
-def restore_params_only(workdir: str, abstract_state: Any, step: int | None = None):
+def restore_params_only(workdir: str, abstract_state: Any, step: int | None = None,
+                        config: ml_collections.ConfigDict | None = None):
   """For eval/predict: restore without a data iterator."""
   ckpt = Checkpointer(workdir, every=1, max_to_keep=1000, async_save=False)
   try:
-    return ckpt.restore(abstract_state, None, step)
+    return ckpt.restore(abstract_state, None, step, config)
   finally:
     ckpt.close()

@@ -260,7 +260,7 @@ def restore_variables(config, workdir: str, step: int | None = None):
     target = jax.tree.map(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract,
         shardings)
-    step, state, _ = checkpoint.restore_params_only(workdir, target, step)
+    step, state, _ = checkpoint.restore_params_only(workdir, target, step, config)
   return step, model, state.variables(), tokens
 
 

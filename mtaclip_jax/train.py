@@ -92,7 +92,7 @@ def _train(config, workdir, rt, mesh, model, tx, class_tokens, rng, state_shard,
   start = 0
   if ckpt.latest_step() is not None:
     try:
-      start, state, _ = ckpt.restore(state, data_iter)
+      start, state, _ = ckpt.restore(state, data_iter, config=config)
     except checkpoint.CheckpointError:
       ckpt.close()  # let orbax's threads finish before the error ends the process
       raise

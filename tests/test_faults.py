@@ -188,6 +188,8 @@ def test_wrong_checkpoint_for_the_config_is_named(data_root, tmp_path):
   assert proc.returncode == 1, proc.stderr[-3000:]
   errors = [l for l in proc.stderr.splitlines() if l.startswith("error: ")]
   assert errors and "no checkpoint could be restored" in errors[0], proc.stderr[-3000:]
+  # ... and names the config keys that differ from the checkpoint's.
+  assert "model.num_classes: 4 in the checkpoint, 3 now" in errors[0], errors[0]
   assert steps_on_disk(workdir) == [2]  # nothing already saved is lost
   shutil.rmtree(workdir)
 
