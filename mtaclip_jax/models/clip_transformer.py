@@ -10,6 +10,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import PartitionSpec as P
 
 from mtaclip_jax.models.pointwise import Dense
 
@@ -17,6 +18,31 @@ from mtaclip_jax.models.pointwise import Dense
 def _at_least_f32(dtype):
     """The dtype norms and softmaxes compute in: float32, or float64 under x64."""
     return jnp.promote_types(dtype, jnp.float32)
+
+
+def _mesh_spec(x, spec):
+    """with_sharding_constraint(x, spec) under a mesh of several devices, else x."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh is None or mesh.empty or mesh.size == 1:
+        return x
+    return jax.lax.with_sharding_constraint(x, spec)
+
+
+def _by_sequence(x):
+    """x [B, ...] split over the "data" axis by sequence, as `clip_text.shard_sequences`
+    puts the prompts (B a multiple of it); unchanged without a "data" axis."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh is None or mesh.empty or "data" not in mesh.axis_names:
+        return x
+    return _mesh_spec(x, P("data"))
+
+
+def _replicated(x):
+    """x on every device of the current mesh (unchanged without one). For the shared
+    prompt prefix's keys and values, which every device's sequences attend to: left to
+    propagation, they took the FSDP-sharded in-projection's layout and XLA warned of an
+    "involuntary full rematerialization" to gather them by owner."""
+    return _mesh_spec(x, P())
 
 
 class LayerNorm(nn.Module):
@@ -77,6 +103,7 @@ class MultiheadAttention(nn.Module):
         p = p.astype(self.dtype)
         n, s = p.shape[1], x.shape[1]
         qp, kp, vp = self._project(p, None, in_w, in_b)
+        kp, vp = _replicated(kp), _replicated(vp)
         p_out = None  # the last block (query_index) only reads p
         own = causal_mask(s)  # x's positions among themselves
         if query_index is None:  # the shared part's own causal attention
@@ -84,10 +111,11 @@ class MultiheadAttention(nn.Module):
         else:
             own = own[query_index][:, None, None, :]  # [B, 1, 1, S]
         # Each sequence attends to its shared part (all visible) and to x causally.
-        keys = jnp.concatenate([jnp.take(kp, owner, axis=0), k], axis=1)
-        values = jnp.concatenate([jnp.take(vp, owner, axis=0), v], axis=1)
+        keys = _by_sequence(jnp.concatenate([jnp.take(kp, owner, axis=0), k], axis=1))
+        values = _by_sequence(jnp.concatenate([jnp.take(vp, owner, axis=0), v], axis=1))
+        q = _by_sequence(q)
         mask = jnp.concatenate([jnp.zeros(own.shape[:-1] + (n,), own.dtype), own], axis=-1)
-        return p_out, out_proj(self._attend(q, keys, values, mask))
+        return p_out, out_proj(_by_sequence(self._attend(q, keys, values, mask)))
 
     def _project(self, x, query_index, in_w, in_b):
         """The packed in-projection: [..., L, width] -> q, k, v [..., L, heads, head_dim]
