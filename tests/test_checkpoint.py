@@ -1,14 +1,17 @@
 """Checkpointer: a checkpoint saved under another config is refused with the keys that
-differ named, and nothing on disk is touched."""
+differ named, nothing on disk is touched, and the checkpoint's own config restores it."""
 
 import os
 
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import pytest
 
-from mtaclip_jax import checkpoint
+from mtaclip_jax import checkpoint, optim, runtime, sharding, train_state
+from mtaclip_jax.models import mtaclip
+from tests import train_fixtures
 
 
 def config(num_classes, rules):
@@ -55,3 +58,46 @@ def test_restore_under_another_config_names_the_keys_and_keeps_the_checkpoint(tm
   assert "saved with a different config" not in str(err.value)
   ckpt.close()
   assert os.listdir(os.path.join(tmp_path, "checkpoints")) == ["1"]
+
+
+@pytest.mark.slow
+def test_checkpoint_from_before_the_heads_were_frozen_resumes_with_its_rules(tmp_path):
+  """Checkpoints written before session 9 hold optimizer state for the backbone heads
+  the default rules now freeze: the error names optim.lr_mult_rules; the checkpoint's
+  own rules restore it, nothing lost."""
+  root = train_fixtures.make_dataset(tmp_path / "data")
+  new = train_fixtures.tiny_config(root)
+  old = train_fixtures.tiny_config(root)
+  old.optim.lr_mult_rules = [r for r in new.optim.lr_mult_rules if "attnpool" not in r[0]]
+  assert len(old.optim.lr_mult_rules) == len(new.optim.lr_mult_rules) - 1
+  saved = train_fixtures.init_state(old)
+  ckpt = checkpoint.Checkpointer(str(tmp_path / "run"), every=1, max_to_keep=2,
+                                 async_save=False)
+  ckpt.save(1, saved, None, old)
+  ckpt.wait()
+  with pytest.raises(checkpoint.CheckpointError) as err:
+    ckpt.restore(abstract_state(new), config=new)
+  assert "optim.lr_mult_rules: " in str(err.value).split(" | ")[0]
+  step, state, _ = ckpt.restore(abstract_state(old), config=old)
+  ckpt.close()
+  assert step == 1
+  for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(saved)):
+    np.testing.assert_array_equal(jax.random.key_data(a) if _is_key(a) else a,
+                                  jax.random.key_data(b) if _is_key(b) else b)
+
+
+def _is_key(x):
+  return jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
+
+
+def abstract_state(config):
+  """The config's train state as sharded ShapeDtypeStructs (as evaluate restores)."""
+  model = mtaclip.build_model(config.model)
+  tx = optim.make_optimizer(config.optim)
+  tokens = runtime.class_tokens(config)
+  mesh = sharding.make_mesh(config.mesh)
+  with jax.set_mesh(mesh):
+    abstract = train_state.abstract_state(model, tx, config, tokens, jax.random.key(0))
+    shardings = train_state.state_shardings(abstract, config, mesh)
+  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                      abstract, shardings)
