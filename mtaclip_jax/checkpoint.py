@@ -21,6 +21,7 @@ from typing import Any
 import grain
 import ml_collections
 import orbax.checkpoint as ocp
+from flax import traverse_util
 
 log = logging.getLogger(__name__)
 
@@ -47,20 +48,11 @@ def _config_json(config: ml_collections.ConfigDict) -> dict:
 _LAYOUT_KEYS = ("model.", "data.num_classes", "optim.lr_mult_rules")
 
 
-def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
-  if not isinstance(tree, dict):
-    return {prefix: tree}
-  out = {}
-  for k, v in tree.items():
-    out.update(_flat(v, f"{prefix}.{k}" if prefix else str(k)))
-  return out
-
-
 def layout_differences(saved: dict, current: dict) -> list[str]:
   """'key: value in the checkpoint vs now' for each config key that shapes the train
   state and differs between a checkpoint's saved config and the current one (both
   as JSON dicts)."""
-  a, b = _flat(saved), _flat(current)
+  a, b = (traverse_util.flatten_dict(d, sep=".") for d in (saved, current))
   out = []
   for key in sorted(set(a) | set(b)):
     if key.startswith(_LAYOUT_KEYS) and a.get(key, "(unset)") != b.get(key, "(unset)"):

@@ -7,10 +7,10 @@ Event loop is closed"): over 4000 lines of stderr before the one line that says 
 happened and what to do (measured on the disk-full test, tests/test_faults.py).
 Also, depending on when the garbage collector runs, the failed writes' asyncio
 futures are collected with their exceptions never retrieved and asyncio logs each one
-with a traceback (300+ records in one test run); only the first is kept. `install()` drops the tracebacks of the
-libraries' absl and asyncio log records, also those inside a message's text (the first
-line of each message stays), and the closed-loop noise. `MTACLIP_TRACEBACKS=1` keeps
-everything.
+with a traceback (300+ records in one test run); only the first is kept. `install()`
+drops the tracebacks of the libraries' absl and asyncio log records, also those inside
+a message's text (the first line of each message stays), and the closed-loop noise.
+`MTACLIP_TRACEBACKS=1` keeps everything.
 """
 
 from __future__ import annotations
