@@ -1,4 +1,4 @@
-"""Times Hungarian matching (host callback) against a full loss + gradient.
+"""Times Hungarian matching (host callback and on device) against a full loss + gradient.
 
 ADE20k-like shapes by default (B=2, Q=100, T=30, L=9, masks 128x128 at stride 4,
 targets 512x512, C=150, K=3, D=1024, 12544 points). Prints min / median of N runs.
@@ -69,9 +69,15 @@ def main():
         o["logits"], o["masks"], bt["masks"], bt["classes"], p))
     cost = costs(outputs, batch, points)
     assign = jax.jit(matching.hungarian_match)
+    on_device = jax.jit(lambda c, v: matching.hungarian_match(c, v, matcher="device"))
+    same = np.array_equal(np.asarray(assign(cost, batch["valid"])),
+                          np.asarray(on_device(cost, batch["valid"])))
+    print(f"host and device matchers give the same assignment: {same}")
     results = {
         "hungarian callback (jit, all layers, one callback)": _time(
             assign, cost, batch["valid"], runs=args.runs),
+        "hungarian on device (jit, all layers, matcher=device)": _time(
+            on_device, cost, batch["valid"], runs=args.runs),
         "matching costs on device": _time(costs, outputs, batch, points, runs=args.runs),
         "matching total (costs + callback)": _time(
             jax.jit(lambda o, bt, p: matching.match(o, bt, p, cfg)), outputs, batch, points,

@@ -93,6 +93,7 @@ def loss_defaults() -> ml_collections.ConfigDict:
       oversample_ratio=3.0,
       importance_sample_ratio=0.75,
       target_chunk=0,  # point losses: target slots per chunk (0 = auto, point_loss.py)
+      matcher="host",  # Hungarian: "host" (scipy, callback) | "device" (XLA; matching.py)
       similarity=True,
       neg="mix",
       tau=1.0,

@@ -4,7 +4,8 @@ Costs are computed on device, vectorised over the supervised layers L and the
 batch B; the assignment itself runs on the host (scipy's linear_sum_assignment)
 through one `jax.pure_callback` per step, inside `jax.shard_map` over the "data"
 mesh axis when a mesh is active (a callback in a sharded jit without shard_map
-hangs on fake CPU devices, see NOTES.md).
+hangs on fake CPU devices, see NOTES.md), or with config.loss.matcher="device" on
+the device (hungarian_device.py), also per device in `shard_map`.
 
 Points are (x, y) in [0, 1]^2 with `grid_sample(align_corners=False)` semantics:
 pixel centre i of a length-n axis sits at (i + 0.5) / n; outside the image the
@@ -18,6 +19,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as P
 from scipy.optimize import linear_sum_assignment
+
+from mtaclip_jax import hungarian_device
 
 DATA_AXIS = "data"
 # Stands in for NaN/inf costs (as transformers' matcher does with the dtype's max),
@@ -211,15 +214,22 @@ def data_mesh(mesh=None):
     return mesh
 
 
-def hungarian_match(cost: jax.Array, valid: jax.Array, mesh=None) -> jax.Array:
+MATCHERS = ("host", "device")
+
+
+def hungarian_match(cost: jax.Array, valid: jax.Array, mesh=None,
+                    matcher: str = "host") -> jax.Array:
     """Minimum-cost matching of queries to targets, per image (and per leading index).
 
     Args:
         cost: [..., B, Q, T] cost of assigning query q to target t.
         valid: [B, T] bool; invalid (padding) targets are never matched.
         mesh: mesh whose "data" axis shards B; default: the current mesh
-            (`jax.set_mesh`). Without a mesh (or without a "data" axis) the callback
-            runs directly.
+            (`jax.set_mesh`). Without a mesh (or without a "data" axis) the matcher
+            runs directly, else per device in `shard_map`.
+        matcher: "host" (scipy's linear_sum_assignment in float64 through one
+            callback) or "device" (the same algorithm in XLA, float32:
+            hungarian_device.py).
 
     Returns:
         [..., B, T] int32: the query matched to each target, -1 for invalid targets.
@@ -231,15 +241,21 @@ def hungarian_match(cost: jax.Array, valid: jax.Array, mesh=None) -> jax.Array:
             f"{q} queries (config.model.num_queries); every target must get a query.")
     if valid.shape != (b, t):
         raise ValueError(f"hungarian_match: valid has shape {valid.shape}, expected {(b, t)}.")
+    if matcher not in MATCHERS:
+        raise ValueError(f"unknown matcher {matcher!r} (config.loss.matcher); expected one "
+                         f"of {', '.join(MATCHERS)}.")
     cost = jnp.reshape(jax.lax.stop_gradient(cost).astype(jnp.float32), (-1, b, q, t))
     valid = valid.astype(bool)
     mesh = data_mesh(mesh)
-    if mesh is None:
-        out = _assign(cost, valid)
+    if matcher == "device":
+        assign = hungarian_device.assign
+    elif mesh is not None and jax.default_backend() == "cpu" and mesh.size > 1:
+        assign = _assign_in_chunks
     else:
         assign = _assign
-        if jax.default_backend() == "cpu" and mesh.size > 1:
-            assign = _assign_in_chunks
+    if mesh is None:
+        out = assign(cost, valid)
+    else:
         out = jax.shard_map(
             assign, mesh=mesh, in_specs=(P(None, DATA_AXIS), P(DATA_AXIS)),
             out_specs=P(None, DATA_AXIS), check_vma=False)(cost, valid)
@@ -261,4 +277,5 @@ def match(outputs: dict, batch: dict, points: jax.Array, loss_config, mesh=None)
         outputs["logits"], outputs["masks"], batch["masks"], batch["classes"], points,
         class_weight=loss_config.class_weight, mask_weight=loss_config.mask_weight,
         dice_weight=loss_config.dice_weight)
-    return hungarian_match(cost, batch["valid"], mesh=mesh)
+    return hungarian_match(cost, batch["valid"], mesh=mesh,
+                           matcher=getattr(loss_config, "matcher", "host"))

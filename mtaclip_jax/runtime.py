@@ -45,6 +45,10 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   if config.train.on_nan not in ("stop", "skip"):
     raise ConfigError(f"config.train.on_nan={config.train.on_nan!r}: expected 'stop' "
                       "or 'skip'")
+  matcher = config.loss.get("matcher", "host")
+  if matcher not in ("host", "device"):
+    raise ConfigError(f"config.loss.matcher={matcher!r}: expected 'host' (scipy through "
+                      "a callback) or 'device' (in XLA)")
   if config.model.dtype not in ("float32", "bfloat16"):
     raise ConfigError(f"config.model.dtype={config.model.dtype!r}: expected 'float32' "
                       "or 'bfloat16'")

@@ -193,6 +193,17 @@ _SHARDED_SCRIPT = textwrap.dedent("""
                            jax.device_put(big_valid, NamedSharding(mesh, P("data"))))
     np.testing.assert_array_equal(np.asarray(got_big), ref_big)
     assert int(total) == int(ref_big.sum())
+    # The device matcher under the same meshes: per device in shard_map.
+    device = lambda c, v: matching.hungarian_match(c, v, matcher="device")
+    with jax.set_mesh(mesh):
+        got4 = jax.jit(device)(cost_s, valid_s)
+        got5 = jax.jit(device)(jax.device_put(big, NamedSharding(mesh, P(None, "data"))),
+                               jax.device_put(big_valid, NamedSharding(mesh, P("data"))))
+    assert got4.sharding.spec == P(None, "data"), got4.sharding
+    np.testing.assert_array_equal(np.asarray(got4), ref)
+    np.testing.assert_array_equal(np.asarray(got5), ref_big)
+    with jax.set_mesh(mesh2):
+        np.testing.assert_array_equal(np.asarray(jax.jit(device)(cost, valid)), ref)
     print("SHARDED_OK")
 """)
 

@@ -33,6 +33,11 @@ def tiny_config(root, steps=3, batch=2, arg=None, num_classes=4):
   c.model.update(dict(num_queries=8, hidden_dim=32, mask_dim=32, enc_layers=1,
                       enc_ffn_dim=64, dec_layers=3, dec_ffn_dim=64))
   c.loss.num_points = 256
+  # The device matcher keeps host callbacks out of the train step, so the persistent
+  # compilation cache (conftest.py) holds it: each later test or subprocess loads it
+  # instead of compiling it again (~32 s at -O0). The tests that exercise the default
+  # "host" matcher in a whole step set it back.
+  c.loss.matcher = "device"
   c.data.update(dict(root=str(root), num_classes=num_classes, crop_size=crop,
                      batch_size=batch, max_segments=num_classes, num_workers=0,
                      test_scale=(80, 64)))
