@@ -11,8 +11,9 @@
 # tokenizer's vocabulary) (docs/BENCHMARKS.md says how to fetch them).
 # Each part runs in its own process under a time limit, so one failing part does not
 # lose the others; the last part is a jax.profiler trace of the full step summarised
-# by HLO op (benchmarks/profile_step.py), with the device's idle gaps; one more part
-# times the full step with cuDNN's fused attention in the decoder (opt-in config).
+# by HLO op (benchmarks/profile_step.py), with the device's idle gaps; two more parts
+# time the full step with cuDNN's fused attention in the decoder and with the
+# Hungarian on the device (opt-in configs).
 # XLA:GPU compiles this model for minutes (session 2: the full step
 # not within 220 s), so our four parts compile side by side (CPU work) and take turns
 # on the GPU: every timed section, the matmul peak included, holds one file lock.
@@ -66,6 +67,11 @@ p4=$!
 part full_cudnn $((limit + 60)) "${common[@]}" --batch "$batch" --which full \
   --set model.attention_impl=cudnn &
 p6=$!
+# The full step with the Hungarian in XLA (session 11's config.loss.matcher=device)
+# against part full's host callback.
+part full_device_matcher $((limit + 60)) "${common[@]}" --batch "$batch" --which full \
+  --set loss.matcher=device &
+p7=$!
 # Command buffers (CUDA graphs) off for the profile only: with them the trace names
 # whole graphs, not ops (session 7).
 XLA_FLAGS="$XLA_FLAGS --xla_gpu_enable_command_buffer=" \
@@ -75,8 +81,9 @@ p5=$!
 wait $p1 $p2 $p3
 part hf 120 "${common[@]}" --batch "$batch" --which hf
 part hf_inference 60 "${common[@]}" --inference --which hf
-wait $p4 $p5 $p6
-for name in full baseline inference hf hf_inference full_cudnn max_batch profile; do
+wait $p4 $p5 $p6 $p7
+for name in full baseline inference hf hf_inference full_cudnn full_device_matcher max_batch \
+    profile; do
   cat "$out/part_$name.txt" >> "$log"
 done
 rm -f "$out"/part_*.txt "$lock"

@@ -95,6 +95,8 @@ def assign_one(cost: jax.Array, valid: jax.Array) -> jax.Array:
         [T] int32, the query of each valid target.
     """
     t, q = cost.shape
+    if t > q:  # the searches would never find a free query
+        raise ValueError(f"assign_one: {t} targets exceed {q} queries")
     cost = jnp.nan_to_num(cost.astype(jnp.float32), nan=_HUGE, posinf=_HUGE, neginf=_HUGE)
     state = (jnp.zeros((t,), cost.dtype), jnp.zeros((q,), cost.dtype),
              jnp.full((t,), -1, jnp.int32), jnp.full((q,), -1, jnp.int32))

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mtaclip_jax import matching, runtime
+from mtaclip_jax import hungarian_device, matching, runtime
 from tests import train_fixtures
 from tests.test_matching import _check_is_optimal_matching, _scipy_reference
 
@@ -86,6 +86,11 @@ def test_gradients_flow_only_through_the_gathered_costs():
     for layer, image, target in np.ndindex(3, 2, 5):
         expected[layer, image, idx[layer, image, target], target] = 1.0
     np.testing.assert_array_equal(np.asarray(g), expected)
+
+
+def test_more_targets_than_queries_is_refused():
+    with pytest.raises(ValueError, match="exceed"):
+        hungarian_device.assign_one(jnp.zeros((5, 3)), jnp.ones((5,), bool))
 
 
 def test_unknown_matcher_is_named(tmp_path):
