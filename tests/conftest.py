@@ -10,6 +10,9 @@ os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
                       os.path.join(tempfile.gettempdir(), "mtaclip_jax_test_xla_cache"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "1")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+# A size limit turns on the cache's file lock: pytest-xdist's workers share the cache,
+# and without the lock one could read an entry another is still writing.
+os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(16 << 30))
 
 # The tests compile far more than they run (the tiny model's train step: ~60 s to
 # compile, 0.1 s to run on a 2-core CPU). LLVM at -O0 halves XLA:CPU's compile time
@@ -25,3 +28,11 @@ if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
 from mtaclip_jax import xla_cpu  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 xla_cpu.keep_freed_memory()
+
+
+def pytest_xdist_auto_num_workers(config):  # pylint: disable=unused-argument
+  """Workers for "-n auto" (pyproject's addopts): one per core, at most 4. Most of the
+  tests' time is XLA compiling on one thread, so two workers on two cores nearly halve
+  it; each worker holds a few GB while compiling the tiny model's train step."""
+  cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+  return max(1, min(cores or 1, 4))
