@@ -67,12 +67,16 @@ def _host(tree):
 
 @pytest.mark.slow
 def test_resume_is_bit_exact(data_root, tmp_path):
+  """Through train.run with the default (host) matcher; test_faults resumes real CLI
+  runs with the device matcher."""
   full = train_fixtures.tiny_config(data_root, steps=4)
   full.train.checkpoint_every = 2
+  full.loss.matcher = "host"
   train.run(full, str(tmp_path / "a"))
 
   first = train_fixtures.tiny_config(data_root, steps=4)
   first.train.checkpoint_every = 2
+  first.loss.matcher = "host"
   first.train.steps = 2  # stop half way; the schedule still ends at 4
   train.run(first, str(tmp_path / "b"))
   train.run(full, str(tmp_path / "b"))  # the same command again resumes
