@@ -23,6 +23,8 @@ from scipy.optimize import linear_sum_assignment
 from mtaclip_jax import hungarian_device
 
 DATA_AXIS = "data"
+# config.loss.matcher: scipy through a host callback, or hungarian_device.py in XLA.
+MATCHERS = ("host", "device")
 # Stands in for NaN/inf costs (as transformers' matcher does with the dtype's max),
 # small enough that scipy's sums of costs stay finite.
 _HUGE = 1e30
@@ -212,9 +214,6 @@ def data_mesh(mesh=None):
     if mesh is None or mesh.empty or DATA_AXIS not in mesh.axis_names:
         return None
     return mesh
-
-
-MATCHERS = ("host", "device")
 
 
 def hungarian_match(cost: jax.Array, valid: jax.Array, mesh=None,

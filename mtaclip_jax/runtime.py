@@ -17,7 +17,7 @@ import ml_collections
 import numpy as np
 import tqdm
 
-from mtaclip_jax import optim
+from mtaclip_jax import matching, optim
 from mtaclip_jax.data import classes as data_classes
 from mtaclip_jax.data import pipeline
 
@@ -46,7 +46,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     raise ConfigError(f"config.train.on_nan={config.train.on_nan!r}: expected 'stop' "
                       "or 'skip'")
   matcher = config.loss.get("matcher", "host")
-  if matcher not in ("host", "device"):
+  if matcher not in matching.MATCHERS:
     raise ConfigError(f"config.loss.matcher={matcher!r}: expected 'host' (scipy through "
                       "a callback) or 'device' (in XLA)")
   if config.model.dtype not in ("float32", "bfloat16"):
