@@ -1,4 +1,5 @@
-"""Times Hungarian matching (host callback and on device) against a full loss + gradient.
+"""Times Hungarian matching (host callback and on device) against a full loss + gradient,
+and the mask head's backward through the dense masks vs through their factors.
 
 ADE20k-like shapes by default (B=2, Q=100, T=30, L=9, masks 128x128 at stride 4,
 targets 512x512, C=150, K=3, D=1024, 12544 points). Prints min / median of N runs.
@@ -40,6 +41,7 @@ def main():
     parser.add_argument("--embed", type=int, default=1024)
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--neg", default="mix")
+    parser.add_argument("--mask-dim", type=int, default=256)
     args = parser.parse_args()
     cfg = types.SimpleNamespace(**dict(  # attribute access, like config.loss
         class_weight=2.0, mask_weight=5.0, dice_weight=5.0, sim_weight=1.0,
@@ -89,6 +91,22 @@ def main():
             lambda o, bt, k: losses.compute_loss(o, bt, k, cfg, C)[0])),
             outputs, batch, jax.random.key(1), runs=args.runs),
     }
+    # The model's mask head: masks = einsum(mask_embed, mask_features). Differentiated
+    # through the dense masks (autodiff) or through the factors (matched queries only).
+    factors = {"mask_embed": jnp.asarray(rng.normal(size=(L, B, Q, args.mask_dim)) / 16,
+                                         jnp.float32),
+               "mask_features": jnp.asarray(rng.normal(size=(B, h, h, args.mask_dim)),
+                                            jnp.float32)}
+    head = lambda f: jnp.einsum("lbqe,bhwe->lbqhw", f["mask_embed"], f["mask_features"])
+
+    def head_loss(f, o, bt, k, factored):
+        extra = f if factored else {}
+        return losses.compute_loss(dict(o, masks=head(f), **extra), bt, k, cfg, C)[0]
+
+    for name, factored in (("through the masks", False), ("through the factors", True)):
+        results[f"mask head + loss + grad, {name}"] = _time(jax.jit(jax.value_and_grad(
+            lambda f, o, bt, k, fac=factored: head_loss(f, o, bt, k, fac))),
+            factors, outputs, batch, jax.random.key(1), runs=args.runs)
     host_cost, host_valid = np.asarray(cost), np.asarray(valid)
     start = time.perf_counter()
     for _ in range(args.runs):

@@ -142,7 +142,8 @@ def similarity_loss(m_proj: jax.Array, t_proj: jax.Array, target: jax.Array,
     return _weighted_mean(weights, log_norm - s_pos, denom)
 
 
-def _point_losses(masks, target_masks, query_index, valid, key, draws, loss_config, mesh):
+def _point_losses(masks, target_masks, query_index, valid, key, draws, factors,
+                  loss_config, mesh):
     """`point_loss.mask_point_losses` with this config; under a mesh with a "data" axis,
     per device (shard_map): each device compacts and loops over its own images."""
     oversampled, uncertain, uniform = _num_uncertain(loss_config)
@@ -152,21 +153,23 @@ def _point_losses(masks, target_masks, query_index, valid, key, draws, loss_conf
                            num_uncertain=uncertain, num_rand=uniform, chunk=chunk)
     data_mesh = matching.data_mesh(mesh)
     if data_mesh is None:
-        return fn(masks, target_masks, query_index, valid, key=key, draws=draws)
+        return fn(masks, target_masks, query_index, valid, key=key, draws=draws,
+                  factors=factors)
     axis = matching.DATA_AXIS
 
-    def local(masks, target_masks, query_index, valid, key, draws):
+    def local(masks, target_masks, query_index, valid, key, draws, factors):
         offset = jax.lax.axis_index(axis) * valid.shape[0] * valid.shape[1]
         return fn(masks, target_masks, query_index, valid, key=key, draws=draws,
-                  slot_offset=offset)
+                  slot_offset=offset, factors=factors)
 
     layer_spec = P(None, axis)
     draws_spec = None if draws is None else (layer_spec, layer_spec)
+    factors_spec = None if factors is None else (layer_spec, P(axis))
     return jax.shard_map(
         local, mesh=data_mesh,
-        in_specs=(layer_spec, P(axis), layer_spec, P(axis), P(), draws_spec),
+        in_specs=(layer_spec, P(axis), layer_spec, P(axis), P(), draws_spec, factors_spec),
         out_specs=(layer_spec, layer_spec), check_vma=False)(
-            masks, target_masks, query_index, valid, key, draws)
+            masks, target_masks, query_index, valid, key, draws, factors)
 
 
 def compute_loss(outputs: dict, batch: dict, rng: jax.Array, loss_config, num_classes: int,
@@ -176,7 +179,10 @@ def compute_loss(outputs: dict, batch: dict, rng: jax.Array, loss_config, num_cl
 
     Args:
       outputs: model dict: logits [L, B, Q, C+1], masks [L, B, Q, h, w], and
-        optionally m_proj [L, B, Q, D], t_proj [L, B, K, C+1, D].
+        optionally m_proj [L, B, Q, D], t_proj [L, B, K, C+1, D], and the masks'
+        factors mask_embed [L, B, Q, E] and mask_features [B, h, w, E]: with them
+        the mask losses' gradient goes to the factors (matched queries only) and
+        `masks` is not differentiated.
       batch: masks [B, T, H, W], classes [B, T], valid [B, T].
       rng: PRNG key for the point draws (unused when `points` is given).
       loss_config: `config.loss`.
@@ -213,8 +219,14 @@ def compute_loss(outputs: dict, batch: dict, rng: jax.Array, loss_config, num_cl
     indices = matching.match(outputs, batch, match_points, loss_config, mesh=mesh)  # [L, B, T]
     query_index = jnp.clip(indices, 0, q - 1)
 
+    factors = None
+    if "mask_embed" in outputs and "mask_features" in outputs:
+        # The mask losses differentiate the matched queries' masks only, through the
+        # masks' factors (point_loss.py); nothing else differentiates `masks`.
+        factors = (outputs["mask_embed"], outputs["mask_features"])
+        masks = jax.lax.stop_gradient(masks)
     bce, dice = _point_losses(masks, target_masks, query_index, valid, k_points, draws,
-                              loss_config, mesh)  # [L, B, T]
+                              factors, loss_config, mesh)  # [L, B, T]
     if normalizers is None:
         num_masks, class_weights = jnp.maximum(jnp.sum(valid).astype(jnp.float32), 1.0), None
     else:

@@ -6,12 +6,15 @@ import os
 import tempfile
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# A size limit (below) turns on the cache's file lock: pytest-xdist's workers share the
+# cache, and without the lock one could read an entry another is still writing. The
+# directory is new with that limit: JAX's size-limited cache keeps an "-atime" file
+# beside each entry and fails every write (a warning, nothing cached) in a directory
+# that holds entries without one, as the one earlier versions of this file used does.
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
-                      os.path.join(tempfile.gettempdir(), "mtaclip_jax_test_xla_cache"))
+                      os.path.join(tempfile.gettempdir(), "mtaclip_jax_test_xla_cache_lru"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "1")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
-# A size limit turns on the cache's file lock: pytest-xdist's workers share the cache,
-# and without the lock one could read an entry another is still writing.
 os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(16 << 30))
 
 # The tests compile far more than they run (the tiny model's train step: ~60 s to

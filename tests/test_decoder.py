@@ -83,6 +83,11 @@ def test_outputs_and_gamma(setup):
   assert out["masks"].shape == (3, 2, 10, 16, 24)
   assert out["m_proj"].shape == (3, 2, 10, D)
   assert out["t_proj"].shape == (3, 2, K, C + 1, D)
+  # The masks' factors, which the losses differentiate instead of the masks.
+  np.testing.assert_allclose(
+      out["masks"], jnp.einsum("lbqc,bhwc->lbqhw", out["mask_embed"], out["mask_features"]),
+      rtol=1e-5, atol=1e-5)
+  assert out["mask_features"] is mf or np.array_equal(out["mask_features"], mf)
   np.testing.assert_allclose(np.linalg.norm(out["m_proj"], axis=-1), 1.0, atol=1e-5)
   np.testing.assert_allclose(np.asarray(params["gamma"]), 1e-4)
   t0n = t0 / jnp.linalg.norm(t0, axis=-1, keepdims=True)
@@ -119,7 +124,7 @@ def test_baseline_has_extra_output_and_no_text_params():
   params = dec.init(jax.random.PRNGKey(1), ms, mf)["params"]
   assert not {"gamma", "text_pos_embed", "text_proj"} & set(params)
   out = dec.apply({"params": params}, ms, mf)
-  assert set(out) == {"logits", "masks"}
+  assert set(out) == {"logits", "masks", "mask_embed", "mask_features"}
   assert out["logits"].shape == (4, 1, 10, C + 1)
 
 

@@ -26,12 +26,20 @@ def loss_config(**overrides):
     return ml_collections.ConfigDict(c)
 
 
-def make_problem(seed, layers=2, b=2, q=10, t=5, c=7, h=16, big=64, k=3, d=8, all_valid=False):
+def make_problem(seed, layers=2, b=2, q=10, t=5, c=7, h=16, big=64, k=3, d=8, all_valid=False,
+                 factored=False):
+    """Random outputs and batch; `factored`: masks made as the model makes them, with
+    their factors mask_embed / mask_features in the outputs."""
     rng = np.random.default_rng(seed)
     outputs = {
         "logits": rng.normal(size=(layers, b, q, c + 1)).astype(np.float32),
         "masks": (3 * rng.normal(size=(layers, b, q, h, h))).astype(np.float32),
     }
+    if factored:
+        outputs["mask_embed"] = rng.normal(size=(layers, b, q, 6)).astype(np.float32)
+        outputs["mask_features"] = rng.normal(size=(b, h, h, 6)).astype(np.float32)
+        outputs["masks"] = np.einsum("lbqc,bhwc->lbqhw", outputs["mask_embed"],
+                                     outputs["mask_features"]).astype(np.float32)
     m = rng.normal(size=(layers, b, q, d))
     tt = rng.normal(size=(layers, b, k, c + 1, d))
     outputs["m_proj"] = (m / np.linalg.norm(m, axis=-1, keepdims=True)).astype(np.float32)
@@ -257,6 +265,34 @@ def test_value_and_grad_jit_finite_and_reaches_every_output():
     assert float(loss2) != float(loss)
 
 
+def test_factored_masks_give_the_gradient_of_autodiff_through_the_masks():
+    """The model's outputs carry mask_embed / mask_features (masks = their einsum); the
+    mask losses then differentiate those directly, matched queries only. Same loss
+    and same gradients as differentiating `masks` and chaining through the einsum."""
+    outputs, batch = make_problem(11, factored=True)
+    cfg = loss_config()
+    factors = ("mask_embed", "mask_features")
+    made = lambda o: jnp.einsum("lbqc,bhwc->lbqhw", o["mask_embed"], o["mask_features"])
+
+    def dense(o):
+        rest = {k: v for k, v in o.items() if k not in factors}
+        return losses.compute_loss(dict(rest, masks=made(o)), batch, jax.random.key(3),
+                                   cfg, 7)[0]
+
+    def factored(o):
+        return losses.compute_loss(dict(o, masks=made(o)), batch, jax.random.key(3),
+                                   cfg, 7)[0]
+
+    want, g_want = jax.jit(jax.value_and_grad(dense))(outputs)
+    got, g_got = jax.jit(jax.value_and_grad(factored))(outputs)
+    np.testing.assert_allclose(float(got), float(want), rtol=1e-6)
+    for name in g_want:  # fp32, sums in another order
+        ref = np.asarray(g_want[name])
+        np.testing.assert_allclose(np.asarray(g_got[name]), ref, rtol=0,
+                                   atol=2e-5 * np.abs(ref).max(), err_msg=name)
+        assert np.abs(ref).max() > 0 or name == "masks", name
+
+
 _SHARDED_SCRIPT = textwrap.dedent("""
     import jax, jax.numpy as jnp, numpy as np
     from jax.sharding import NamedSharding, PartitionSpec as P
@@ -267,24 +303,29 @@ _SHARDED_SCRIPT = textwrap.dedent("""
     cfg = loss_config()
     fn = lambda o, bt, key: losses.compute_loss(o, bt, key, cfg, 7)
     vg = jax.value_and_grad(fn, has_aux=True)
-    (ref_loss, ref_m), ref_g = jax.jit(vg)(outputs, batch, jax.random.key(0))
     mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
-    out_s = {k: NamedSharding(mesh, P(None, "data")) for k in outputs}
     batch_s = {k: NamedSharding(mesh, P("data")) for k in batch}
-    with jax.set_mesh(mesh):
-        step = jax.jit(vg, in_shardings=(out_s, batch_s, None), out_shardings=None)
-        args = (jax.device_put(outputs, out_s), jax.device_put(batch, batch_s), jax.random.key(0))
-        compiled = step.lower(*args).compile()
-        (loss, m), g = compiled(*args)
-    # per-image work stays on its device: only scalar sums cross devices
-    assert "all-gather" not in compiled.as_text() and "all-to-all" not in compiled.as_text()
-    np.testing.assert_allclose(float(loss), float(ref_loss), rtol=1e-5)
-    for k in ref_m:
-        np.testing.assert_allclose(float(m[k]), float(ref_m[k]), rtol=1e-5, err_msg=k)
-    for k in ref_g:
-        assert np.all(np.isfinite(np.asarray(g[k])))
-        np.testing.assert_allclose(np.asarray(g[k]), np.asarray(ref_g[k]), rtol=1e-4,
-                                   atol=1e-7, err_msg=k)
+    # Plain outputs, then the model's (with the masks' factors: mask_features is
+    # [B, h, w, E], batch-first).
+    for outputs in (outputs, make_problem(0, b=8, factored=True)[0]):
+        (ref_loss, ref_m), ref_g = jax.jit(vg)(outputs, batch, jax.random.key(0))
+        out_s = {k: NamedSharding(mesh, P("data") if k == "mask_features" else P(None, "data"))
+                 for k in outputs}
+        with jax.set_mesh(mesh):
+            step = jax.jit(vg, in_shardings=(out_s, batch_s, None), out_shardings=None)
+            args = (jax.device_put(outputs, out_s), jax.device_put(batch, batch_s),
+                    jax.random.key(0))
+            compiled = step.lower(*args).compile()
+            (loss, m), g = compiled(*args)
+        # per-image work stays on its device: only scalar sums cross devices
+        assert "all-gather" not in compiled.as_text() and "all-to-all" not in compiled.as_text()
+        np.testing.assert_allclose(float(loss), float(ref_loss), rtol=1e-5)
+        for k in ref_m:
+            np.testing.assert_allclose(float(m[k]), float(ref_m[k]), rtol=1e-5, err_msg=k)
+        for k in ref_g:
+            assert np.all(np.isfinite(np.asarray(g[k])))
+            np.testing.assert_allclose(np.asarray(g[k]), np.asarray(ref_g[k]), rtol=1e-4,
+                                       atol=1e-7 * max(1.0, np.abs(ref_g[k]).max()), err_msg=k)
     print("SHARDED_OK")
 """)
 

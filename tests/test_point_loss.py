@@ -133,3 +133,52 @@ def test_smallest_k_is_the_set_top_k_picks(k):
 def test_smallest_k_takes_half_precision():
     v = jnp.asarray([[0.5, 0.25, 2.0, 0.25, 1.0]], jnp.bfloat16)
     np.testing.assert_array_equal(point_loss.smallest_k(v, 3), [[0, 1, 3]])
+
+
+D = 4
+
+
+@pytest.mark.parametrize("chunk,keyed", [(1, False), (3, False), (100, False), (2, True)])
+def test_factored_gradient_equals_autodiff_through_the_masks(chunk, keyed):
+    """With `factors`, the backward contracts only the matched queries' gradient maps
+    against mask_embed / mask_features; it must equal plain autodiff of
+    masks = einsum(mask_embed, mask_features) (the model's mask head)."""
+    _, targets, index, valid, over, rand = problem(3)
+    rng = np.random.default_rng(4)
+    embed = jnp.asarray(rng.normal(size=(L, B, Q, D)).astype(np.float32))
+    feats = jnp.asarray(rng.normal(size=(B, H_MASK, H_MASK, D)).astype(np.float32))
+    source = {"key": jax.random.key(5)} if keyed else {"draws": (over, rand)}
+    make = lambda e, f: jnp.einsum("lbqc,bhwc->lbqhw", e, f)
+
+    def losses(masks, factors=None):
+        return weighted(*point_loss.mask_point_losses(
+            masks, targets, index, valid, factors=factors, num_over=P_OVER,
+            num_uncertain=K, num_rand=P_RAND, chunk=chunk, **source))
+
+    dense = jax.jit(jax.value_and_grad(lambda e, f: losses(make(e, f)), argnums=(0, 1)))
+    factored = jax.jit(jax.value_and_grad(
+        lambda e, f: losses(jax.lax.stop_gradient(make(e, f)), (e, f)), argnums=(0, 1)))
+    (want, (ge, gf)), (got, (fe, ff)) = dense(embed, feats), factored(embed, feats)
+    assert float(got) == float(want)
+    # fp32: the same products summed in another order.
+    for ours, ref in ((fe, ge), (ff, gf)):
+        scale = np.abs(np.asarray(ref)).max()
+        assert scale > 0
+        np.testing.assert_allclose(np.asarray(ours), np.asarray(ref), rtol=0,
+                                   atol=1e-5 * scale)
+    # Queries no valid target is matched to get exactly nothing.
+    matched = np.zeros((L, B, Q), bool)
+    for l, b, t in zip(*np.nonzero(np.broadcast_to(np.asarray(valid), (L, B, T)))):
+        matched[l, b, int(index[l, b, t])] = True
+    assert np.all(np.asarray(fe)[~matched] == 0) and np.any(np.asarray(fe)[matched])
+
+
+def test_factored_gradient_keeps_the_factors_dtype():
+    masks, targets, index, valid, over, rand = problem(5)
+    embed = jnp.ones((L, B, Q, D), jnp.bfloat16)
+    feats = jnp.ones((B, H_MASK, H_MASK, D), jnp.bfloat16)
+    grads = jax.grad(lambda e, f: weighted(*point_loss.mask_point_losses(
+        masks, targets, index, valid, factors=(e, f), draws=(over, rand), num_over=P_OVER,
+        num_uncertain=K, num_rand=P_RAND)), argnums=(0, 1))(embed, feats)
+    assert [g.dtype for g in grads] == [jnp.bfloat16, jnp.bfloat16]
+    assert all(np.any(np.asarray(g, np.float32)) for g in grads)

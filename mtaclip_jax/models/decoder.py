@@ -138,7 +138,10 @@ class MaskTextDecoder(nn.Module):
   `mask_features` [B, h, w, mask_dim] and, with text queries, `text_embeddings`
   t0 [K, C+1, embed_dim]. Returns outputs stacked over the supervised layers:
   `logits` [L, B, Q, C+1] and `masks` [L, B, Q, h, w] (fp32) and, with text
-  queries, `m_proj` [L, B, Q, D] and `t_proj` [L, B, K, C+1, D] (L2-normalised).
+  queries, `m_proj` [L, B, Q, D] and `t_proj` [L, B, K, C+1, D] (L2-normalised);
+  and the factors of the masks, `mask_embed` [L, B, Q, mask_dim] and (not stacked)
+  `mask_features` [B, h, w, mask_dim]: masks = einsum(mask_embed, mask_features),
+  through which the losses differentiate the matched masks only (point_loss.py).
   """
   num_classes: int
   num_queries: int = 100
@@ -175,7 +178,7 @@ class MaskTextDecoder(nn.Module):
       text = jnp.einsum("bqc,bhwc->bqhw", jax.lax.stop_gradient(embed[:, nq:]),
                         small_features)
       blocked = jnp.concatenate([blocked, attention_blocked(text, text.shape[2:])], 1)
-    return normed, logits, masks, blocked
+    return normed, logits, masks, embed[:, :nq], blocked
 
   def setup(self):
     ln = lambda: nn.LayerNorm(epsilon=1e-5, use_fast_variance=False, dtype=jnp.float32)
@@ -239,11 +242,12 @@ class MaskTextDecoder(nn.Module):
     x = x.astype(self.dtype)
     query_pos = query_pos.astype(self.dtype)
 
-    outs = {"logits": [], "masks": [], "m_proj": [], "t_proj": []}
+    outs = {"logits": [], "masks": [], "mask_embed": [], "m_proj": [], "t_proj": []}
 
-    def record(normed, logits, masks):
+    def record(normed, logits, masks, embed):
       outs["logits"].append(logits)
-      outs["masks"].append(masks[:, :self.num_queries])
+      outs["masks"].append(masks)
+      outs["mask_embed"].append(embed)
       if self.text_queries:
         m = self.mask_clip_proj(normed[:, :self.num_queries])
         t = self.text_clip_norm(self.text_clip_proj(normed[:, self.num_queries:]))
@@ -254,13 +258,17 @@ class MaskTextDecoder(nn.Module):
     if self.text_queries:  # mask features at each level's size, for the text queries' blocks
       small = [jax.lax.stop_gradient(resize_bilinear(mask_features.astype(jnp.float32), size))
                for size in sizes]
-    normed, logits, masks, blocked = self._predict(x, mask_features, sizes[0], small[0])
+    normed, logits, masks, embed, blocked = self._predict(x, mask_features, sizes[0],
+                                                          small[0])
     if not self.text_queries:  # Mask2Former also supervises the query initialisation
-      record(normed, logits, masks)
+      record(normed, logits, masks, embed)
     for i, layer in enumerate(self.layers):
       lvl = i % nl
       x = layer(x, query_pos, memory[lvl], memory_pos[lvl], blocked, self_blocked)
       nxt = (i + 1) % nl
-      normed, logits, masks, blocked = self._predict(x, mask_features, sizes[nxt], small[nxt])
-      record(normed, logits, masks)
-    return {key: jnp.stack(v) for key, v in outs.items() if v}
+      normed, logits, masks, embed, blocked = self._predict(x, mask_features, sizes[nxt],
+                                                            small[nxt])
+      record(normed, logits, masks, embed)
+    out = {key: jnp.stack(v) for key, v in outs.items() if v}
+    out["mask_features"] = mask_features
+    return out
