@@ -90,7 +90,7 @@ def test_tiny_bfloat16_and_baseline(tiny):
   out, shapes = jax.eval_shape(base.init_with_output, jax.random.PRNGKey(0), images)
   assert set(shapes["params"]) == {"backbone", "pixel_decoder", "decoder"}
   assert out["logits"].shape == (4, 2, 8, 5)  # the query init + 3 layers
-  assert set(out) == {"logits", "masks"}
+  assert set(out) == {"logits", "masks", "mask_embed", "mask_features"}
 
 
 @pytest.mark.parametrize("dataset,num_classes,backbone,queries", [
