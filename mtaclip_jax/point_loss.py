@@ -18,7 +18,7 @@ Factored masks: the model's masks are `einsum(mask_embed [L,B,Q,D], mask_feature
 twice against the factors (~17 GFLOP per 512x512 image, 10 layers). Given the factors
 (`factors=(mask_embed, mask_features)`), the backward instead builds each chunk's
 [L, C, h, w] gradient maps of its matched queries only and contracts those: the same
-gradients (to rounding) for about a tenth of the work; `masks` then gets none.
+gradients (to rounding) for about a twelfth of the FLOPs; `masks` then gets none.
 
 Draws: given arrays (`draws=(over [L,B,T,Po,2], random [L,B,T,Pr,2])`, the parity
 tests) or a key, from which each slot draws with `fold_in(key, global slot id)`, so
@@ -217,10 +217,10 @@ def _losses(masks, target_masks, query_index, valid, key, draws, slot_offset, fa
 
 def _point_grads(plan, residuals, g_bce, g_dice, start, active, num_points):
     """The loss gradient at each point of the C slots at processing positions
-    [start, start + C) (all zero where not `active`), as bilinear taps.
+    [start, start + C) (zero where not `active`).
 
-    Returns (rows, (y, x) top-left taps in the zero-padded maps, tap fractions and the
-    point gradients dx) with row r = layer * C + position."""
+    Returns (taps, dx): the points' `_taps` (top-left tap in the zero-padded maps and
+    bilinear fractions) and their gradients dx [L*C, P], row = layer * C + position."""
     points, logits, labels = residuals
     L, C, P = plan.L, plan.chunk, num_points
     sl = lambda a: jax.lax.dynamic_slice_in_dim(a, start, C, axis=1)
@@ -311,16 +311,16 @@ def _factor_grads(plan, residuals, query_index, valid, factors, g_bce, g_dice,
 
 def _losses_bwd(num_over, num_uncertain, num_rand, chunk, residuals, cotangents):
     del num_over
-    points, query_index, valid, mask_probe, factors = residuals
+    sampled, query_index, valid, mask_probe, factors = residuals
     g_bce, g_dice = cotangents
     plan = _Plan(mask_probe.shape[:-1], valid, chunk)
     g_bce = _from_slots(plan, g_bce)
     g_dice = _from_slots(plan, g_dice)
     num_points = num_uncertain + num_rand
     if factors is None:
-        grad = _masks_grad(plan, points, query_index, g_bce, g_dice, num_points)
+        grad = _masks_grad(plan, sampled, query_index, g_bce, g_dice, num_points)
         return (grad.astype(mask_probe.dtype),) + (None,) * 7
-    grads = _factor_grads(plan, points, query_index, valid, factors, g_bce, g_dice,
+    grads = _factor_grads(plan, sampled, query_index, valid, factors, g_bce, g_dice,
                           num_points)
     return (None,) * 7 + (grads,)
 

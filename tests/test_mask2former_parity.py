@@ -94,7 +94,7 @@ def test_decoder_layers_match(reference, ours):
   # 3 layers + the prediction before the first layer.
   assert dec["logits"].shape == (4, 2, 100, NUM_LABELS + 1)
   assert dec["masks"].shape == (4, 2, 100, 16, 24)
-  assert set(dec) == {"logits", "masks"}
+  assert set(dec) == {"logits", "masks", "mask_embed", "mask_features"}
   for layer in range(4):
     print("layer", layer, "logits", _rel_err(dec["logits"][layer], reference["logits"][layer]),
           "masks", _rel_err(dec["masks"][layer], reference["masks"][layer]))
