@@ -280,8 +280,11 @@ def _factor_grads(plan, residuals, query_index, valid, factors, g_bce, g_dice,
     layer = jnp.arange(L)[:, None]
 
     def image(b, grads):
-        def chunk(j, grads):
-            g_embed, g_feats = grads
+        g_embed, g_feats = grads
+        feats_b = jax.lax.dynamic_index_in_dim(feats, b, keepdims=False)  # [h, w, E]
+
+        def chunk(j, carry):
+            g_embed, g_feats_b = carry
             want = firsts[b] + j * C
             start = jnp.minimum(want, plan.n_pad - C)  # as dynamic_slice clamps
             pos = start + jnp.arange(C)
@@ -293,16 +296,16 @@ def _factor_grads(plan, residuals, query_index, valid, factors, g_bce, g_dice,
             maps = maps.reshape(L, C, hp, wp)[:, :, 1:-1, 1:-1].astype(feats.dtype)
             slot = jax.lax.dynamic_slice(plan.order, (start,), (C,))
             q = query_index[:, b, slot % plan.T]  # [L, C]; inactive rows' maps are 0
-            e = embed[layer, b, q]  # [L, C, E]
             g_embed = g_embed.at[layer, b, q].add(jnp.einsum(
-                "lchw,hwe->lce", maps, feats[b], preferred_element_type=jnp.float32))
-            own = jnp.einsum("lchw,lce->hwe", maps, e, preferred_element_type=jnp.float32)
-            g_feats = jax.lax.dynamic_update_index_in_dim(  # in place in the loop
-                g_feats, jax.lax.dynamic_index_in_dim(g_feats, b, keepdims=False) + own,
-                b, 0)
-            return g_embed, g_feats
+                "lchw,hwe->lce", maps, feats_b, preferred_element_type=jnp.float32))
+            g_feats_b = g_feats_b + jnp.einsum("lchw,lce->hwe", maps, embed[layer, b, q],
+                                               preferred_element_type=jnp.float32)
+            return g_embed, g_feats_b
 
-        return jax.lax.fori_loop(0, (counts[b] + C - 1) // C, chunk, grads)
+        g_embed, g_feats_b = jax.lax.fori_loop(
+            0, (counts[b] + C - 1) // C, chunk,
+            (g_embed, jnp.zeros(feats.shape[1:], jnp.float32)))
+        return g_embed, jax.lax.dynamic_update_index_in_dim(g_feats, g_feats_b, b, 0)
 
     grads = tuple(jnp.zeros(f.shape, jnp.float32) for f in factors)
     grads = jax.lax.fori_loop(0, plan.B, image, grads)
