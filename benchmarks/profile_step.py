@@ -3,7 +3,9 @@
   python -m benchmarks.profile_step [--size 512 --batch 2 --variant baseline|full]
          [--bf16] [--steps 1] [--lock FILE]
 
-Runs one warm-up step and `--steps` profiled steps, then prints the top ops by total
+Runs one warm-up step, `--steps` steps unprofiled (their median is printed beside the
+profiled steps': a profiler that slows the step may also skew the op shares) and
+`--steps` profiled steps, then prints the top ops by total
 time and the share per op category (convolution, dot, gather, scatter, sort/top-k,
 reduce, fusion, host callback, custom call = cuBLAS on GPUs) read from the Perfetto
 trace. On a GPU only the device's kernels count (the host's launch events are left
@@ -176,10 +178,13 @@ def main():
   out = tempfile.mkdtemp(prefix="mtaclip_profile_")
   orig_timed = bench.timed
 
+  plain = []
+
   def traced(fn, steps, warmup):
     with bench.exclusive():
       for _ in range(warmup):
         fn()
+      plain.extend(orig_timed(fn, steps, 0))
       with jax.profiler.trace(out, create_perfetto_trace=True):
         return orig_timed(fn, steps, 0)
 
@@ -187,8 +192,13 @@ def main():
   keep = {}
   times, flops, _ = bench.ours(a.variant, args, batch, keep)
   step_s = sorted(times)[len(times) // 2]
+  plain_s = sorted(plain)[len(plain) // 2]
   print(f"profiled steps: median {step_s:.3f} s, {flops[0] / 1e9:.0f} GFLOP matmul+conv "
-        f"each")
+        f"each; the same steps unprofiled, just before: median {plain_s:.3f} s")
+  if step_s > 1.1 * plain_s:
+    print(f"  the profiler slowed the step by {step_s / plain_s - 1:.0%}: on XLA:CPU it "
+          f"can inflate single ops (a strided gather 10x, docs/BENCHMARKS.md session "
+          f"13); time a suspect op's fix without the profiler before believing its share")
   paths = glob.glob(os.path.join(out, "**", "*.trace.json.gz"), recursive=True)
   with gzip.open(paths[0], "rt") as f:
     events = json.load(f)
