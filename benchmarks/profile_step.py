@@ -196,9 +196,9 @@ def main():
   print(f"profiled steps: median {step_s:.3f} s, {flops[0] / 1e9:.0f} GFLOP matmul+conv "
         f"each; the same steps unprofiled, just before: median {plain_s:.3f} s")
   if step_s > 1.1 * plain_s:
-    print(f"  the profiler slowed the step by {step_s / plain_s - 1:.0%}: on XLA:CPU it "
-          f"can inflate single ops (a strided gather 10x, docs/BENCHMARKS.md session "
-          f"13); time a suspect op's fix without the profiler before believing its share")
+    print(f"  the profiler slowed the step by {step_s / plain_s - 1:.0%}: op shares may "
+          f"be skewed (on XLA:CPU it inflated one strided gather 10x, docs/BENCHMARKS.md "
+          f"session 13); time a suspect op's fix unprofiled before trusting its share")
   paths = glob.glob(os.path.join(out, "**", "*.trace.json.gz"), recursive=True)
   with gzip.open(paths[0], "rt") as f:
     events = json.load(f)
