@@ -66,3 +66,31 @@ def setup_training(config, seed=0):
 def init_state(config, seed=0):
   """The initial (sharded) train state of `config`."""
   return setup_training(config, seed)[2]
+
+
+def abstract_state(config, seed=0):
+  """The train state of `config` as shapes and dtypes (nothing is materialised)."""
+  model = mtaclip.build_model(config.model)
+  tx = optim.make_optimizer(config.optim)
+  return train_state.abstract_state(model, tx, config, runtime.class_tokens(config),
+                                    jax.random.key(seed))
+
+
+def train_run(config, workdir):
+  """`python -m mtaclip_jax.main --mode train` in this process."""
+  from mtaclip_jax import train  # pylint: disable=g-import-not-at-top
+  return train.run(config, workdir)
+
+
+def restore_checkpoint(config, workdir, abstract):
+  """(step, state, saved config dict, data iterator) of the latest checkpoint in
+  `workdir`, as a resumed run restores them."""
+  from mtaclip_jax import checkpoint  # pylint: disable=g-import-not-at-top
+  from mtaclip_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  data_iter = pipeline.make_train_iterator(config.data, config.data.seed)
+  ckpt = checkpoint.Checkpointer(workdir, every=1, max_to_keep=10, async_save=False)
+  try:
+    step, state, saved = ckpt.restore(abstract, data_iter, None, config)
+  finally:
+    ckpt.close()
+  return step, state, saved, data_iter
