@@ -18,10 +18,11 @@ import time
 import cv2
 import numpy as np
 
+from mtaclip_jax.config import recipes
 from mtaclip_jax.data import generate
 from mtaclip_jax.data import pipeline
-from mtaclip_jax.data import recipes
 from mtaclip_jax.data import transforms
+from mtaclip_jax.runtime import xla_cpu
 
 SIZES = {"ade20k": (512, 683), "cityscapes": (1024, 2048)}
 
@@ -65,11 +66,14 @@ def main():
       generate.write_dataset(a.dataset, root, {"train": a.images}, 0, SIZES[a.dataset], 19)
     run(a.dataset, root, 2, a.max_segments)  # warm-up
     rate, per_stage = run(a.dataset, root, a.samples, a.max_segments)
-  print(f"{a.dataset} {SIZES[a.dataset][0]}x{SIZES[a.dataset][1]}: {rate:.1f} images/s "
-        f"on one core ({1e3 / rate:.1f} ms per image)")
+  print(
+      f"{a.dataset} {SIZES[a.dataset][0]}x{SIZES[a.dataset][1]}: {rate:.1f} images/s "
+      f"on one core ({1e3 / rate:.1f} ms per image)"
+  )
   for name, ms in per_stage.items():
     print(f"  {name:24s} {ms:7.2f} ms")
 
 
 if __name__ == "__main__":
+  xla_cpu.apply()  # before jax starts its CPU backend, as the entry points do
   main()

@@ -16,7 +16,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mtaclip_jax.models import deform_attn
+from mtaclip_jax.models.ops import deform_attn
+from mtaclip_jax.runtime import xla_cpu
 
 
 def _time(fn, args, runs):
@@ -53,9 +54,11 @@ def main():
   logits = rng.standard_normal((b, lq, nh, nl * npts))
   attn = jnp.asarray(jax.nn.softmax(logits, -1).reshape(b, lq, nh, nl, npts), jnp.float32)
   cot = jnp.asarray(rng.standard_normal((b, lq, nh * dh)), jnp.float32)
-  print(f"B={b} heads={nh} Dh={dh} levels={shapes} Lq={lq} P={npts}; "
-        f"backend {jax.default_backend()}, {jax.device_count()} device(s); "
-        f"median of {args.runs}")
+  print(
+      f"B={b} heads={nh} Dh={dh} levels={shapes} Lq={lq} P={npts}; "
+      f"backend {jax.default_backend()}, {jax.device_count()} device(s); "
+      f"median of {args.runs}"
+  )
 
   for name in args.impls.split(","):
     impl = deform_attn.get_impl(name)
@@ -66,10 +69,13 @@ def main():
     temp = grad.lower(*inputs).compile().memory_analysis().temp_size_in_bytes
     fw, fc = _time(fwd, inputs, args.runs)
     gw, gc = _time(grad, inputs, args.runs)
-    print(f"{name:>7}: forward {1e3 * fw:8.1f} ms wall {fc:6.2f} CPU-s | "
-          f"fwd+bwd {1e3 * gw:8.1f} ms wall {gc:6.2f} CPU-s | "
-          f"fwd+bwd temp buffers {temp / 2**20:7.1f} MiB")
+    print(
+        f"{name:>7}: forward {1e3 * fw:8.1f} ms wall {fc:6.2f} CPU-s | "
+        f"fwd+bwd {1e3 * gw:8.1f} ms wall {gc:6.2f} CPU-s | "
+        f"fwd+bwd temp buffers {temp / 2**20:7.1f} MiB"
+    )
 
 
 if __name__ == "__main__":
+  xla_cpu.apply()  # before jax starts its CPU backend, as the entry points do
   main()

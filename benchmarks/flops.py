@@ -17,9 +17,8 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
-
 from jax.extend import core
+import numpy as np
 
 
 def _dot_flops(eqn) -> int:
@@ -30,12 +29,12 @@ def _dot_flops(eqn) -> int:
   return 2 * math.prod(out) * math.prod(lhs[d] for d in lhs_contract)
 
 
-def _taps_on_input(size: int, out: int, kernel: int, stride: int, pad_lo: int,
-                   lhs_dilation: int, rhs_dilation: int) -> int:
+def _taps_on_input(
+    size: int, out: int, kernel: int, stride: int, pad_lo: int, lhs_dilation: int, rhs_dilation: int
+) -> int:
   """(output position, kernel tap) pairs of one spatial axis that land on an input
   element (not on padding, nor between the elements of a dilated input)."""
-  pos = (np.arange(out)[:, None] * stride - pad_lo
-         + np.arange(kernel)[None, :] * rhs_dilation)
+  pos = np.arange(out)[:, None] * stride - pad_lo + np.arange(kernel)[None, :] * rhs_dilation
   hit = (pos >= 0) & (pos <= (size - 1) * lhs_dilation) & (pos % lhs_dilation == 0)
   return int(hit.sum())
 
@@ -52,10 +51,16 @@ def _conv_flops(eqn) -> int:
   per_axis = [
       _taps_on_input(lhs[ld], out[od], rhs[rd], stride, lo, ldil, rdil)
       for ld, od, rd, stride, (lo, _), ldil, rdil in zip(
-          dn.lhs_spec[2:], dn.out_spec[2:], dn.rhs_spec[2:], p["window_strides"],
-          p["padding"], p["lhs_dilation"], p["rhs_dilation"])]
-  return (2 * out[dn.out_spec[0]] * out[dn.out_spec[1]] * rhs[dn.rhs_spec[1]]
-          * math.prod(per_axis))
+          dn.lhs_spec[2:],
+          dn.out_spec[2:],
+          dn.rhs_spec[2:],
+          p["window_strides"],
+          p["padding"],
+          p["lhs_dilation"],
+          p["rhs_dilation"],
+      )
+  ]
+  return 2 * out[dn.out_spec[0]] * out[dn.out_spec[1]] * rhs[dn.rhs_spec[1]] * math.prod(per_axis)
 
 
 def _sub_jaxprs(value):

@@ -14,6 +14,8 @@ import argparse
 import numpy as np
 from scipy.optimize import linear_sum_assignment
 
+from mtaclip_jax.runtime import xla_cpu
+
 
 def tf32(x: np.ndarray) -> np.ndarray:
   bits = np.asarray(x, np.float32).view(np.uint32)
@@ -45,8 +47,10 @@ def main():
     dist = np.linalg.norm(pts[:, None] - centres[None], axis=-1)
     target = np.clip((radius - dist) * 20 + 0.5, 0, 1).astype(np.float32)  # [P, T]
     src = rng.integers(0, a.targets, a.queries)
-    pred = ((target[:, src] - 0.5) * rng.uniform(2, 10, a.queries)
-            + rng.normal(0, 2, (a.points, a.queries))).astype(np.float32)
+    pred = (
+        (target[:, src] - 0.5) * rng.uniform(2, 10, a.queries)
+        + rng.normal(0, 2, (a.points, a.queries))
+    ).astype(np.float32)
     probs = 1 / (1 + np.exp(-pred))
     sums = (np.logaddexp(0, pred).sum(0), probs.sum(0), target.sum(0), a.points)
     exact = costs(pred, target, probs, *sums)
@@ -56,9 +60,12 @@ def main():
     rows_approx = linear_sum_assignment(approx)[0]
     changed += int((rows_exact != rows_approx).sum())
     total += rows_exact.size
-  print(f"TF32 inputs: largest cost change {worst:.2e} of the largest cost; "
-        f"assignments changed {changed} of {total}")
+  print(
+      f"TF32 inputs: largest cost change {worst:.2e} of the largest cost; "
+      f"assignments changed {changed} of {total}"
+  )
 
 
 if __name__ == "__main__":
+  xla_cpu.apply()  # before jax starts its CPU backend, as the entry points do
   main()

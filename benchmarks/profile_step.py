@@ -27,17 +27,22 @@ import os
 import re
 import tempfile
 
-import mtaclip_jax  # noqa: F401  (XLA:CPU setting before jax starts)
 import jax
 
 from benchmarks import train_step as bench
+from mtaclip_jax.config import recipes
+from mtaclip_jax.runtime import xla_cpu
 
 CATEGORIES = [
-    ("convolution", r"conv"), ("dot", r"dot|matmul|gemm"), ("gather", r"gather"),
-    ("scatter", r"scatter"), ("sort/top-k", r"sort|topk|top_k"),
+    ("convolution", r"conv"),
+    ("dot", r"dot|matmul|gemm"),
+    ("gather", r"gather"),
+    ("scatter", r"scatter"),
+    ("sort/top-k", r"sort|topk|top_k"),
     ("host callback", r"callback"),
     # XLA:GPU's cuBLAS matmuls are custom calls (cuDNN convolutions matched above).
-    ("custom call (cuBLAS)", r"custom-call|custom_call"), ("reduce", r"reduce"),
+    ("custom call (cuBLAS)", r"custom-call|custom_call"),
+    ("reduce", r"reduce"),
     ("copy/transpose", r"copy|transpose"),
 ]
 
@@ -109,9 +114,13 @@ _SKIP = re.compile(r"^(\$|PjitFunction|.*Execute|XlaModule|Thunk|jit_)", re.I)
 
 def _device_pids(events: list[dict]) -> set:
   """Trace processes that are an accelerator's timeline."""
-  return {e.get("pid") for e in events
-          if e.get("ph") == "M" and e.get("name") == "process_name"
-          and re.search(r"/device:(GPU|TPU)", str(e.get("args", {}).get("name")))}
+  return {
+      e.get("pid")
+      for e in events
+      if e.get("ph") == "M"
+      and e.get("name") == "process_name"
+      and re.search(r"/device:(GPU|TPU)", str(e.get("args", {}).get("name")))
+  }
 
 
 def op_times(events: list[dict]) -> tuple[collections.Counter, str]:
@@ -136,10 +145,15 @@ def idle_gaps(events: list[dict], top: int = 10) -> tuple[float, list[tuple]]:
   (total idle seconds, the `top` largest as (seconds, op before, op after)). The
   window is first kernel start to last kernel end; empty without device events."""
   device_pids = _device_pids(events)
-  spans = sorted((e["ts"], e["ts"] + e["dur"],
-                  (e.get("args") or {}).get("hlo_op") or e.get("name", "?"))
-                 for e in events if e.get("ph") == "X" and "dur" in e and "ts" in e
-                 and e.get("pid") in device_pids and not _SKIP.search(e.get("name", "")))
+  spans = sorted(
+      (e["ts"], e["ts"] + e["dur"], (e.get("args") or {}).get("hlo_op") or e.get("name", "?"))
+      for e in events
+      if e.get("ph") == "X"
+      and "dur" in e
+      and "ts" in e
+      and e.get("pid") in device_pids
+      and not _SKIP.search(e.get("name", ""))
+  )
   if not spans:
     return 0.0, []
   gaps, end, last = [], spans[0][1], spans[0][2]
@@ -168,12 +182,13 @@ def main():
   p.add_argument("--steps", type=int, default=1)
   p.add_argument("--lock", default="", help="as benchmarks.train_step's --lock")
   a = p.parse_args()
-  mtaclip_jax.xla_cpu.keep_freed_memory_on_cpu()  # as the entry points do
-  args = bench._args(["--size", str(a.size), "--batch", str(a.batch), "--steps",
-                      str(a.steps), "--warmup", "1"] + (["--bf16"] if a.bf16 else []))
+  xla_cpu.keep_freed_memory_on_cpu()  # as the entry points do
+  args = bench._args(
+      ["--size", str(a.size), "--batch", str(a.batch), "--steps", str(a.steps), "--warmup", "1"]
+      + (["--bf16"] if a.bf16 else [])
+  )
   bench.LOCK[0] = a.lock
-  from mtaclip_jax import config_lib  # pylint: disable=g-import-not-at-top
-  args.max_segments = config_lib.RECIPES["ade20k"]["max_segments"]
+  args.max_segments = recipes.RECIPES["ade20k"]["max_segments"]
   batch = bench.fake_batch(args.batch, args.size, args.segments, args.max_segments)
   out = tempfile.mkdtemp(prefix="mtaclip_profile_")
   orig_timed = bench.timed
@@ -193,26 +208,36 @@ def main():
   times, flops, _ = bench.ours(a.variant, args, batch, keep)
   step_s = sorted(times)[len(times) // 2]
   plain_s = sorted(plain)[len(plain) // 2]
-  print(f"profiled steps: median {step_s:.3f} s, {flops[0] / 1e9:.0f} GFLOP matmul+conv "
-        f"each; the same steps unprofiled, just before: median {plain_s:.3f} s")
+  print(
+      f"profiled steps: median {step_s:.3f} s, {flops[0] / 1e9:.0f} GFLOP matmul+conv "
+      f"each; the same steps unprofiled, just before: median {plain_s:.3f} s"
+  )
   if step_s > 1.1 * plain_s:
-    print(f"  the profiler slowed the step by {step_s / plain_s - 1:.0%}: op shares may "
-          f"be skewed (on XLA:CPU it inflated one strided gather 10x, docs/BENCHMARKS.md "
-          f"session 13); time a suspect op's fix unprofiled before trusting its share")
+    print(
+        f"  the profiler slowed the step by {step_s / plain_s - 1:.0%}: op shares may "
+        f"be skewed (on XLA:CPU it inflated one strided gather 10x, docs/BENCHMARKS.md "
+        f"session 13); time a suspect op's fix unprofiled before trusting its share"
+    )
   paths = glob.glob(os.path.join(out, "**", "*.trace.json.gz"), recursive=True)
   with gzip.open(paths[0], "rt") as f:
     events = json.load(f)
-  ops, where_run = op_times(events.get("traceEvents", events) if isinstance(
-      events, dict) else events)
+  ops, where_run = op_times(
+      events.get("traceEvents", events) if isinstance(events, dict) else events
+  )
   total = sum(ops.values())
-  print(f"sum of op times over {a.steps} step(s) {total:.3f} s ({where_run}; ops on "
-        f"several threads or streams may overlap)")
+  print(
+      f"sum of op times over {a.steps} step(s) {total:.3f} s ({where_run}; ops on "
+      f"several threads or streams may overlap)"
+  )
   if where_run == "device kernels":  # the rest of the step the device sat idle
-    idle, gaps = idle_gaps(events.get("traceEvents", events) if isinstance(
-        events, dict) else events)
-    print(f"device kernels {total / a.steps:.3f} s per {step_s:.3f} s step; idle "
-          f"between kernels {idle / a.steps:.3f} s per step; largest idle gaps "
-          f"(op before -> op after):")
+    idle, gaps = idle_gaps(
+        events.get("traceEvents", events) if isinstance(events, dict) else events
+    )
+    print(
+        f"device kernels {total / a.steps:.3f} s per {step_s:.3f} s step; idle "
+        f"between kernels {idle / a.steps:.3f} s per step; largest idle gaps "
+        f"(op before -> op after):"
+    )
     for gap, before, after in gaps:
       print(f"  {gap * 1e3:8.2f} ms  {before[:60]} -> {after[:60]}")
   cats = collections.Counter()
@@ -232,9 +257,10 @@ def main():
   for k, v in by_src.most_common(a.top):
     print(f"  {v:7.3f} s  {100 * v / total:5.1f}%  {k}")
   print("top ops:")
-  for k, v in sorted(ops.items(), key=lambda kv: -kv[1])[:a.top]:
+  for k, v in sorted(ops.items(), key=lambda kv: -kv[1])[: a.top]:
     print(f"  {v:7.3f} s  {k[:100]}")
 
 
 if __name__ == "__main__":
+  xla_cpu.apply()  # before jax starts its CPU backend, as the entry points do
   main()

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mtaclip_jax.models import clip
+from mtaclip_jax.runtime import xla_cpu
 
 
 def compiled_grad(enc, params, tokens, ctx, mesh=None):
@@ -57,20 +58,27 @@ def main(argv=None):
   ctx = jax.random.normal(jax.random.key(1), (a.contexts, 8, arch.text_width)) * 0.02
   params = enc.init(jax.random.key(0), tokens, ctx, method="encode_prompts")
   one, flops_one = compiled_grad(enc, params, tokens, ctx)
-  mesh = jax.make_mesh((a.devices,), ("data",), devices=jax.devices()[:a.devices],
-                       axis_types=(jax.sharding.AxisType.Auto,))
+  mesh = jax.make_mesh(
+      (a.devices,),
+      ("data",),
+      devices=jax.devices()[: a.devices],
+      axis_types=(jax.sharding.AxisType.Auto,),
+  )
   many, flops_many = compiled_grad(enc, params, tokens, ctx, mesh)
   (l1, t1), g1 = one(ctx)
   (l2, t2), g2 = many(ctx)
   t_err = float(jnp.max(jnp.abs(t1 - t2)) / jnp.max(jnp.abs(t1)))
   g_err = float(jnp.max(jnp.abs(g1 - g2)) / jnp.max(jnp.abs(g1)))
   n = a.contexts * (a.classes + 1)
-  print(f"{n} prompt sequences, text tower {arch.name}: per-device GFLOP "
-        f"1 device {flops_one / 1e9:.2f}, {a.devices} devices {flops_many / 1e9:.2f} "
-        f"(ratio {flops_many / flops_one:.3f}; 1/devices = {1 / a.devices:.3f} for the "
-        f"sequences' own tokens, the shared part on every device)")
+  print(
+      f"{n} prompt sequences, text tower {arch.name}: per-device GFLOP "
+      f"1 device {flops_one / 1e9:.2f}, {a.devices} devices {flops_many / 1e9:.2f} "
+      f"(ratio {flops_many / flops_one:.3f}; 1/devices = {1 / a.devices:.3f} for the "
+      f"sequences' own tokens, the shared part on every device)"
+  )
   print(f"OK ratio={flops_many / flops_one:.4f} out_err={t_err:.2e} grad_err={g_err:.2e}")
 
 
 if __name__ == "__main__":
+  xla_cpu.apply()  # before jax starts its CPU backend, as the entry points do
   main()

@@ -1,4 +1,4 @@
-"""MTA-CLIP, ade20k, ImageNet ViT-S/16 (paper Tab. 3). Variants: see mtaclip_jax/config_lib.py.
+"""MTA-CLIP, ade20k, ImageNet ViT-S/16 (paper Tab. 3). Variants: mtaclip_jax/config/variants.py; recipe: docs/RECIPES.md.
 
 The text side is CLIP ViT-B/16's text tower (DESIGN §5; `config.model.text_encoder`).
 Weights: `config.init.backbone` (a `python -m convert_weights --arch ViT-S/16` folder) and
@@ -8,8 +8,8 @@ Weights: `config.init.backbone` (a `python -m convert_weights --arch ViT-S/16` f
   python -m mtaclip_jax.main --config configs/ade20k_vits16.py:baseline --workdir DIR
 """
 
-from mtaclip_jax import config_lib
+from mtaclip_jax.config import recipes
 
 
 def get_config(arg=None):
-  return config_lib.paper_config("ade20k", "ViT-S/16", arg)
+  return recipes.paper_config("ade20k", "ViT-S/16", arg)

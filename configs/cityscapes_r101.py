@@ -1,11 +1,11 @@
-"""MTA-CLIP, cityscapes, CLIP RN101 (paper row). Variants: see mtaclip_jax/config_lib.py.
+"""MTA-CLIP, cityscapes, CLIP RN101 (paper row). Variants: mtaclip_jax/config/variants.py; recipe: docs/RECIPES.md.
 
-  python -m mtaclip_jax.main --config configs/cityscapes_r101.py --workdir DIR
-  python -m mtaclip_jax.main --config configs/cityscapes_r101.py:baseline --workdir DIR
+python -m mtaclip_jax.main --config configs/cityscapes_r101.py --workdir DIR
+python -m mtaclip_jax.main --config configs/cityscapes_r101.py:baseline --workdir DIR
 """
 
-from mtaclip_jax import config_lib
+from mtaclip_jax.config import recipes
 
 
 def get_config(arg=None):
-  return config_lib.paper_config("cityscapes", "RN101", arg)
+  return recipes.paper_config("cityscapes", "RN101", arg)

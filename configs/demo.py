@@ -9,27 +9,48 @@ first run.
 
 import ml_collections
 
-from mtaclip_jax import config_lib
-from mtaclip_jax.data import recipes
+from mtaclip_jax.config import recipes
 
 
 def get_config(arg=None):
-  c = config_lib.paper_config("ade20k", "tiny", arg)
+  c = recipes.paper_config("ade20k", "tiny", arg)
   num_classes, crop = 8, (128, 128)
-  c.model.update(dict(
-      num_classes=num_classes, num_queries=16, hidden_dim=64, mask_dim=64,
-      enc_layers=2, enc_ffn_dim=128, enc_heads=4, enc_points=4,
-      dec_layers=3, dec_ffn_dim=128, dec_heads=4, num_contexts=2))
+  c.model.update(
+      dict(
+          num_classes=num_classes,
+          num_queries=16,
+          hidden_dim=64,
+          mask_dim=64,
+          enc_layers=2,
+          enc_ffn_dim=128,
+          enc_heads=4,
+          enc_points=4,
+          dec_layers=3,
+          dec_ffn_dim=128,
+          dec_heads=4,
+          num_contexts=2,
+      )
+  )
   c.loss.num_points = 1024
-  c.data.update(dict(
-      root="demo_data/ADEChallengeData2016", num_classes=num_classes, crop_size=crop,
-      batch_size=8, max_segments=num_classes, num_workers=0, test_scale=(160, 128)))
+  c.data.update(
+      dict(
+          root="demo_data/ADEChallengeData2016",
+          num_classes=num_classes,
+          crop_size=crop,
+          batch_size=8,
+          max_segments=num_classes,
+          num_workers=0,
+          test_scale=(160, 128),
+      )
+  )
   c.data.transforms = recipes.train_transforms(crop, (160, 128), ratio_range=(0.75, 1.5))
-  c.data.generate = ml_collections.ConfigDict(dict(
-      enabled=True, train=64, val=16, size=(128, 160), seed=0))
+  c.data.generate = ml_collections.ConfigDict(
+      dict(enabled=True, train=64, val=16, size=(128, 160), seed=0)
+  )
   c.optim.update(dict(lr=1e-3, warmup_steps=20, clip_norm=1.0))
   c.train.update(dict(steps=300, log_every=10, checkpoint_every=100, max_to_keep=2))
   c.optim.total_steps = c.train.steps
-  c.eval.update(dict(mode="whole", test_scale=(160, 128), crop_size=crop,
-                     stride=(96, 96), every_steps=0))
+  c.eval.update(
+      dict(mode="whole", test_scale=(160, 128), crop_size=crop, stride=(96, 96), every_steps=0)
+  )
   return c

@@ -33,9 +33,14 @@ _DECODER_RULES = [
     (r"queries_features\.weight", "queries_features"),
     (r"level_embed\.weight", "level_embed"),
     (r"decoder\.layernorm\.(weight|bias)", "layernorm/{0}"),
-    (r"decoder\.mask_predictor\.mask_embedder\.(\d+)\.0\.(weight|bias)",
-     "mask_predictor/layers_{0}/{1}"),
-    (r"decoder\.layers\.(\d+)\.cross_attn\.in_proj_(weight|bias)", "layers_{0}/cross_attn/in_proj/{1}"),
+    (
+        r"decoder\.mask_predictor\.mask_embedder\.(\d+)\.0\.(weight|bias)",
+        "mask_predictor/layers_{0}/{1}",
+    ),
+    (
+        r"decoder\.layers\.(\d+)\.cross_attn\.in_proj_(weight|bias)",
+        "layers_{0}/cross_attn/in_proj/{1}",
+    ),
     (r"decoder\.layers\.(\d+)\.(.+)\.(weight|bias)", "layers_{0}/{1}/{2}"),
 ]
 
@@ -86,18 +91,24 @@ def convert_mask2former_hf(state_dict: Mapping[str, Any]) -> dict[str, dict]:
   out: dict[str, dict] = {"pixel_decoder": {}, "decoder": {}}
   seen_pixel = seen_transformer = False
   for key, value in state_dict.items():
-    k = key[len("model."):] if key.startswith("model.") else key
+    k = key[len("model.") :] if key.startswith("model.") else key
     if k.startswith(PIXEL):
       seen_pixel = True
-      target, rules, root = k[len(PIXEL):], _PIXEL_RULES, "pixel_decoder"
+      target, rules, root = k[len(PIXEL) :], _PIXEL_RULES, "pixel_decoder"
     elif k.startswith(TRANSFORMER):
       seen_transformer = True
-      target, rules, root = k[len(TRANSFORMER):], _DECODER_RULES, "decoder"
+      target, rules, root = k[len(TRANSFORMER) :], _DECODER_RULES, "decoder"
       if target.startswith("input_projections."):
-        raise ValueError(f"mask2former_hf: {key}: decoder input projections (hidden_dim != "
-                         "feature_size or enforce_input_projection) are not supported")
+        raise ValueError(
+            f"mask2former_hf: {key}: decoder input projections (hidden_dim != "
+            "feature_size or enforce_input_projection) are not supported"
+        )
     elif k.startswith("class_predictor."):
-      target, rules, root = k, [(r"class_predictor\.(weight|bias)", "class_predictor/{0}")], "decoder"
+      target, rules, root = (
+          k,
+          [(r"class_predictor\.(weight|bias)", "class_predictor/{0}")],
+          "decoder",
+      )
     else:
       continue  # backbone, criterion buffers
     path = _rewrite(target, rules)
@@ -114,9 +125,11 @@ def convert_mask2former_hf(state_dict: Mapping[str, Any]) -> dict[str, dict]:
     for p, v in _leaf(path, arr):
       _set(out[root], p, v)
   if not (seen_pixel and seen_transformer):
-    raise ValueError("mask2former_hf: state dict holds no Mask2Former pixel decoder / "
-                     "transformer module keys (expected 'model.pixel_level_module.decoder.*' "
-                     "and 'model.transformer_module.*')")
+    raise ValueError(
+        "mask2former_hf: state dict holds no Mask2Former pixel decoder / "
+        "transformer module keys (expected 'model.pixel_level_module.decoder.*' "
+        "and 'model.transformer_module.*')"
+    )
   return out
 
 
@@ -136,9 +149,10 @@ def check_params(converted: Mapping[str, Any], expected: Mapping[str, Any], what
   got, want = _flat(converted), _flat(expected)
   missing = sorted(set(want) - set(got))
   extra = sorted(set(got) - set(want))
-  wrong = sorted(k for k in set(got) & set(want)
-                 if tuple(np.shape(got[k])) != tuple(want[k].shape))
+  wrong = sorted(k for k in set(got) & set(want) if tuple(np.shape(got[k])) != tuple(want[k].shape))
   if missing or extra or wrong:
-    raise ValueError(f"mask2former_hf: converted {what} params do not fit the model: "
-                     f"missing {missing[:10]}, unexpected {extra[:10]}, "
-                     f"wrong shape {[(k, np.shape(got[k]), want[k].shape) for k in wrong[:10]]}")
+    raise ValueError(
+        f"mask2former_hf: converted {what} params do not fit the model: "
+        f"missing {missing[:10]}, unexpected {extra[:10]}, "
+        f"wrong shape {[(k, np.shape(got[k]), want[k].shape) for k in wrong[:10]]}"
+    )

@@ -1,52 +1,6 @@
-"""Entry point: `python -m mtaclip_jax.main --config configs/X.py[:arg] --workdir DIR`.
+"""`python -m mtaclip_jax.main`: the command line of mtaclip_jax/cli/main.py."""
 
-Thin by design (STYLE 1): flags, distributed init, dispatch to train or evaluate.
-"""
-
-from __future__ import annotations
-
-import logging
-
-from absl import app, flags
-from absl import logging as absl_logging
-from ml_collections import config_flags
-
-from mtaclip_jax import config_cli, distributed, xla_cpu
-
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "Config file (configs/*.py), optionally with ':arg' variants.",
-    lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, logs and results go.")
-_MODE = flags.DEFINE_enum("mode", "train", ["train", "eval"], "What to run.")
-flags.DEFINE_string("coordinator_address", None,
-                    "host:port of process 0 for multi-process runs (else from env).")
-flags.DEFINE_integer("num_processes", None, "Number of processes (multi-process runs).")
-flags.DEFINE_integer("process_id", None, "This process's index (multi-process runs).")
-flags.mark_flags_as_required(["config", "workdir"])
-
-
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  # Our own messages at INFO; libraries (orbax is chatty) at WARNING.
-  absl_logging.set_verbosity(absl_logging.WARNING)
-  logging.getLogger("mtaclip_jax").setLevel(logging.INFO)
-  logging.getLogger("convert_weights").setLevel(logging.INFO)
-  distributed.initialize(flags.FLAGS.coordinator_address, flags.FLAGS.num_processes,
-                         flags.FLAGS.process_id)
-  xla_cpu.keep_freed_memory_on_cpu()
-  config = _CONFIG.value
-  if _MODE.value == "train":
-    from mtaclip_jax import train  # pylint: disable=g-import-not-at-top
-    train.run(config, _WORKDIR.value)
-  else:
-    from mtaclip_jax import evaluate  # pylint: disable=g-import-not-at-top
-    evaluate.run(config, _WORKDIR.value)
-
-
-def cli():
-  config_cli.run_app(main)
-
+from mtaclip_jax.cli import main
 
 if __name__ == "__main__":
-  cli()
+  main.cli()

@@ -11,8 +11,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # directory is new with that limit: JAX's size-limited cache keeps an "-atime" file
 # beside each entry and fails every write (a warning, nothing cached) in a directory
 # that holds entries without one, as the one earlier versions of this file used does.
-os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
-                      os.path.join(tempfile.gettempdir(), "mtaclip_jax_test_xla_cache_lru"))
+os.environ.setdefault(
+    "JAX_COMPILATION_CACHE_DIR",
+    os.path.join(tempfile.gettempdir(), "mtaclip_jax_test_xla_cache_lru"),
+)
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "1")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(16 << 30))
@@ -23,13 +25,16 @@ os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(16 << 30))
 # their precompiled Eigen kernels; the elementwise code runs ~3x slower. Subprocesses
 # inherit it. A developer's own XLA_FLAGS choice of the level stands.
 if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
-  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                             " --xla_backend_optimization_level=0").strip()
+  os.environ["XLA_FLAGS"] = (
+      os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0"
+  ).strip()
 
-# As the entry points do on CPU (mtaclip_jax/xla_cpu.py): glibc keeps freed memory for
-# the next computation instead of unmapping it and page-faulting it back in.
-from mtaclip_jax import xla_cpu  # pylint: disable=g-import-not-at-top,wrong-import-position
+# As the entry points do on CPU (mtaclip_jax/runtime/xla_cpu.py): the XLA:CPU flag, and
+# glibc keeps freed memory for the next computation instead of unmapping it and
+# page-faulting it back in.
+from mtaclip_jax.runtime import xla_cpu  # pylint: disable=wrong-import-position
 
+xla_cpu.apply()
 xla_cpu.keep_freed_memory()
 
 

@@ -10,17 +10,21 @@ also prints the compiled per-device memory of each variant.
 import os
 import sys
 
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                           " --xla_force_host_platform_device_count=8")
+os.environ["XLA_FLAGS"] = (
+    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+)
 
 import jax  # pylint: disable=g-import-not-at-top
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from mtaclip_jax import optim, runtime, sharding, train_state  # noqa: E402
+from mtaclip_jax.data import classes as data_classes
 from mtaclip_jax.data import pipeline  # noqa: E402
 from mtaclip_jax.models import mtaclip  # noqa: E402
+from mtaclip_jax.runtime import sharding  # noqa: E402
+from mtaclip_jax.train import optim  # noqa: E402
+from mtaclip_jax.train import train_state  # noqa: E402
 from tests import train_fixtures  # noqa: E402
 
 STEPS = 3
@@ -36,20 +40,23 @@ def run(config, devices, batches):
   mesh = sharding.make_mesh(config.mesh, devices=devices)
   model = mtaclip.build_model(config.model)
   tx = optim.make_optimizer(config.optim)
-  tokens = runtime.class_tokens(config)
+  tokens = data_classes.class_tokens(config.data, config.model.class_length)
   losses = []
   with jax.set_mesh(mesh):
-    state, shard = train_state.init_state_sharded(model, tx, config, tokens,
-                                                  jax.random.key(0), mesh)
+    state, shard = train_state.init_state_sharded(
+        model, tx, config, tokens, jax.random.key(0), mesh
+    )
     step = train_state.jit_train_step(model, tx, config, shard, mesh)
     for b in batches:
       gb = sharding.global_batch(b, mesh)
       if len(losses) == 0:
         mem = step.lower(state, gb, tokens).compile().memory_analysis()
         if mem is not None:
-          print(f"devices={len(devices)} fsdp={config.mesh.fsdp} per-device temp "
-                f"{mem.temp_size_in_bytes / 2**20:.1f} MiB, arguments "
-                f"{mem.argument_size_in_bytes / 2**20:.1f} MiB")
+          print(
+              f"devices={len(devices)} fsdp={config.mesh.fsdp} per-device temp "
+              f"{mem.temp_size_in_bytes / 2**20:.1f} MiB, arguments "
+              f"{mem.argument_size_in_bytes / 2**20:.1f} MiB"
+          )
       state, metrics = step(state, gb, tokens)
       losses.append(float(metrics["loss"]))
   return np.array(losses), jax.device_get(optim.flatten(state.params))

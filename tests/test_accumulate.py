@@ -6,10 +6,17 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mtaclip_jax import accumulate, losses, matching, optim, runtime
+from mtaclip_jax import errors
+from mtaclip_jax.config import validate
+from mtaclip_jax.data import classes as data_classes
 from mtaclip_jax.models import mtaclip
+from mtaclip_jax.objective import losses
+from mtaclip_jax.objective.matching import hungarian
+from mtaclip_jax.train import accumulate
+from mtaclip_jax.train import optim
 from tests import train_fixtures
-from tests.test_losses import loss_config, make_problem
+from tests.test_losses import loss_config
+from tests.test_losses import make_problem
 
 
 def test_split_interleaves_images_and_names_a_bad_count():
@@ -39,7 +46,8 @@ def test_micro_batch_losses_add_up_to_the_batch_loss():
     o_i = {k: v[:, i::2] for k, v in outputs.items()}
     b_i = {k: v[i::2] for k, v in batch.items()}
     part = lambda o, b_i=b_i, i=i: losses.compute_loss(
-        o, b_i, None, cfg, 7, points=_slice_points(points, i, 2), normalizers=norms)
+        o, b_i, None, cfg, 7, points=_slice_points(points, i, 2), normalizers=norms
+    )
     (loss, m), g = jax.jit(jax.value_and_grad(part, has_aux=True))(o_i)
     got += loss
     got_m = {k: got_m.get(k, 0.0) + v for k, v in m.items()}
@@ -57,8 +65,11 @@ def test_batch_normalizers_match_the_matcher():
   outputs, batch = make_problem(5, b=3, q=10, t=5)
   norms = losses.batch_normalizers(batch["valid"], 10, cfg.no_object_weight)
   points = losses.draw_points(jax.random.key(0), 2, 3, 5, cfg)
-  indices = np.asarray(jax.jit(lambda o, p: matching.match(o, batch, p, cfg))(
-      jax.tree.map(jnp.asarray, outputs), points["match"]))
+  indices = np.asarray(
+      jax.jit(lambda o, p: hungarian.match(o, batch, p, cfg))(
+          jax.tree.map(jnp.asarray, outputs), points["match"]
+      )
+  )
   _, matched = losses.query_targets(indices, batch["classes"], batch["valid"], 10, 7)
   weights = np.where(matched, 1.0, cfg.no_object_weight).sum(axis=(1, 2))
   np.testing.assert_allclose(weights, float(norms["class_weights"]), rtol=1e-6)
@@ -69,7 +80,7 @@ def _tiny(tmp_path, arg=None, batch=4):
   config = train_fixtures.tiny_config(tmp_path, batch=batch, arg=arg)
   config.model.dec_layers = 1  # compile time
   model = mtaclip.build_model(config.model)
-  tokens = runtime.class_tokens(config)
+  tokens = data_classes.class_tokens(config.data, config.model.class_length)
   return config, model, tokens
 
 
@@ -96,33 +107,45 @@ def test_accumulated_gradient_is_the_whole_batch_gradient(tmp_path):
   stats = variables["batch_stats"]
   text = {k: v for k, v in params.items() if k == "contexts" or k.startswith("text_encoder/")}
   rest = {k: v for k, v in params.items() if k not in text}
-  layers = jax.eval_shape(lambda v: model.apply(v, batch["image"], tokens),
-                          variables)["logits"].shape[0]
+  layers = jax.eval_shape(lambda v: model.apply(v, batch["image"], tokens), variables)[
+      "logits"
+  ].shape[0]
   points = losses.draw_points(jax.random.key(2), layers, b, t, config.loss)
   lc, nc = config.loss, config.model.num_classes
 
   def whole(p):
-    out = model.apply({"params": optim.unflatten(p), "batch_stats": stats},
-                      batch["image"], tokens)
+    out = model.apply({"params": optim.unflatten(p), "batch_stats": stats}, batch["image"], tokens)
     return losses.compute_loss(out, batch, None, lc, nc, points=points)[0]
 
   want, want_g = jax.jit(jax.value_and_grad(whole))(params)
-  norms = losses.batch_normalizers(batch["valid"], config.model.num_queries,
-                                   lc.no_object_weight)
+  norms = losses.batch_normalizers(batch["valid"], config.model.num_queries, lc.no_object_weight)
 
   def micro_loss(p, t0, micro, index, carry):
-    out = model.apply({"params": optim.unflatten(p), "batch_stats": stats},
-                      micro["image"], tokens, text_embeddings=t0)
-    pts = jax.tree.map(lambda x: jax.lax.dynamic_index_in_dim(
-        x.reshape((x.shape[0], b // 2, 2) + x.shape[2:]), index, 2, keepdims=False), points)
-    return losses.compute_loss(out, micro, None, lc, nc, points=pts,
-                               normalizers=norms)[0], ({}, carry)
+    out = model.apply(
+        {"params": optim.unflatten(p), "batch_stats": stats},
+        micro["image"],
+        tokens,
+        text_embeddings=t0,
+    )
+    pts = jax.tree.map(
+        lambda x: jax.lax.dynamic_index_in_dim(
+            x.reshape((x.shape[0], b // 2, 2) + x.shape[2:]), index, 2, keepdims=False
+        ),
+        points,
+    )
+    return losses.compute_loss(out, micro, None, lc, nc, points=pts, normalizers=norms)[0], (
+        {},
+        carry,
+    )
 
   def text_fn(tp):
     return mtaclip.encode_classes(model, {"params": optim.unflatten(tp)}, tokens)
 
-  run = jax.jit(lambda r, tp: accumulate.value_and_grad(
-      micro_loss, r, accumulate.split(batch, 2), {}, text_fn=text_fn, text_params=tp))
+  run = jax.jit(
+      lambda r, tp: accumulate.value_and_grad(
+          micro_loss, r, accumulate.split(batch, 2), {}, text_fn=text_fn, text_params=tp
+      )
+  )
   (got, _), (g_rest, g_text) = run(rest, text)
   np.testing.assert_allclose(got, want, rtol=1e-5)
   got_g = {**g_rest, **g_text}
@@ -133,8 +156,9 @@ def test_accumulated_gradient_is_the_whole_batch_gradient(tmp_path):
   top = max(float(jnp.abs(g).max()) for g in want_g.values())
   for k in want_g:
     scale = float(jnp.abs(want_g[k]).max())
-    np.testing.assert_allclose(got_g[k], want_g[k], rtol=0,
-                               atol=max(2e-4 * scale, 1e-6 * top), err_msg=k)
+    np.testing.assert_allclose(
+        got_g[k], want_g[k], rtol=0, atol=max(2e-4 * scale, 1e-6 * top), err_msg=k
+    )
 
 
 def _step(config, batch):
@@ -175,5 +199,5 @@ def test_micro_batches_that_do_not_divide_the_batch_are_named(tmp_path):
   config, _, _ = _tiny(tmp_path, batch=4)
   config.train.micro_batches = 3
   mesh = jax.make_mesh((1, 1), ("data", "model"))
-  with pytest.raises(runtime.ConfigError, match=r"micro_batches=3.*batch of 4"):
-    runtime.check_batch(config, mesh)
+  with pytest.raises(errors.ConfigError, match=r"micro_batches=3.*batch of 4"):
+    validate.check_batch(config, mesh)

@@ -7,10 +7,12 @@ import time
 
 import jax
 import jax.numpy as jnp
+import pytest
 
-from benchmarks import flops, profile_step
+from benchmarks import flops
+from benchmarks import profile_step
 from benchmarks import train_step as bench
-
+from mtaclip_jax.config import recipes
 
 _HOLD = """
 import fcntl, sys, time
@@ -23,8 +25,7 @@ with open(sys.argv[1], "a") as f:
 
 def test_lock_serialises_processes_and_nests(tmp_path):
   path = str(tmp_path / "lock")
-  other = subprocess.Popen([sys.executable, "-c", _HOLD, path], stdout=subprocess.PIPE,
-                           text=True)
+  other = subprocess.Popen([sys.executable, "-c", _HOLD, path], stdout=subprocess.PIPE, text=True)
   assert other.stdout.readline().strip() == "held"
   bench.LOCK[0] = path
   try:
@@ -60,8 +61,8 @@ def test_jaxpr_flops_equal_xla_for_matmuls_and_convolutions():
   a = jax.random.normal(rng, (4, 5, 7))
   b = jax.random.normal(rng, (4, 7, 3))
   conv = lambda x, w, g=1, s=1, pad="VALID": jax.lax.conv_general_dilated(
-      x, w, (s, s), pad, dimension_numbers=("NHWC", "HWIO", "NHWC"),
-      feature_group_count=g)
+      x, w, (s, s), pad, dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=g
+  )
   cases = [
       (lambda a, b: jnp.einsum("bij,bjk->bik", a, b), (a, b)),
       (lambda x, w: conv(x, w, s=2), (x, w)),
@@ -81,7 +82,7 @@ def test_jaxpr_flops_equal_xla_for_matmuls_and_convolutions():
 
 def test_jaxpr_flops_loops_and_branches():
   a = jnp.ones((8, 8))
-  one = 2 * 8 ** 3
+  one = 2 * 8**3
   scan = lambda a: jax.lax.scan(lambda c, _: (c @ a, None), a, None, length=5)[0]
   cond = lambda a: jax.lax.cond(a[0, 0] > 0, lambda a: a @ a @ a, lambda a: a @ a, a)
   inner = jax.jit(lambda a: a @ a)
@@ -99,15 +100,15 @@ def test_step_flops_reports_both_counts():
 
 
 def test_op_times_keeps_only_device_kernels_when_the_trace_has_them():
-  meta = [{"ph": "M", "name": "process_name", "pid": 1, "args": {"name": "/host:CPU"}},
-          {"ph": "M", "name": "process_name", "pid": 7,
-           "args": {"name": "/device:GPU:0 NVIDIA H100"}}]
+  meta = [
+      {"ph": "M", "name": "process_name", "pid": 1, "args": {"name": "/host:CPU"}},
+      {"ph": "M", "name": "process_name", "pid": 7, "args": {"name": "/device:GPU:0 NVIDIA H100"}},
+  ]
   events = meta + [
       {"ph": "X", "pid": 1, "name": "ThunkExecutor::Execute", "dur": 5e6},
       {"ph": "X", "pid": 1, "name": "loop_fusion_3", "dur": 9e6},  # host launch
       {"ph": "X", "pid": 7, "name": "loop_fusion_3", "dur": 2e6},
-      {"ph": "X", "pid": 7, "name": "sm90_gemm", "dur": 1e6,
-       "args": {"hlo_op": "custom-call.4"}},
+      {"ph": "X", "pid": 7, "name": "sm90_gemm", "dur": 1e6, "args": {"hlo_op": "custom-call.4"}},
       {"ph": "X", "pid": 7, "name": "loop_fusion_3", "dur": 2e6},
   ]
   ops, what = profile_step.op_times(events)
@@ -151,13 +152,17 @@ def test_hlo_sources_resolves_stack_frames():
 
 
 def test_idle_gaps_are_holes_in_the_union_of_device_kernels():
-  meta = [{"ph": "M", "name": "process_name", "pid": 7,
-           "args": {"name": "/device:GPU:0 NVIDIA H200"}}]
+  meta = [
+      {"ph": "M", "name": "process_name", "pid": 7, "args": {"name": "/device:GPU:0 NVIDIA H200"}}
+  ]
   kernels = [  # (start us, duration us, name); two streams overlap at 10-30
-      (0, 30, "a"), (10, 5, "b"), (50, 10, "pure_callback.1"), (60, 20, "c"),
-      (200, 10, "d")]
-  events = meta + [{"ph": "X", "pid": 7, "ts": t, "dur": d, "name": n}
-                   for t, d, n in kernels]
+      (0, 30, "a"),
+      (10, 5, "b"),
+      (50, 10, "pure_callback.1"),
+      (60, 20, "c"),
+      (200, 10, "d"),
+  ]
+  events = meta + [{"ph": "X", "pid": 7, "ts": t, "dur": d, "name": n} for t, d, n in kernels]
   events.append({"ph": "X", "pid": 1, "ts": 90, "dur": 50, "name": "host"})  # not device
   idle, gaps = profile_step.idle_gaps(events)
   assert abs(idle - 140e-6) < 1e-12
@@ -166,11 +171,16 @@ def test_idle_gaps_are_holes_in_the_union_of_device_kernels():
 
 
 def test_config_overrides_take_the_entry_type_and_name_unknown_keys():
-  import pytest
-  from mtaclip_jax import config_lib
-  config = config_lib.paper_config("ade20k", "RN50", "bf16")
-  bench.apply_overrides(config, ["model.attention_impl=cudnn", "train.micro_batches=2",
-                                 "model.joint_self_attn=false", "loss.class_weight=1.5"])
+  config = recipes.paper_config("ade20k", "RN50", "bf16")
+  bench.apply_overrides(
+      config,
+      [
+          "model.attention_impl=cudnn",
+          "train.micro_batches=2",
+          "model.joint_self_attn=false",
+          "loss.class_weight=1.5",
+      ],
+  )
   assert config.model.attention_impl == "cudnn" and config.train.micro_batches == 2
   assert config.model.joint_self_attn is False and config.loss.class_weight == 1.5
   for bad in ("model.attention_implx=xla", "modle.dtype=float32", "model.dtype"):

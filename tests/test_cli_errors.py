@@ -10,17 +10,25 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def run_main(*args):
-  proc = subprocess.run([sys.executable, "-m", "mtaclip_jax.main", *args],
-                        capture_output=True, text=True, cwd=ROOT, timeout=300,
-                        check=False)
+  proc = subprocess.run(
+      [sys.executable, "-m", "mtaclip_jax.main", *args],
+      capture_output=True,
+      text=True,
+      cwd=ROOT,
+      timeout=300,
+      check=False,
+  )
   return proc.returncode, proc.stderr.strip().splitlines()
 
 
-@pytest.mark.parametrize("args,message", [
-    (["--config.eval.at_endx=1"], "unknown config key 'eval.at_endx'"),
-    (["--config.optimm.lr=1"], "did you mean optim"),
-    (["--config.optim.lr=abc"], "--config.optim.lr=abc"),
-])
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--config.eval.at_endx=1"], "unknown config key 'eval.at_endx'"),
+        (["--config.optimm.lr=1"], "did you mean optim"),
+        (["--config.optim.lr=abc"], "--config.optim.lr=abc"),
+    ],
+)
 def test_bad_override(tmp_path, args, message):
   rc, err = run_main("--config", "configs/demo.py", "--workdir", str(tmp_path), *args)
   assert rc == 2
@@ -28,10 +36,13 @@ def test_bad_override(tmp_path, args, message):
   assert not any("Traceback" in line for line in err), err
 
 
-@pytest.mark.parametrize("args,message", [
-    (["--config.model.backbone=RN49"], "config.model.backbone must be one of"),
-    (["--config.model.attention_impl=flash"], "config.model.attention_impl must be one of"),
-])
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--config.model.backbone=RN49"], "config.model.backbone must be one of"),
+        (["--config.model.attention_impl=flash"], "config.model.attention_impl must be one of"),
+    ],
+)
 def test_bad_model_value(tmp_path, args, message):
   """Known keys with values no model can be built from: one line, exit code 1 (as
   every error found after the flags parse)."""
@@ -41,10 +52,13 @@ def test_bad_model_value(tmp_path, args, message):
   assert not any("Traceback" in line for line in err), err
 
 
-@pytest.mark.parametrize("spec,message", [
-    ("configs/nope.py", "no such file"),
-    ("configs/demo.py:K3", "unknown config variant 'K3'"),
-])
+@pytest.mark.parametrize(
+    "spec,message",
+    [
+        ("configs/nope.py", "no such file"),
+        ("configs/demo.py:K3", "unknown config variant 'K3'"),
+    ],
+)
 def test_bad_config_file_or_variant(tmp_path, spec, message):
   rc, err = run_main("--config", spec, "--workdir", str(tmp_path))
   assert rc == 2 and message in err[-1], err
@@ -52,8 +66,13 @@ def test_bad_config_file_or_variant(tmp_path, spec, message):
 
 
 def test_missing_dataset_root_names_it(tmp_path):
-  rc, err = run_main("--config", "configs/demo.py", "--workdir", str(tmp_path),
-                     "--config.data.root=/nonexistent/ADE",
-                     "--config.data.generate.enabled=False")
+  rc, err = run_main(
+      "--config",
+      "configs/demo.py",
+      "--workdir",
+      str(tmp_path),
+      "--config.data.root=/nonexistent/ADE",
+      "--config.data.generate.enabled=False",
+  )
   assert rc == 1 and "/nonexistent/ADE" in err[-1], err
   assert not any("Traceback" in line for line in err), err

@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from mtaclip_jax import config_lib
+from mtaclip_jax.config import recipes
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = sorted(glob.glob(os.path.join(ROOT, "configs", "*.py")))
@@ -21,8 +21,16 @@ def load(path, arg=None):
 
 def test_there_are_configs_for_every_paper_row():
   names = {os.path.basename(p)[:-3] for p in CONFIGS}
-  assert {"ade20k_r50", "ade20k_r101", "ade20k_vitb16", "cityscapes_r50",
-          "cityscapes_r101", "demo", "ade20k_vits16", "ade20k_mitb4"} <= names
+  assert {
+      "ade20k_r50",
+      "ade20k_r101",
+      "ade20k_vitb16",
+      "cityscapes_r50",
+      "cityscapes_r101",
+      "demo",
+      "ade20k_vits16",
+      "ade20k_mitb4",
+  } <= names
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: os.path.basename(p))
@@ -32,11 +40,18 @@ def test_config_builds(path):
   assert c.optim.total_steps == c.train.steps
 
 
-@pytest.mark.parametrize("name,dataset,backbone", [
-    ("ade20k_r50", "ade20k", "RN50"), ("ade20k_r101", "ade20k", "RN101"),
-    ("ade20k_vitb16", "ade20k", "ViT-B/16"), ("cityscapes_r50", "cityscapes", "RN50"),
-    ("cityscapes_r101", "cityscapes", "RN101"), ("ade20k_vits16", "ade20k", "ViT-S/16"),
-    ("ade20k_mitb4", "ade20k", "MiT-B4")])
+@pytest.mark.parametrize(
+    "name,dataset,backbone",
+    [
+        ("ade20k_r50", "ade20k", "RN50"),
+        ("ade20k_r101", "ade20k", "RN101"),
+        ("ade20k_vitb16", "ade20k", "ViT-B/16"),
+        ("cityscapes_r50", "cityscapes", "RN50"),
+        ("cityscapes_r101", "cityscapes", "RN101"),
+        ("ade20k_vits16", "ade20k", "ViT-S/16"),
+        ("ade20k_mitb4", "ade20k", "MiT-B4"),
+    ],
+)
 def test_paper_recipe(name, dataset, backbone):
   c = load(os.path.join(ROOT, "configs", name + ".py"))
   assert c.model.backbone == backbone and c.data.name == dataset
@@ -69,32 +84,43 @@ def test_paper_recipe(name, dataset, backbone):
   assert l.similarity and l.neg == "mix" and l.tau == 1.0
 
 
-@pytest.mark.parametrize("arg,expect", [
-    ("baseline", dict(text_queries=False, similarity=False)),
-    ("text_only", dict(text_queries=True, similarity=False)),
-    ("sim,K=1", dict(text_queries=True, similarity=True, K=1)),
-    ("K=4,neg=separate", dict(K=4, neg="separate")),
-    ("K=5,neg=mix", dict(K=5, neg="mix")),
-    ("joint=0", dict(joint=False)),
-    ("bf16", dict(dtype="bfloat16")),
-])
+@pytest.mark.parametrize(
+    "arg,expect",
+    [
+        ("baseline", dict(text_queries=False, similarity=False)),
+        ("text_only", dict(text_queries=True, similarity=False)),
+        ("sim,K=1", dict(text_queries=True, similarity=True, K=1)),
+        ("K=4,neg=separate", dict(K=4, neg="separate")),
+        ("K=5,neg=mix", dict(K=5, neg="mix")),
+        ("joint=0", dict(joint=False)),
+        ("bf16", dict(dtype="bfloat16")),
+    ],
+)
 def test_ablation_variants(arg, expect):
-  c = config_lib.paper_config("ade20k", "RN50", arg)
-  got = dict(text_queries=c.model.text_queries, similarity=c.loss.similarity,
-             K=c.model.num_contexts, neg=c.loss.neg, joint=c.model.joint_self_attn,
-             dtype=c.model.dtype)
+  c = recipes.paper_config("ade20k", "RN50", arg)
+  got = dict(
+      text_queries=c.model.text_queries,
+      similarity=c.loss.similarity,
+      K=c.model.num_contexts,
+      neg=c.loss.neg,
+      joint=c.model.joint_self_attn,
+      dtype=c.model.dtype,
+  )
   for k, v in expect.items():
     assert got[k] == v, (arg, k)
 
 
-@pytest.mark.parametrize("arg,match", [
-    ("K3", "unknown config variant 'K3'"),
-    ("neg=both", "neg must be"),
-    ("baseline,sim=1", "similarity loss needs text queries"),
-])
+@pytest.mark.parametrize(
+    "arg,match",
+    [
+        ("K3", "unknown config variant 'K3'"),
+        ("neg=both", "neg must be"),
+        ("baseline,sim=1", "similarity loss needs text queries"),
+    ],
+)
 def test_bad_variants_are_named(arg, match):
   with pytest.raises(ValueError, match=match):
-    config_lib.paper_config("ade20k", "RN50", arg)
+    recipes.paper_config("ade20k", "RN50", arg)
 
 
 @pytest.mark.parametrize("name", ["ade20k_vits16", "ade20k_mitb4"])
@@ -106,4 +132,4 @@ def test_imagenet_backbone_baseline(name):
 
 def test_unknown_backbone_is_named():
   with pytest.raises(ValueError, match="unknown backbone 'ViT-L/14'.*MiT-B4"):
-    config_lib.paper_config("ade20k", "ViT-L/14")
+    recipes.paper_config("ade20k", "ViT-L/14")

@@ -8,7 +8,7 @@ import sys
 SCRIPT = """
 import threading
 from absl import logging
-from mtaclip_jax import console
+from mtaclip_jax.runtime import console
 console.install()
 logging.set_verbosity(logging.WARNING)
 try:
@@ -40,8 +40,14 @@ gc.collect()
 
 def _stderr(env_extra=None):
   env = dict(os.environ, **(env_extra or {}))
-  return subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True,
-                        env=env, timeout=120, check=True).stderr
+  return subprocess.run(
+      [sys.executable, "-c", SCRIPT],
+      capture_output=True,
+      text=True,
+      env=env,
+      timeout=120,
+      check=True,
+  ).stderr
 
 
 def test_library_tracebacks_and_closed_loop_noise_are_dropped():

@@ -1,12 +1,15 @@
 """Training iterator (contract, resume, shards, workers), eval dataset, raw vs TFDS."""
 
+import shutil
+
 import numpy as np
 import pytest
 
+from mtaclip_jax import errors
+from mtaclip_jax.config import recipes
 from mtaclip_jax.data import generate
 from mtaclip_jax.data import pipeline
 from mtaclip_jax.data import readers
-from mtaclip_jax.data import recipes
 from mtaclip_jax.data import transforms
 
 SIZE = (64, 96)
@@ -22,8 +25,14 @@ def root(tmp_path_factory):
 
 
 def _config(root, **kw):
-  defaults = dict(num_classes=K, crop_size=CROP, test_scale=(192, 48), batch_size=2,
-                  max_segments=8, num_threads=1)
+  defaults = dict(
+      num_classes=K,
+      crop_size=CROP,
+      test_scale=(192, 48),
+      batch_size=2,
+      max_segments=8,
+      num_threads=1,
+  )
   defaults.update(kw)
   return recipes.data_config(defaults.pop("name", "ade20k"), str(root), **defaults)
 
@@ -33,8 +42,9 @@ def _take(it, n):
 
 
 def _same(a, b):
-  return len(a) == len(b) and all(x.keys() == y.keys() and all(np.array_equal(x[k], y[k]) for k in x)
-             for x, y in zip(a, b))
+  return len(a) == len(b) and all(
+      x.keys() == y.keys() and all(np.array_equal(x[k], y[k]) for k in x) for x, y in zip(a, b)
+  )
 
 
 def test_batch_contract(root):
@@ -115,21 +125,21 @@ def test_raw_and_tfds_identical(root, cs_root, tmp_path, name):
       assert x["name"] == y["name"]
       np.testing.assert_array_equal(x["image"], y["image"])
       np.testing.assert_array_equal(x["label"], y["label"])
-  assert _same(_take(pipeline.make_train_iterator(raw_cfg, 3, 0, 1), 4),
-               _take(pipeline.make_train_iterator(tfds_cfg, 3, 0, 1), 4))
+  assert _same(
+      _take(pipeline.make_train_iterator(raw_cfg, 3, 0, 1), 4),
+      _take(pipeline.make_train_iterator(tfds_cfg, 3, 0, 1), 4),
+  )
 
 
 def test_skip_in_training_replaces_deterministically(root, tmp_path):
-  import shutil
   bad = tmp_path / "ade"
   shutil.copytree(root, bad)
-  (bad / "ADEChallengeData2016" / "images" / "training" / "ADE_train_00000004.jpg"
-   ).write_bytes(b"")
+  (bad / "ADEChallengeData2016" / "images" / "training" / "ADE_train_00000004.jpg").write_bytes(b"")
   cfg = _config(bad, on_bad_sample="skip")
   a = _take(pipeline.make_train_iterator(cfg, 1, 0, 1), 4)
   b = _take(pipeline.make_train_iterator(cfg, 1, 0, 1), 4)
   assert _same(a, b)
-  with pytest.raises(readers.BadSampleError, match="ADE_train_00000004.jpg: empty"):
+  with pytest.raises(errors.BadSampleError, match="ADE_train_00000004.jpg: empty"):
     _take(pipeline.make_train_iterator(_config(bad), 1, 0, 1), 4)
 
 
@@ -147,11 +157,11 @@ def test_multiprocess_workers_same_batches_resume_and_errors(root, tmp_path):
   it.set_state(state)
   assert _same(_take(it, 3), expected[2:])
   it.close()
-  import shutil
   bad = tmp_path / "ade"
   shutil.copytree(root, bad)
-  (bad / "ADEChallengeData2016" / "images" / "training" / "ADE_train_00000002.jpg"
-   ).write_bytes(b"garbage" * 20)
+  (bad / "ADEChallengeData2016" / "images" / "training" / "ADE_train_00000002.jpg").write_bytes(
+      b"garbage" * 20
+  )
   it = pipeline.make_train_iterator(_config(bad, num_workers=2), 5, 0, 1)
   with pytest.raises(Exception, match="ADE_train_00000002.jpg: cannot decode image"):
     _take(it, 6)  # raises in the main process; workers do not hang
@@ -160,9 +170,10 @@ def test_multiprocess_workers_same_batches_resume_and_errors(root, tmp_path):
   # reaches the main process with its type (the CLI prints user errors in one line).
   cfg = _config(root, num_workers=2)
   cfg.transforms = [t for t in cfg.transforms if not t.startswith("pad")]
-  cfg.transforms = ["random_crop(size=(4000, 4000))" if t.startswith("random_crop")
-                    else t for t in cfg.transforms]
+  cfg.transforms = [
+      "random_crop(size=(4000, 4000))" if t.startswith("random_crop") else t for t in cfg.transforms
+  ]
   it = pipeline.make_train_iterator(cfg, 5, 0, 1)
-  with pytest.raises(transforms.CropConfigError, match=r"ADE_train_\d+: .*pad\(size="):
+  with pytest.raises(errors.CropConfigError, match=r"ADE_train_\d+: .*pad\(size="):
     next(it)
   it.close()

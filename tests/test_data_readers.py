@@ -12,11 +12,12 @@ import numpy as np
 from PIL import Image
 import pytest
 
+from mtaclip_jax import errors
+from mtaclip_jax.config import recipes
 from mtaclip_jax.data import classes
 from mtaclip_jax.data import generate
 from mtaclip_jax.data import pipeline
 from mtaclip_jax.data import readers
-from mtaclip_jax.data import recipes
 
 SIZE = (64, 96)
 K = 6
@@ -41,9 +42,26 @@ def _copy(datasets, tmp_path, name="ade"):
 
 # ---------------------------------------------------------------- generator, classes
 
+
 def test_generator_deterministic_and_real_layout(datasets, tmp_path):
-  generate.main(["--layout", "ade20k", "--out", str(tmp_path / "a"), "--train", "6",
-                 "--val", "2", "--seed", "0", "--size", "64x96", "--num-classes", str(K)])
+  generate.main(
+      [
+          "--layout",
+          "ade20k",
+          "--out",
+          str(tmp_path / "a"),
+          "--train",
+          "6",
+          "--val",
+          "2",
+          "--seed",
+          "0",
+          "--size",
+          "64x96",
+          "--num-classes",
+          str(K),
+      ]
+  )
   ade = "ADEChallengeData2016"
   files = sorted(glob.glob(str(tmp_path / "a" / ade / "*" / "*" / "*")))
   assert len(files) == 16
@@ -53,21 +71,28 @@ def test_generator_deterministic_and_real_layout(datasets, tmp_path):
   names = sorted(os.listdir(datasets / "ade" / ade / "images" / "training"))
   assert names[0] == "ADE_train_00000001.jpg" and len(names) == 6
   assert sorted(os.listdir(datasets / "ade" / ade / "annotations" / "validation")) == [
-      "ADE_val_00000001.png", "ADE_val_00000002.png"]
-  lab = np.asarray(Image.open(datasets / "ade" / ade / "annotations" / "training" /
-                              "ADE_train_00000001.png"))
+      "ADE_val_00000001.png",
+      "ADE_val_00000002.png",
+  ]
+  lab = np.asarray(
+      Image.open(datasets / "ade" / ade / "annotations" / "training" / "ADE_train_00000001.png")
+  )
   assert lab.dtype == np.uint8 and lab.shape == SIZE and lab.max() <= K
   assert (lab == 0).any() and len(np.unique(lab)) >= 3  # ignore + several classes
   img = Image.open(datasets / "ade" / ade / "images" / "training" / "ADE_train_00000001.jpg")
   assert img.format == "JPEG" and img.mode == "RGB" and img.size == SIZE[::-1]
   generate.write_dataset("ade20k", str(tmp_path / "b"), {"train": 1}, 1, SIZE, K)
   other = tmp_path / "b" / ade / "annotations" / "training" / "ADE_train_00000001.png"
-  assert not filecmp.cmp(other, datasets / "ade" / ade / "annotations" / "training" /
-                         "ADE_train_00000001.png", shallow=False)
+  assert not filecmp.cmp(
+      other,
+      datasets / "ade" / ade / "annotations" / "training" / "ADE_train_00000001.png",
+      shallow=False,
+  )
 
 
 def test_generator_cityscapes_layout(datasets):
   from cityscapesscripts.helpers.labels import id2label
+
   imgs = sorted(glob.glob(str(datasets / "cs" / "leftImg8bit" / "train" / "*" / "*.png")))
   assert len(imgs) == 6
   assert {os.path.basename(os.path.dirname(p)) for p in imgs} == set(generate.CITIES["train"])
@@ -97,6 +122,7 @@ def test_class_names_and_palettes():
 
 # ---------------------------------------------------------------- readers
 
+
 def test_ade_labels_mapped_and_root_forms(datasets):
   root = datasets / "ade"
   for r in (root, root / "ADEChallengeData2016"):
@@ -110,13 +136,13 @@ def test_ade_labels_mapped_and_root_forms(datasets):
 
 def test_cityscapes_labels_mapped_and_train_ids_preferred(datasets, tmp_path):
   from cityscapesscripts.helpers.labels import id2label
+
   root = _copy(datasets, tmp_path, "cs")
   src = readers.RawSource("cityscapes", str(root), "val", K)
   s = src.samples[0]
   assert s.label_path.endswith("_gtFine_labelIds.png") and "frankfurt" in s.name
   raw = np.asarray(Image.open(s.label_path))
-  ref = np.vectorize(lambda v: id2label[v].trainId if 0 <= id2label[v].trainId < 19
-                     else 255)(raw)
+  ref = np.vectorize(lambda v: id2label[v].trainId if 0 <= id2label[v].trainId < 19 else 255)(raw)
   np.testing.assert_array_equal(src[0]["label"], ref)
   # a labelTrainIds file next to it is used instead
   train_ids = np.full(SIZE, 255, np.uint8)
@@ -126,8 +152,9 @@ def test_cityscapes_labels_mapped_and_train_ids_preferred(datasets, tmp_path):
   np.testing.assert_array_equal(src[0]["label"], train_ids)
 
 
-@pytest.mark.parametrize("root,match", [("", "root is empty"),
-                                        ("/nonexistent/x", "is not a ade20k dataset")])
+@pytest.mark.parametrize(
+    "root,match", [("", "root is empty"), ("/nonexistent/x", "is not a ade20k dataset")]
+)
 def test_wrong_root(root, match):
   with pytest.raises(FileNotFoundError, match=match):
     readers.RawSource("ade20k", root, "train", K)
@@ -142,8 +169,10 @@ def test_empty_root(tmp_path):
 
 def _ade_paths(root, i=1):
   base = root / "ADEChallengeData2016"
-  return (base / "images" / "training" / f"ADE_train_{i:08d}.jpg",
-          base / "annotations" / "training" / f"ADE_train_{i:08d}.png")
+  return (
+      base / "images" / "training" / f"ADE_train_{i:08d}.jpg",
+      base / "annotations" / "training" / f"ADE_train_{i:08d}.png",
+  )
 
 
 def _corrupt(kind, img, lab):
@@ -153,7 +182,7 @@ def _corrupt(kind, img, lab):
     return img, "cannot decode image"
   if kind == "truncated_image":
     data = img.read_bytes()
-    img.write_bytes(data[:len(data) // 2])
+    img.write_bytes(data[: len(data) // 2])
     return img, "cannot decode image"
   if kind == "zero_byte":
     img.write_bytes(b"")
@@ -179,8 +208,16 @@ def _corrupt(kind, img, lab):
   raise ValueError(kind)
 
 
-BAD = ["corrupt_image", "truncated_image", "zero_byte", "label_missing", "label_size",
-       "label_range", "label_rgb", "label_16bit_big"]
+BAD = [
+    "corrupt_image",
+    "truncated_image",
+    "zero_byte",
+    "label_missing",
+    "label_size",
+    "label_range",
+    "label_rgb",
+    "label_16bit_big",
+]
 
 
 @pytest.mark.parametrize("kind", BAD)
@@ -189,7 +226,7 @@ def test_bad_sample_error_and_skip(datasets, tmp_path, kind, caplog):
   img, lab = _ade_paths(root, 2)
   path, match = _corrupt(kind, img, lab)
   src = readers.RawSource("ade20k", str(root), "train", K)
-  with pytest.raises(readers.BadSampleError, match=match) as e:
+  with pytest.raises(errors.BadSampleError, match=match) as e:
     src[1]
   assert str(path) in str(e.value)
   caplog.set_level(logging.WARNING)
@@ -237,7 +274,7 @@ def test_grayscale_rgba_palette_images_converted_with_warning(datasets, tmp_path
 
 def test_labels_beyond_num_classes_error(datasets):
   cfg = _config(datasets / "ade", num_classes=2)
-  with pytest.raises(readers.BadSampleError, match="ADE_train_.*data.num_classes=2"):
+  with pytest.raises(errors.BadSampleError, match="ADE_train_.*data.num_classes=2"):
     ev = pipeline.make_eval_dataset(cfg, "train")
     for i in range(len(ev)):
       ev[i]
@@ -250,13 +287,15 @@ def test_check_cli(datasets, tmp_path):
   _ade_paths(root, 4)[0].write_bytes(b"")
   cfg = tmp_path / "cfg.py"
   cfg.write_text(
-      "import ml_collections\nfrom mtaclip_jax.data import recipes\n"
+      "import ml_collections\nfrom mtaclip_jax.config import recipes\n"
       "def get_config():\n  c = ml_collections.ConfigDict()\n"
       f"  c.data = recipes.data_config('ade20k', '/nonexistent', num_classes={K})\n"
-      "  return c\n")
+      "  return c\n"
+  )
   cmd = [sys.executable, "-m", "mtaclip_jax.data.check", f"--config={cfg}"]
-  out = subprocess.run(cmd + [f"--config.data.root={root}"], capture_output=True,
-                       text=True, timeout=120)
+  out = subprocess.run(
+      cmd + [f"--config.data.root={root}"], capture_output=True, text=True, timeout=120
+  )
   assert out.returncode == 1, out.stderr
   assert "[train] 6 samples, 2 bad, image HxW [64, 96] .. [64, 96]" in out.stdout
   assert "[val] 2 samples, 0 bad" in out.stdout

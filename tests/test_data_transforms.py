@@ -29,8 +29,15 @@ def test_parse_formats_and_errors():
     T.parse(["random_flip(prob=x + 1)"])
 
 
-@pytest.mark.parametrize("hw,scale", [((512, 683), (2048, 512)), ((1024, 2048), (2048, 1024)),
-                                      ((300, 4000), (2048, 512)), ((97, 33), (1000, 250))])
+@pytest.mark.parametrize(
+    "hw,scale",
+    [
+        ((512, 683), (2048, 512)),
+        ((1024, 2048), (2048, 1024)),
+        ((300, 4000), (2048, 512)),
+        ((97, 33), (1000, 250)),
+    ],
+)
 def test_rescale_size_matches_mmcv(hw, scale):
   h, w = hw
   # mmcv.rescale_size((w, h), scale) with return_scale
@@ -57,11 +64,13 @@ def test_random_resize_ratio_and_nearest_labels():
 
 def _bilinear(img, size):
   """Half-pixel-centre bilinear interpolation with clamped borders (float)."""
+
   def axis(n_in, n_out):
     x = np.clip((np.arange(n_out) + 0.5) * n_in / n_out - 0.5, 0, n_in - 1)
     i0 = np.floor(x).astype(int)
     i1 = np.minimum(i0 + 1, n_in - 1)
     return i0, i1, x - i0
+
   y0, y1, fy = axis(img.shape[0], size[0])
   x0, x1, fx = axis(img.shape[1], size[1])
   f = img.astype(np.float64)
@@ -81,13 +90,15 @@ def test_image_resize_is_bilinear():
 
 def _mmseg_crop_bbox(label, size, cat_max_ratio, rng):
   """mmseg RandomCrop.crop_bbox with np.unique, as written there."""
+
   def gen():
     mh, mw = max(label.shape[0] - size[0], 0), max(label.shape[1] - size[1], 0)
     oh, ow = rng.integers(0, mh + 1), rng.integers(0, mw + 1)
     return oh, oh + size[0], ow, ow + size[1]
+
   bbox = gen()
   for _ in range(10):
-    seg = label[bbox[0]:bbox[1], bbox[2]:bbox[3]]
+    seg = label[bbox[0] : bbox[1], bbox[2] : bbox[3]]
     labels, cnt = np.unique(seg, return_counts=True)
     cnt = cnt[labels != 255]
     if len(cnt) > 1 and np.max(cnt) / np.sum(cnt) < cat_max_ratio:
@@ -144,8 +155,10 @@ def test_flip_flips_image_and_label_together():
 
 def _reference_photometric(img, rng):
   """mmseg PhotoMetricDistortion in float HSV (colorsys), same draws."""
+
   def convert(x, alpha=1.0, beta=0.0):
     return np.clip(x.astype(np.float32) * alpha + beta, 0, 255).astype(np.uint8)
+
   def hsv_op(x, sat, hue):
     out = np.empty_like(x)
     for idx in np.ndindex(x.shape[:2]):
@@ -156,6 +169,7 @@ def _reference_photometric(img, rng):
         h = (h + hue * 2 / 360.0) % 1.0
       out[idx] = np.round(np.array(colorsys.hsv_to_rgb(h, s, v)) * 255)
     return out
+
   if rng.integers(2):
     img = convert(img, beta=rng.uniform(-32, 32))
   mode = rng.integers(2)

@@ -1,12 +1,15 @@
 """Mask-Text decoder behaviour: masked attention, text queries, projections."""
 
-import numpy as np
-import pytest
 import jax
 import jax.numpy as jnp
+import numpy as np
+import pytest
 
 from mtaclip_jax.models import decoder
-from mtaclip_jax.models.decoder import Attention, MaskTextDecoder, attention_blocked
+from mtaclip_jax.models.decoder import Attention
+from mtaclip_jax.models.decoder import MaskTextDecoder
+from mtaclip_jax.models.decoder import attention_blocked
+from mtaclip_jax.models.pixel_decoder import resize_bilinear
 
 C, K, D, HID = 4, 2, 32, 64
 
@@ -21,8 +24,17 @@ def _inputs(key, b=2):
 
 
 def _decoder(**kw):
-  args = dict(num_classes=C, num_queries=10, hidden_dim=HID, mask_dim=HID, num_heads=4,
-              ffn_dim=128, num_layers=3, embed_dim=D, num_contexts=K)
+  args = dict(
+      num_classes=C,
+      num_queries=10,
+      hidden_dim=HID,
+      mask_dim=HID,
+      num_heads=4,
+      ffn_dim=128,
+      num_layers=3,
+      embed_dim=D,
+      num_contexts=K,
+  )
   args.update(kw)
   return MaskTextDecoder(**args)
 
@@ -50,8 +62,8 @@ def test_blocked_key_gets_zero_weight():
 
 def test_attention_blocked_mask():
   masks = jnp.full((1, 3, 8, 8), -5.0)
-  masks = masks.at[0, 0, :4, :4].set(5.0)   # query 0: top-left quarter
-  masks = masks.at[0, 2].set(5.0)           # query 2: everywhere; query 1: nowhere
+  masks = masks.at[0, 0, :4, :4].set(5.0)  # query 0: top-left quarter
+  masks = masks.at[0, 2].set(5.0)  # query 2: everywhere; query 1: nowhere
   blocked = np.asarray(attention_blocked(masks, (2, 2)))
   assert blocked.shape == (1, 3, 4)
   np.testing.assert_array_equal(blocked[0, 0], [False, True, True, True])
@@ -62,7 +74,6 @@ def test_attention_blocked_mask():
 def test_text_query_masks_at_the_level_size_equal_resized_masks():
   # The decoder makes the text queries' masks from the mask features resized to the
   # level (resize(e . F) = e . resize(F)) instead of resizing stride-4 masks.
-  from mtaclip_jax.models.pixel_decoder import resize_bilinear
   k1, k2 = jax.random.split(jax.random.PRNGKey(3))
   embed = jax.random.normal(k1, (2, 40, HID)) / 8
   feats = jax.random.normal(k2, (2, 64, 96, HID))
@@ -85,8 +96,11 @@ def test_outputs_and_gamma(setup):
   assert out["t_proj"].shape == (3, 2, K, C + 1, D)
   # The masks' factors, which the losses differentiate instead of the masks.
   np.testing.assert_allclose(
-      out["masks"], jnp.einsum("lbqc,bhwc->lbqhw", out["mask_embed"], out["mask_features"]),
-      rtol=1e-5, atol=1e-5)
+      out["masks"],
+      jnp.einsum("lbqc,bhwc->lbqhw", out["mask_embed"], out["mask_features"]),
+      rtol=1e-5,
+      atol=1e-5,
+  )
   assert out["mask_features"] is mf or np.array_equal(out["mask_features"], mf)
   np.testing.assert_allclose(np.linalg.norm(out["m_proj"], axis=-1), 1.0, atol=1e-5)
   np.testing.assert_allclose(np.asarray(params["gamma"]), 1e-4)
@@ -140,8 +154,11 @@ def test_fused_attention_path_matches_einsums(monkeypatch, dtype, tol):
   projections with the block mask as a bias; here its XLA implementation stands in
   for cuDNN (GPU only): outputs and parameter gradients equal the einsum path's."""
   fused = decoder.fused_attention
-  monkeypatch.setattr(decoder, "fused_attention",
-                      lambda q, k, v, blocked, implementation: fused(q, k, v, blocked, "xla"))
+  monkeypatch.setattr(
+      decoder,
+      "fused_attention",
+      lambda q, k, v, blocked, implementation: fused(q, k, v, blocked, "xla"),
+  )
   kq, kk, kb, kc = jax.random.split(jax.random.key(3), 4)
   query = jax.random.normal(kq, (2, 7, 32))
   memory = jax.random.normal(kk, (2, 11, 32))

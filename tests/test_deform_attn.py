@@ -1,23 +1,25 @@
 """Deformable attention core vs transformers' PyTorch reference; module init."""
 
-import numpy as np
-import pytest
 import jax
 import jax.numpy as jnp
-
-from mtaclip_jax.models import deform_attn
-
+import numpy as np
+import pytest
 import torch  # noqa: E402  (a test dependency: never skipped)
 from transformers.models.mask2former import modeling_mask2former as m2f  # noqa: E402
 
+from mtaclip_jax.models.ops import deform_attn
+
 
 @pytest.mark.parity
-@pytest.mark.parametrize("shapes,heads,points,dh", [
-    (((7, 5), (4, 3), (2, 2)), 8, 4, 32),
-    (((9, 9), (3, 6)), 2, 3, 16),
-    (((1, 1),), 1, 1, 8),
-    (((16, 16), (8, 8), (4, 4), (2, 2)), 4, 2, 8),
-])
+@pytest.mark.parametrize(
+    "shapes,heads,points,dh",
+    [
+        (((7, 5), (4, 3), (2, 2)), 8, 4, 32),
+        (((9, 9), (3, 6)), 2, 3, 16),
+        (((1, 1),), 1, 1, 8),
+        (((16, 16), (8, 8), (4, 4), (2, 2)), 4, 2, 8),
+    ],
+)
 def test_core_matches_transformers(shapes, heads, points, dh):
   rng = np.random.default_rng(0)
   b, lq, nl = 2, 11, len(shapes)
@@ -28,10 +30,11 @@ def test_core_matches_transformers(shapes, heads, points, dh):
   attn = rng.random((b, lq, heads, nl, points)).astype(np.float32)
   attn /= attn.sum((-1, -2), keepdims=True)
   ref = m2f.multi_scale_deformable_attention(
-      torch.from_numpy(value), list(shapes), torch.from_numpy(loc),
-      torch.from_numpy(attn)).numpy()
-  out = np.asarray(jax.jit(deform_attn.ms_deform_attn_gather, static_argnums=1)(
-      value, shapes, loc, attn))
+      torch.from_numpy(value), list(shapes), torch.from_numpy(loc), torch.from_numpy(attn)
+  ).numpy()
+  out = np.asarray(
+      jax.jit(deform_attn.ms_deform_attn_gather, static_argnums=1)(value, shapes, loc, attn)
+  )
   assert out.shape == (b, lq, heads * dh)
   # fp32, relative to the output scale: <= 1e-5.
   err = np.abs(out - ref).max() / np.abs(ref).max()
@@ -80,7 +83,8 @@ def test_gather_gradients_with_bf16_value():
 
   def grads(v):
     f = lambda v, l, a: jnp.sum(
-        deform_attn.ms_deform_attn_gather(v, shapes, l, a).astype(jnp.float32) * cot)
+        deform_attn.ms_deform_attn_gather(v, shapes, l, a).astype(jnp.float32) * cot
+    )
     return jax.jit(jax.grad(f, argnums=(0, 1, 2)))(v, loc, attn)
 
   want = grads(jnp.asarray(value))

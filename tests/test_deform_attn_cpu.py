@@ -4,15 +4,15 @@ import os
 import pathlib
 import time
 
-import numpy as np
-import pytest
 import jax
 import jax.numpy as jnp
-
-from mtaclip_jax.models import deform_attn, deform_attn_cpu
-
+import numpy as np
+import pytest
 import torch  # noqa: E402  (a test dependency: never skipped)
 from transformers.models.mask2former import modeling_mask2former as m2f  # noqa: E402
+
+from mtaclip_jax.models.ops import deform_attn
+from mtaclip_jax.models.ops import deform_attn_cpu
 
 SHAPES = ((6, 9), (3, 5), (2, 2))
 B, LQ, HEADS, POINTS, DH = 2, 13, 4, 3, 8
@@ -60,8 +60,7 @@ def assert_close(got, want, what):
 @pytest.fixture(scope="module")
 def results():
   inputs = make_inputs(0)
-  return {name: value_and_grads(deform_attn.IMPLS[name], *inputs)
-          for name in ("gather", "cpu")}
+  return {name: value_and_grads(deform_attn.IMPLS[name], *inputs) for name in ("gather", "cpu")}
 
 
 def test_forward_matches_gather(results):
@@ -70,8 +69,9 @@ def test_forward_matches_gather(results):
   assert_close(out_cpu, results["gather"][0][1], "out")
 
 
-@pytest.mark.parametrize("i,name", [(0, "d_value"), (1, "d_sampling_locations"),
-                                    (2, "d_attention_weights")])
+@pytest.mark.parametrize(
+    "i,name", [(0, "d_value"), (1, "d_sampling_locations"), (2, "d_attention_weights")]
+)
 def test_gradients_match_gather(results, i, name):
   got, want = results["cpu"][1][i], results["gather"][1][i]
   assert np.abs(want).max() > 0.1, name  # the test data exercise this gradient
@@ -84,8 +84,7 @@ def test_bf16_value():
   (_, out), grads = value_and_grads(deform_attn.IMPLS["cpu"], value, loc, attn, cot)
   (_, ref), _ = value_and_grads(deform_attn.ms_deform_attn_gather, value, loc, attn, cot)
   assert out.dtype == jnp.bfloat16 and grads[0].dtype == jnp.bfloat16
-  np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(ref, np.float32),
-                             atol=2e-2)
+  np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(ref, np.float32), atol=2e-2)
 
 
 def test_module_matches_gather():
@@ -93,8 +92,10 @@ def test_module_matches_gather():
   rng = np.random.default_rng(2)
   q = jnp.asarray(rng.standard_normal((1, 20, 32)), jnp.float32)
   ref = jnp.asarray(rng.random((1, 20, 2, 2)), jnp.float32)
-  mods = {impl: deform_attn.MSDeformAttn(d_model=32, n_heads=4, n_levels=2, n_points=3,
-                                         impl=impl) for impl in ("gather", "cpu")}
+  mods = {
+      impl: deform_attn.MSDeformAttn(d_model=32, n_heads=4, n_levels=2, n_points=3, impl=impl)
+      for impl in ("gather", "cpu")
+  }
   params = mods["gather"].init(jax.random.PRNGKey(0), q, ref, q, shapes)
   # Non-zero offset/weight kernels, so gradients reach them.
   params = jax.tree.map(lambda p: p + 0.1 * rng.standard_normal(p.shape, np.float32), params)
@@ -115,15 +116,21 @@ def test_auto_picks_kernel_on_one_cpu_device(monkeypatch):
   monkeypatch.setattr(jax, "device_count", lambda *a: 8)
   assert not deform_attn_cpu.use_kernel()
   # A fresh function: jit caches traces per function, and "auto" decides at trace time.
-  hlo = jax.jit(lambda *a: deform_attn.get_impl("auto")(*a), static_argnums=1).lower(
-      value, SHAPES, loc, attn).as_text()
+  hlo = (
+      jax.jit(lambda *a: deform_attn.get_impl("auto")(*a), static_argnums=1)
+      .lower(value, SHAPES, loc, attn)
+      .as_text()
+  )
   assert deform_attn_cpu.FORWARD_TARGET not in hlo
 
 
-@pytest.mark.parametrize("compiler,reason", [
-    ("/nonexistent/g++", "cannot run"),
-    ("false", "failed on"),  # runs, exits 1
-])
+@pytest.mark.parametrize(
+    "compiler,reason",
+    [
+        ("/nonexistent/g++", "cannot run"),
+        ("false", "failed on"),  # runs, exits 1
+    ],
+)
 def test_build_failure_falls_back(monkeypatch, tmp_path, compiler, reason):
   monkeypatch.setattr(deform_attn_cpu, "_STATE", {})
   monkeypatch.setattr(deform_attn_cpu, "COMPILER", compiler)
@@ -144,8 +151,11 @@ def test_a_new_build_prunes_builds_unused_for_a_month(monkeypatch, tmp_path):
   cache = tmp_path / "mtaclip_jax"
   cache.mkdir()
   month = deform_attn_cpu.PRUNE_DAYS * 86400
-  stale, recent, other = (cache / "ms_deform_attn_cpu-old.so",
-                          cache / "ms_deform_attn_cpu-recent.so", cache / "notes.txt")
+  stale, recent, other = (
+      cache / "ms_deform_attn_cpu-old.so",
+      cache / "ms_deform_attn_cpu-recent.so",
+      cache / "notes.txt",
+  )
   for f in (stale, recent, other):
     f.write_bytes(b"x")
   os.utime(stale, (time.time() - month - 60,) * 2)

@@ -5,16 +5,18 @@ import json
 import os
 import struct
 
+import jax
+from jax.experimental import multihost_utils
 import jax.numpy as jnp
 import ml_collections
-import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
+from tensorboardX.proto import event_pb2
 
-from mtaclip_jax import evaluate
-from mtaclip_jax import inference
-from mtaclip_jax import metrics
+from mtaclip_jax.evaluation import evaluate
+from mtaclip_jax.evaluation import inference
+from mtaclip_jax.evaluation import metrics
+from mtaclip_jax.evaluation import report
 
 NUM_CLASSES = 4
 NAMES = ["wall", "sky", "road", "tree"]
@@ -43,9 +45,20 @@ def _dataset(sizes, seed=0):
 
 
 def _config(**kw):
-  return ml_collections.ConfigDict(dict(
-      dict(mode="whole", crop_size=(16, 16), stride=(11, 11), scales=(1.0,), flip=False,
-           test_scale=(64, 16), max_images=0), **kw))
+  return ml_collections.ConfigDict(
+      dict(
+          dict(
+              mode="whole",
+              crop_size=(16, 16),
+              stride=(11, 11),
+              scales=(1.0,),
+              flip=False,
+              test_scale=(64, 16),
+              max_images=0,
+          ),
+          **kw,
+      )
+  )
 
 
 @pytest.mark.parametrize("mode", ["whole", "slide", "ms_flip"])
@@ -53,10 +66,15 @@ def test_evaluate_matches_numpy_metrics(mode):
   # Short side 16 = test_scale's short side, long side <= 64: no resizing, so the
   # decoder is exact: classes 0-2 perfect, class 3 always wrong.
   data = _dataset([(16, 30), (20, 16), (16, 41)])
-  results = evaluate.evaluate(decode_fn, data, _config(mode=mode, flip=True),
-                              NUM_CLASSES, NAMES, progress=False)
-  preds = [inference.segment(decode_fn, d["image"], inference.Settings.from_config(
-      _config(mode=mode, flip=True))) for d in data]
+  results = evaluate.evaluate(
+      decode_fn, data, _config(mode=mode, flip=True), NUM_CLASSES, NAMES, progress=False
+  )
+  preds = [
+      inference.segment(
+          decode_fn, d["image"], inference.Settings.from_config(_config(mode=mode, flip=True))
+      )
+      for d in data
+  ]
   labels = [d["label"] for d in data]
   for pred, label in zip(preds, labels):
     keep = (label != 255) & (label != 3)
@@ -70,15 +88,15 @@ def test_evaluate_matches_numpy_metrics(mode):
   assert results["mIoU"] == pytest.approx(want["mIoU"])
   assert results["per_class"]["tree"]["IoU"] == 0.0
   assert results["per_class"]["sky"]["IoU"] == pytest.approx(
-      100 * cm[1, 1] / (cm[1].sum() + cm[:, 1].sum() - cm[1, 1]))
+      100 * cm[1, 1] / (cm[1].sum() + cm[:, 1].sum() - cm[1, 1])
+  )
   assert results["mode"] == mode and results["num_images"] == 3
   assert results["seconds"] > 0
 
 
 def test_max_images_and_bad_labels():
   data = _dataset([(16, 20)] * 3)
-  results = evaluate.evaluate(decode_fn, data, _config(max_images=2), NUM_CLASSES,
-                              progress=False)
+  results = evaluate.evaluate(decode_fn, data, _config(max_images=2), NUM_CLASSES, progress=False)
   assert results["num_images"] == 2
   assert list(results["per_class"]) == ["0", "1", "2", "3"]
   bad = dict(data[0], image=data[0]["image"][..., :1], name="grey")
@@ -103,14 +121,13 @@ def test_confusion_matrix_flush(monkeypatch):
 
 def _read_scalars(path):
   """{tag: (step, value)} from a TensorBoard event file (TFRecord framing)."""
-  from tensorboardX.proto import event_pb2
   out = {}
   with open(path, "rb") as f:
     data = f.read()
   pos = 0
   while pos < len(data):
-    (length,) = struct.unpack("<Q", data[pos:pos + 8])
-    event = event_pb2.Event.FromString(data[pos + 12:pos + 12 + length])
+    (length,) = struct.unpack("<Q", data[pos : pos + 8])
+    event = event_pb2.Event.FromString(data[pos + 12 : pos + 12 + length])
     pos += 16 + length
     for value in event.summary.value:
       out[value.tag] = (event.step, value.simple_value)
@@ -119,10 +136,9 @@ def _read_scalars(path):
 
 def test_write_results_json_and_tensorboard(tmp_path):
   data = _dataset([(16, 20)])
-  results = evaluate.evaluate(decode_fn, data, _config(), NUM_CLASSES, NAMES,
-                              progress=False)
+  results = evaluate.evaluate(decode_fn, data, _config(), NUM_CLASSES, NAMES, progress=False)
   results["per_class"]["tree"]["Acc"] = float("nan")  # e.g. absent from the GT
-  path = evaluate.write_results(results, str(tmp_path), step=1234)
+  path = report.write_results(results, str(tmp_path), step=1234)
   assert path == os.path.join(str(tmp_path), "eval", "step_1234.json")
   with open(path) as f:
     saved = json.load(f)
@@ -134,18 +150,17 @@ def test_write_results_json_and_tensorboard(tmp_path):
   scalars = _read_scalars(events[0])
   assert scalars["eval/mIoU"] == (1234, pytest.approx(results["mIoU"], rel=1e-6))
   assert scalars["eval_per_class/IoU/sky"][1] == pytest.approx(
-      results["per_class"]["sky"]["IoU"], rel=1e-6)
+      results["per_class"]["sky"]["IoU"], rel=1e-6
+  )
   assert "eval_per_class/Acc/tree" not in scalars  # nan is not logged
-  table = evaluate.format_table(results)
+  table = report.format_table(results)
   assert "| tree" in table and "mIoU" in table and "nan" in table
 
 
 def test_sum_over_processes_keeps_int64_counts(monkeypatch):
-  from jax.experimental import multihost_utils
   monkeypatch.setattr(evaluate.jax, "process_count", lambda: 2)
   # Two processes holding the same values.
-  monkeypatch.setattr(multihost_utils, "process_allgather",
-                      lambda x: np.stack([np.asarray(x)] * 2))
+  monkeypatch.setattr(multihost_utils, "process_allgather", lambda x: np.stack([np.asarray(x)] * 2))
   cm = np.array([[3 * 2**31 + 5, 7], [0, 2**30 - 1]], np.int64)
   total, n = evaluate.sum_over_processes(cm, 4)
   np.testing.assert_array_equal(total, 2 * cm)
@@ -156,18 +171,23 @@ def test_sum_over_processes_keeps_int64_counts(monkeypatch):
 def test_evaluate_model_with_a_contract_model(tmp_path, capsys):
   head = "similarity"  # reads tau from config.loss
   from tests.test_inference import _ContractModel
+
   model = _ContractModel(num_classes=NUM_CLASSES)
   tokens = np.zeros((NUM_CLASSES + 1, 5), np.int32)
   variables = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)), tokens)
-  config = ml_collections.ConfigDict(dict(
-      model=dict(num_classes=NUM_CLASSES), loss=dict(tau=0.5),
-      eval=dict(_config(mode="slide"), head=head)))
+  config = ml_collections.ConfigDict(
+      dict(
+          model=dict(num_classes=NUM_CLASSES),
+          loss=dict(tau=0.5),
+          eval=dict(_config(mode="slide"), head=head),
+      )
+  )
   data = _dataset([(16, 30), (16, 20)])
-  results = evaluate.evaluate_model(model, variables, tokens, data, config, NAMES,
-                                    workdir=str(tmp_path), step=7, progress=False)
+  results = evaluate.evaluate_model(
+      model, variables, tokens, data, config, NAMES, workdir=str(tmp_path), step=7, progress=False
+  )
   predict_fn = inference.make_predict_fn(model, variables, tokens, head=head, tau=0.5)
-  direct = evaluate.evaluate(predict_fn, data, config.eval, NUM_CLASSES, NAMES,
-                             progress=False)
+  direct = evaluate.evaluate(predict_fn, data, config.eval, NUM_CLASSES, NAMES, progress=False)
   np.testing.assert_array_equal(results["confusion_matrix"], direct["confusion_matrix"])
   assert results["head"] == head and results["num_images"] == 2
   assert "| road" in capsys.readouterr().out

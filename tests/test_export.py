@@ -6,16 +6,18 @@ import subprocess
 import sys
 
 import numpy as np
-import pytest
 from PIL import Image
+import pytest
 
-from mtaclip_jax import export, predict
+from mtaclip_jax.serve import export
+from mtaclip_jax.serve import predict
 from tests import test_predict
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
   return test_predict.train_tiny(tmp_path_factory)
+
 
 SIZE = 64
 
@@ -44,8 +46,9 @@ def test_export_round_trip_equals_in_process(trained, tmp_path):
 def test_export_open_vocabulary(trained, tmp_path):
   config, workdir, _ = trained
   path = str(tmp_path / "ov.jaxexport")
-  meta = export.export_checkpoint(config, workdir, path, size=SIZE,
-                                  classes=["partition", "edifice"])
+  meta = export.export_checkpoint(
+      config, workdir, path, size=SIZE, classes=["partition", "edifice"]
+  )
   call, _ = export.load(path)
   x = np.zeros((2, SIZE, SIZE, 3), np.float32)
   assert np.asarray(call(x)).shape == (2, SIZE, SIZE, 2)
@@ -75,11 +78,11 @@ def test_artifact_runs_with_jax_alone(trained, tmp_path):
       f"exp = jax.export.deserialize(bytearray(open({path!r}, 'rb').read()))\n"
       f"np.save({str(tmp_path / 'y.npy')!r}, np.asarray(exp.call(np.load("
       f"{str(tmp_path / 'x.npy')!r}))))\n"
-      "assert not [m for m in sys.modules if m.startswith(('mtaclip_jax', 'flax'))]\n")
+      "assert not [m for m in sys.modules if m.startswith(('mtaclip_jax', 'flax'))]\n"
+  )
   subprocess.run([sys.executable, "-c", code], check=True, cwd=str(tmp_path))
   fn, _, _, _ = predict.checkpoint_predictor(config, workdir)
-  np.testing.assert_allclose(np.load(tmp_path / "y.npy"), np.asarray(fn(x)),
-                             rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(np.load(tmp_path / "y.npy"), np.asarray(fn(x)), rtol=1e-5, atol=1e-5)
 
 
 def test_artifact_slide_mode_runs_windows_of_its_size(trained, tmp_path):
@@ -93,8 +96,7 @@ def test_artifact_slide_mode_runs_windows_of_its_size(trained, tmp_path):
   shapes = []
   recorded = lambda x: (shapes.append(np.shape(x)), call(x))[1]
   out = str(tmp_path / "artifact")
-  assert not predict.predict_images(recorded, settings, images, out, names, palette,
-                                    progress=False)
+  assert not predict.predict_images(recorded, settings, images, out, names, palette, progress=False)
   # 64x80 images at test_scale (80, 64): two 64x64 windows each, in one call.
   assert shapes == [(2, SIZE, SIZE, 3)] * len(images)
   ref = str(tmp_path / "checkpoint")

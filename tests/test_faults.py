@@ -15,10 +15,14 @@ import tempfile
 import time
 
 import jax
+import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+from mtaclip_jax import errors
+from mtaclip_jax.runtime import checkpoint
+from mtaclip_jax.train import metric_writer
 from tests import train_fixtures
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -28,16 +32,24 @@ pytestmark = pytest.mark.slow
 
 
 def command(data_root, workdir, steps=STEPS, every=2):
-  return [sys.executable, "-m", "mtaclip_jax.main",
-          "--config", f"tests/configs/tiny.py:{data_root}", "--workdir", str(workdir),
-          f"--config.train.steps={steps}", f"--config.optim.total_steps={STEPS}",
-          f"--config.train.checkpoint_every={every}", "--config.train.max_to_keep=3",
-          f"--config.eval.every_steps={EVAL_STEP}"]
+  return [
+      sys.executable,
+      "-m",
+      "mtaclip_jax.main",
+      "--config",
+      f"tests/configs/tiny.py:{data_root}",
+      "--workdir",
+      str(workdir),
+      f"--config.train.steps={steps}",
+      f"--config.optim.total_steps={STEPS}",
+      f"--config.train.checkpoint_every={every}",
+      "--config.train.max_to_keep=3",
+      f"--config.eval.every_steps={EVAL_STEP}",
+  ]
 
 
 def run(cmd, timeout=600):
-  proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
-                        check=False)
+  proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, check=False)
   assert proc.returncode == 0, proc.stderr[-4000:]
   return proc
 
@@ -51,8 +63,7 @@ def kill9_when(cmd, ready, delay=0.0, timeout=300):
   """Starts `cmd`, waits until `ready(stderr so far)` holds, sleeps `delay` seconds and
   kills it with SIGKILL. Returns True if the kill landed (the run had not ended)."""
   with tempfile.TemporaryFile("w+") as err:
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=err,
-                            text=True)
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=err, text=True)
     deadline = time.time() + timeout
     while proc.poll() is None and time.time() < deadline:
       err.seek(0)
@@ -111,12 +122,10 @@ def reference(reference_dir):
 def eval_results(workdir, step):
   with open(os.path.join(workdir, "eval", f"step_{step}.json")) as f:
     r = json.load(f)
-  return {k: r[k] for k in ("mIoU", "mAcc", "aAcc", "IoU", "Acc", "confusion_matrix",
-                            "num_images")}
+  return {k: r[k] for k in ("mIoU", "mAcc", "aAcc", "IoU", "Acc", "confusion_matrix", "num_images")}
 
 
-def test_three_kill9_then_resume_is_bit_exact(data_root, reference, reference_dir,
-                                              tmp_path):
+def test_three_kill9_then_resume_is_bit_exact(data_root, reference, reference_dir, tmp_path):
   workdir = str(tmp_path / "killed")
   rng = random.Random(0)
   kills = 0
@@ -127,10 +136,13 @@ def test_three_kill9_then_resume_is_bit_exact(data_root, reference, reference_di
     # finish, so run 3 evaluates step 10 (reached, or redone after resuming there):
     # kill 3 lands during that evaluation.
     new_checkpoint = lambda _, seen=seen: bool(steps_on_disk(workdir)) and (
-        not seen or steps_on_disk(workdir)[-1] > seen[-1])
-    kills += kill9_when(command(data_root, workdir),
-                        evaluating if i == 2 else new_checkpoint,
-                        delay=0.0 if i == 2 else rng.uniform(0.0, 0.8))
+        not seen or steps_on_disk(workdir)[-1] > seen[-1]
+    )
+    kills += kill9_when(
+        command(data_root, workdir),
+        evaluating if i == 2 else new_checkpoint,
+        delay=0.0 if i == 2 else rng.uniform(0.0, 0.8),
+    )
     if steps_on_disk(workdir) and steps_on_disk(workdir)[-1] == STEPS:
       break
   assert kills == 3, f"only {kills} kills landed before the run finished"
@@ -143,9 +155,13 @@ def test_three_kill9_then_resume_is_bit_exact(data_root, reference, reference_di
 
 def test_sigterm_saves_and_exits_0_then_resumes(data_root, tmp_path):
   workdir = str(tmp_path / "preempted")
-  proc = subprocess.Popen(command(data_root, workdir, steps=10_000, every=10_000),
-                          cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                          text=True)
+  proc = subprocess.Popen(
+      command(data_root, workdir, steps=10_000, every=10_000),
+      cwd=ROOT,
+      stdout=subprocess.DEVNULL,
+      stderr=subprocess.PIPE,
+      text=True,
+  )
   metrics = os.path.join(workdir, "metrics.jsonl")
   deadline = time.time() + 300
   while time.time() < deadline and proc.poll() is None:
@@ -158,15 +174,20 @@ def test_sigterm_saves_and_exits_0_then_resumes(data_root, tmp_path):
   saved = steps_on_disk(workdir)
   assert len(saved) == 1 and 3 <= saved[0] < 10_000, saved
   resumed = run(command(data_root, workdir, steps=saved[0] + 2, every=10_000))
-  assert f"resumed from" in resumed.stderr and f"at step {saved[0]}" in resumed.stderr
+  assert "resumed from" in resumed.stderr and f"at step {saved[0]}" in resumed.stderr
   assert steps_on_disk(workdir)[-1] == saved[0] + 2
 
 
 def test_damaged_latest_checkpoint_falls_back_and_is_kept(data_root, reference, tmp_path):
   workdir = str(tmp_path / "damaged")
   run(command(data_root, workdir))
-  files = [f for f in glob.glob(os.path.join(workdir, "checkpoints", str(STEPS), "state",
-                                             "**"), recursive=True) if os.path.isfile(f)]
+  files = [
+      f
+      for f in glob.glob(
+          os.path.join(workdir, "checkpoints", str(STEPS), "state", "**"), recursive=True
+      )
+      if os.path.isfile(f)
+  ]
   assert files
   for f in files:  # truncate every array file of the latest step
     with open(f, "r+b") as fh:
@@ -181,10 +202,11 @@ def test_damaged_latest_checkpoint_falls_back_and_is_kept(data_root, reference, 
 def test_wrong_checkpoint_for_the_config_is_named(data_root, tmp_path):
   workdir = str(tmp_path / "other_model")
   run(command(data_root, workdir, steps=2))
-  cmd = command(data_root, workdir, steps=4) + ["--config.model.num_classes=3",
-                                               "--config.data.num_classes=3"]
-  proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
-                        check=False)
+  cmd = command(data_root, workdir, steps=4) + [
+      "--config.model.num_classes=3",
+      "--config.data.num_classes=3",
+  ]
+  proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, check=False)
   assert proc.returncode == 1, proc.stderr[-3000:]
   errors = [l for l in proc.stderr.splitlines() if l.startswith("error: ")]
   assert errors and "no checkpoint could be restored" in errors[0], proc.stderr[-3000:]
@@ -199,7 +221,8 @@ def test_wrong_checkpoint_for_the_config_is_named(data_root, tmp_path):
 # as a full disk fails it with ENOSPC), inside orbax/tensorstore's own writes.
 DISK_FULL_DRIVER = """
 import resource, signal, sys
-from mtaclip_jax import checkpoint, main
+from mtaclip_jax.runtime import checkpoint
+from mtaclip_jax.cli import main
 fail_at = int(sys.argv.pop(1))
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
 real_save = checkpoint.Checkpointer.save
@@ -214,20 +237,29 @@ main.cli()
 """
 
 
-def test_disk_full_mid_run_stops_clearly_then_resumes_bit_exact(data_root, reference,
-                                                                reference_dir, tmp_path):
+def test_disk_full_mid_run_stops_clearly_then_resumes_bit_exact(
+    data_root, reference, reference_dir, tmp_path
+):
   workdir = str(tmp_path / "full")
   cmd = command(data_root, workdir)
-  full = subprocess.run([sys.executable, "-c", DISK_FULL_DRIVER, "6"] + cmd[3:],
-                        cwd=ROOT, capture_output=True, text=True, timeout=600, check=False)
+  full = subprocess.run(
+      [sys.executable, "-c", DISK_FULL_DRIVER, "6"] + cmd[3:],
+      cwd=ROOT,
+      capture_output=True,
+      text=True,
+      timeout=600,
+      check=False,
+  )
   errors = [l for l in full.stderr.splitlines() if l.startswith("error: ")]
   assert full.returncode == 1 and len(errors) == 1, full.stderr[-3000:]
   # orbax's background-thread tracebacks and the closed event loop's (4000+ lines
   # before console.install) are kept off the console; their one-line logs stay.
   assert "Traceback" not in full.stderr, full.stderr[:3000]
   assert len(full.stderr.splitlines()) < 60, full.stderr[:3000]
-  assert "cannot write checkpoint step 6 to " + os.path.join(workdir, "checkpoints") \
-      in errors[0] and "step 4, is intact" in errors[0], errors[0]
+  assert (
+      "cannot write checkpoint step 6 to " + os.path.join(workdir, "checkpoints") in errors[0]
+      and "step 4, is intact" in errors[0]
+  ), errors[0]
   assert "run the same command again" in errors[0]
   assert steps_on_disk(workdir) == [2, 4]  # complete ones kept, step 6 left half-written
   assert glob.glob(os.path.join(workdir, "checkpoints", "6.orbax-checkpoint-tmp*"))
@@ -240,8 +272,7 @@ def test_disk_full_mid_run_stops_clearly_then_resumes_bit_exact(data_root, refer
 
 
 def test_kill9_during_mode_eval_then_rerun(data_root, reference, reference_dir):
-  cmd = command(data_root, reference_dir) + ["--mode=eval",
-                                             f"--config.eval.step={EVAL_STEP}"]
+  cmd = command(data_root, reference_dir) + ["--mode=eval", f"--config.eval.step={EVAL_STEP}"]
   before = eval_results(reference_dir, EVAL_STEP)  # the in-training evaluation
   assert kill9_when(cmd, evaluating)
   assert eval_results(reference_dir, EVAL_STEP) == before  # not half-overwritten
@@ -252,29 +283,29 @@ def test_kill9_during_mode_eval_then_rerun(data_root, reference, reference_dir):
 
 def test_metrics_write_on_a_full_disk_is_named(tmp_path):
   """/dev/full fails every write with ENOSPC, as a full disk does."""
-  from mtaclip_jax import runtime  # pylint: disable=g-import-not-at-top
   os.symlink("/dev/full", tmp_path / "metrics.jsonl")
-  writer = runtime.MetricWriter(str(tmp_path))
-  with pytest.raises(runtime.WorkdirError, match="metrics.jsonl at step 3") as e:
+  writer = metric_writer.MetricWriter(str(tmp_path))
+  with pytest.raises(errors.WorkdirError, match="metrics.jsonl at step 3") as e:
     writer.write(3, {"loss": 1.0})
   assert e.value.__cause__.errno == errno.ENOSPC
   assert "run the same command again" in str(e.value)
 
 
 def test_enospc_from_a_save_names_the_folder_and_the_intact_step(tmp_path, monkeypatch):
-  import ml_collections  # pylint: disable=g-import-not-at-top
-  from mtaclip_jax import checkpoint  # pylint: disable=g-import-not-at-top
   ckpt = checkpoint.Checkpointer(str(tmp_path), every=1, max_to_keep=3)
   config = ml_collections.ConfigDict({"seed": 0})
   ckpt.save(1, {"w": np.arange(4.0)}, None, config)
   ckpt.wait()
 
   def full(*args, **kwargs):  # tensorstore's messages can carry a traceback
-    raise OSError(errno.ENOSPC, "No space left on device\nTraceback (most recent call "
-                  "last):\n  File \"serialization.py\", line 166")
+    raise OSError(
+        errno.ENOSPC,
+        "No space left on device\nTraceback (most recent call "
+        'last):\n  File "serialization.py", line 166',
+    )
 
   monkeypatch.setattr(ckpt.manager, "save", full)
-  with pytest.raises(checkpoint.CheckpointSaveError) as e, ckpt.abandon_on_save_error():
+  with pytest.raises(errors.CheckpointSaveError) as e, ckpt.abandon_on_save_error():
     ckpt.save(2, {"w": np.arange(4.0)}, None, config)
   message = str(e.value)
   assert f"step 2 to {tmp_path}/checkpoints" in message and "No space left" in message

@@ -6,7 +6,6 @@ Regenerate the goldens only for a change that is meant to move them:
 `python -m tests.golden.regenerate state_layout` (or `checkpoint`)."""
 
 import json
-import os
 import shutil
 
 import jax
@@ -35,7 +34,8 @@ def test_state_layout_matches_golden(golden, spec):
   assert not (missing or extra or changed), (
       f"{spec}: {len(missing)} leaves missing (e.g. {missing[:3]}), {len(extra)} new "
       f"(e.g. {extra[:3]}), {len(changed)} changed (e.g. "
-      f"{[(k, want[k], now[k]) for k in changed[:3]]})")
+      f"{[(k, want[k], now[k]) for k in changed[:3]]})"
+  )
 
 
 def test_checkpoint_of_an_earlier_version_restores(tmp_path):
@@ -45,7 +45,8 @@ def test_checkpoint_of_an_earlier_version_restores(tmp_path):
   config = train_fixtures.tiny_config(str(tmp_path / "ADEChallengeData2016"), steps=1)
   abstract = train_fixtures.abstract_state(config)
   step, state, saved_config, data_iter = train_fixtures.restore_checkpoint(
-      config, str(workdir), abstract)
+      config, str(workdir), abstract
+  )
   assert step == 1
   assert int(state.step) == 1
   assert saved_config["model"]["hidden_dim"] == config.model.hidden_dim

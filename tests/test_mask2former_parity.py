@@ -8,12 +8,12 @@ feature maps. Tolerance: fp32, 1e-4 relative to each output's max magnitude.
 
 import os
 
+import jax
 import numpy as np
 import pytest
-import jax
-import jax.numpy as jnp
 
-from convert_weights.mask2former_hf import check_params, convert_mask2former_hf
+from convert_weights.mask2former_hf import check_params
+from convert_weights.mask2former_hf import convert_mask2former_hf
 from mtaclip_jax.models.decoder import MaskTextDecoder
 from mtaclip_jax.models.pixel_decoder import PixelDecoder
 
@@ -33,11 +33,15 @@ def _rel_err(a, b):
 @pytest.fixture(scope="module")
 def reference():
   torch.manual_seed(0)
-  backbone = transformers.ResNetConfig(out_features=["stage1", "stage2", "stage3", "stage4"],
-                                       depths=[1, 1, 1, 1], hidden_sizes=[64, 128, 256, 512],
-                                       embedding_size=32)
-  cfg = transformers.Mask2FormerConfig(backbone_config=backbone, num_labels=NUM_LABELS,
-                                       encoder_layers=2, decoder_layers=4)
+  backbone = transformers.ResNetConfig(
+      out_features=["stage1", "stage2", "stage3", "stage4"],
+      depths=[1, 1, 1, 1],
+      hidden_sizes=[64, 128, 256, 512],
+      embedding_size=32,
+  )
+  cfg = transformers.Mask2FormerConfig(
+      backbone_config=backbone, num_labels=NUM_LABELS, encoder_layers=2, decoder_layers=4
+  )
   model = transformers.Mask2FormerForUniversalSegmentation(cfg).eval()
   pixels = torch.randn(2, 3, 64, 96)
   with torch.no_grad():
@@ -66,11 +70,13 @@ def ours(reference):
   shapes = jax.eval_shape(pixel.init, jax.random.PRNGKey(0), feats)["params"]
   check_params(params["pixel_decoder"], shapes, "pixel_decoder")
   pix = jax.jit(lambda p, f: pixel.apply({"params": p}, f))(params["pixel_decoder"], feats)
-  dec_shapes = jax.eval_shape(decoder.init, jax.random.PRNGKey(0), pix["multi_scale_features"],
-                              pix["mask_features"])["params"]
+  dec_shapes = jax.eval_shape(
+      decoder.init, jax.random.PRNGKey(0), pix["multi_scale_features"], pix["mask_features"]
+  )["params"]
   check_params(params["decoder"], dec_shapes, "decoder")
   dec = jax.jit(lambda p, ms, mf: decoder.apply({"params": p}, ms, mf))(
-      params["decoder"], pix["multi_scale_features"], pix["mask_features"])
+      params["decoder"], pix["multi_scale_features"], pix["mask_features"]
+  )
   return pix, dec
 
 
@@ -96,8 +102,14 @@ def test_decoder_layers_match(reference, ours):
   assert dec["masks"].shape == (4, 2, 100, 16, 24)
   assert set(dec) == {"logits", "masks", "mask_embed", "mask_features"}
   for layer in range(4):
-    print("layer", layer, "logits", _rel_err(dec["logits"][layer], reference["logits"][layer]),
-          "masks", _rel_err(dec["masks"][layer], reference["masks"][layer]))
+    print(
+        "layer",
+        layer,
+        "logits",
+        _rel_err(dec["logits"][layer], reference["logits"][layer]),
+        "masks",
+        _rel_err(dec["masks"][layer], reference["masks"][layer]),
+    )
     assert _rel_err(dec["logits"][layer], reference["logits"][layer]) <= TOL, layer
     assert _rel_err(dec["masks"][layer], reference["masks"][layer]) <= TOL, layer
 
@@ -106,5 +118,9 @@ def test_converter_rejects_foreign_state_dict():
   with pytest.raises(ValueError, match="no Mask2Former"):
     convert_mask2former_hf({"backbone.conv.weight": np.zeros((1,))})
   with pytest.raises(ValueError, match="unexpected key"):
-    convert_mask2former_hf({"model.pixel_level_module.decoder.bogus.weight": np.zeros((1,)),
-                            "model.transformer_module.level_embed.weight": np.zeros((3, 4))})
+    convert_mask2former_hf(
+        {
+            "model.pixel_level_module.decoder.bogus.weight": np.zeros((1,)),
+            "model.transformer_module.level_embed.weight": np.zeros((3, 4)),
+        }
+    )

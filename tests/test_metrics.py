@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from mtaclip_jax import metrics
+from mtaclip_jax.evaluation import metrics
 
 
 def _numpy_metrics(preds, labels, num_classes, ignore=255):
@@ -22,15 +22,17 @@ def _numpy_metrics(preds, labels, num_classes, ignore=255):
       area_label[c] += np.sum(l == c)
   union = area_pred + area_label - inter
   iou = np.array([inter[c] / union[c] if union[c] else np.nan for c in range(num_classes)])
-  acc = np.array([inter[c] / area_label[c] if area_label[c] else np.nan
-                  for c in range(num_classes)])
+  acc = np.array(
+      [inter[c] / area_label[c] if area_label[c] else np.nan for c in range(num_classes)]
+  )
   return 100 * iou, 100 * acc, 100 * inter.sum() / area_label.sum()
 
 
 def test_hand_computed_example():
   # 2 classes + ignore: label row [0 0 1 255], pred row [0 1 1 0].
-  cm = metrics.update(metrics.new_confusion_matrix(3), np.array([[0, 1, 1, 0]]),
-                      np.array([[0, 0, 1, 255]]), 3)
+  cm = metrics.update(
+      metrics.new_confusion_matrix(3), np.array([[0, 1, 1, 0]]), np.array([[0, 0, 1, 255]]), 3
+  )
   np.testing.assert_array_equal(np.asarray(cm), [[1, 1, 0], [0, 1, 0], [0, 0, 0]])
   r = metrics.compute_metrics(cm, ["a", "b", "c"])
   np.testing.assert_allclose(r["IoU"][:2], [50.0, 50.0])
@@ -48,10 +50,10 @@ def test_matches_numpy_with_ignore_and_absent_classes():
   preds, labels = [], []
   cm = metrics.new_confusion_matrix(num_classes)
   for shape in [(13, 17), (20, 9), (5, 31)]:
-    label = rng.randint(0, 5, shape)           # classes 5, 6 never in GT
-    label[rng.rand(*shape) < 0.2] = 255        # ignore pixels
-    pred = rng.randint(0, 6, shape)            # class 5 predicted, 6 never
-    pred[label == 255] = 6                     # predictions on ignore never count
+    label = rng.randint(0, 5, shape)  # classes 5, 6 never in GT
+    label[rng.rand(*shape) < 0.2] = 255  # ignore pixels
+    pred = rng.randint(0, 6, shape)  # class 5 predicted, 6 never
+    pred[label == 255] = 6  # predictions on ignore never count
     preds.append(pred)
     labels.append(label)
     cm = metrics.update(cm, pred, label, num_classes)
@@ -68,8 +70,7 @@ def test_matches_numpy_with_ignore_and_absent_classes():
 
 
 def test_out_of_range_labels_are_ignored():
-  cm = metrics.update(metrics.new_confusion_matrix(2), np.array([0, 1, 1]),
-                      np.array([0, 7, -1]), 2)
+  cm = metrics.update(metrics.new_confusion_matrix(2), np.array([0, 1, 1]), np.array([0, 7, -1]), 2)
   np.testing.assert_array_equal(np.asarray(cm), [[1, 0], [0, 0]])
 
 

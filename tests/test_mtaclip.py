@@ -1,21 +1,41 @@
 """Full MTA-CLIP model: contract shapes, jit, parameter tree, gradient paths."""
 
-import numpy as np
-import pytest
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
+import pytest
 
+from mtaclip_jax.cli import summary
 from mtaclip_jax.models import mtaclip
 
 
 def _config(**kw):
-  c = dict(backbone="tiny", text_encoder="tiny", backbone_norm="frozen_bn", num_classes=4,
-           num_queries=8, hidden_dim=64, mask_dim=64, enc_layers=2, enc_ffn_dim=128,
-           enc_heads=4, enc_points=2, num_feature_levels=3, dec_layers=3, dec_ffn_dim=128,
-           dec_heads=4, text_queries=True, joint_self_attn=True, num_contexts=2,
-           context_length=8, class_length=5, gamma_init=1e-4, deform_attn_impl="gather",
-           dtype="float32")
+  c = dict(
+      backbone="tiny",
+      text_encoder="tiny",
+      backbone_norm="frozen_bn",
+      num_classes=4,
+      num_queries=8,
+      hidden_dim=64,
+      mask_dim=64,
+      enc_layers=2,
+      enc_ffn_dim=128,
+      enc_heads=4,
+      enc_points=2,
+      num_feature_levels=3,
+      dec_layers=3,
+      dec_ffn_dim=128,
+      dec_heads=4,
+      text_queries=True,
+      joint_self_attn=True,
+      num_contexts=2,
+      context_length=8,
+      class_length=5,
+      gamma_init=1e-4,
+      deform_attn_impl="gather",
+      dtype="float32",
+  )
   c.update(kw)
   return ml_collections.ConfigDict(c)
 
@@ -60,8 +80,14 @@ def test_tiny_forward_under_jit_and_gradients(tiny):
   # Contexts learn through the text encoder (frozen by the optimizer, not here).
   assert np.abs(np.asarray(grads["contexts"])).max() > 0
   assert np.abs(np.asarray(grads["text_encoder"]["ln_final"]["scale"])).max() > 0
-  assert np.abs(np.asarray(grads["pixel_decoder"]["encoder"]["layers_0"]["self_attn"]
-                           ["value_proj"]["kernel"])).max() > 0
+  assert (
+      np.abs(
+          np.asarray(
+              grads["pixel_decoder"]["encoder"]["layers_0"]["self_attn"]["value_proj"]["kernel"]
+          )
+      ).max()
+      > 0
+  )
 
 
 def test_cached_text_embeddings_give_the_same_outputs(tiny):
@@ -93,17 +119,35 @@ def test_tiny_bfloat16_and_baseline(tiny):
   assert set(out) == {"logits", "masks", "mask_embed", "mask_features"}
 
 
-@pytest.mark.parametrize("dataset,num_classes,backbone,queries", [
-    ("ade20k", 150, "RN50", 553), ("cityscapes", 19, "RN50", 160)])
+@pytest.mark.parametrize(
+    "dataset,num_classes,backbone,queries",
+    [("ade20k", 150, "RN50", 553), ("cityscapes", 19, "RN50", 160)],
+)
 def test_paper_shapes(dataset, num_classes, backbone, queries):
-  cfg = _config(backbone=backbone, text_encoder=backbone, num_classes=num_classes,
-                num_queries=100, hidden_dim=256, mask_dim=256, enc_layers=6, enc_ffn_dim=1024,
-                enc_heads=8, enc_points=4, dec_layers=9, dec_ffn_dim=2048, dec_heads=8,
-                num_contexts=3)
+  cfg = _config(
+      backbone=backbone,
+      text_encoder=backbone,
+      num_classes=num_classes,
+      num_queries=100,
+      hidden_dim=256,
+      mask_dim=256,
+      enc_layers=6,
+      enc_ffn_dim=1024,
+      enc_heads=8,
+      enc_points=4,
+      dec_layers=9,
+      dec_ffn_dim=2048,
+      dec_heads=8,
+      num_contexts=3,
+  )
   model = mtaclip.build_model(cfg)
   images = jax.ShapeDtypeStruct((2, 512, 512, 3), jnp.float32)
-  out, variables = jax.eval_shape(model.init_with_output, jax.random.PRNGKey(0), images,
-                                  jax.ShapeDtypeStruct((num_classes + 1, 5), jnp.int32))
+  out, variables = jax.eval_shape(
+      model.init_with_output,
+      jax.random.PRNGKey(0),
+      images,
+      jax.ShapeDtypeStruct((num_classes + 1, 5), jnp.int32),
+  )
   dec = variables["params"]["decoder"]
   assert dec["queries_features"].shape[0] + dec["text_pos_embed"].shape[0] == queries
   assert out["logits"].shape == (9, 2, 100, num_classes + 1)
@@ -129,9 +173,12 @@ def test_config_errors():
 
 
 def test_summary_param_table():
-  from mtaclip_jax import summary
-  config = ml_collections.ConfigDict(dict(model=_config(), optim=dict(
-      lr_mult_rules=[[r"^text_encoder/", 0.0], [r"^backbone/", 0.1]])))
+  config = ml_collections.ConfigDict(
+      dict(
+          model=_config(),
+          optim=dict(lr_mult_rules=[[r"^text_encoder/", 0.0], [r"^backbone/", 0.1]]),
+      )
+  )
   rows, _ = summary.param_table(config, mtaclip.build_model(config.model))
   rows = {name: (t, f) for name, t, f in rows}
   assert set(rows) == {"backbone", "text_encoder", "contexts", "pixel_decoder", "decoder"}

@@ -1,15 +1,19 @@
 """Optimizer: schedule, parameter rules, and equality with torch AdamW per group."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from mtaclip_jax import config_lib, optim
+from mtaclip_jax.config import recipes
+from mtaclip_jax.models import mtaclip
+from mtaclip_jax.train import optim
 
 
 def cfg(**kw):
-  c = config_lib.optim_defaults(steps=1000)
+  c = recipes.optim_defaults(steps=1000)
   c.warmup_steps = 100
   for k, v in kw.items():
     setattr(c, k, v)
@@ -31,17 +35,32 @@ def test_schedule_matches_mmengine_linear_then_poly():
 
 
 FAKE_PARAMS = {
-    "backbone": {"conv1": {"kernel": 1}, "bn1": {"scale": 1, "bias": 1},
-                 "layer1": {"0": {"conv1": {"kernel": 1}}}},
-    "text_encoder": {"token_embedding": {"embedding": 1},
-                     "positional_embedding": 1, "ln_final": {"scale": 1, "bias": 1},
-                     "transformer": {"resblocks": {"0": {"attn": {"in_proj_weight": 1}}}}},
+    "backbone": {
+        "conv1": {"kernel": 1},
+        "bn1": {"scale": 1, "bias": 1},
+        "layer1": {"0": {"conv1": {"kernel": 1}}},
+    },
+    "text_encoder": {
+        "token_embedding": {"embedding": 1},
+        "positional_embedding": 1,
+        "ln_final": {"scale": 1, "bias": 1},
+        "transformer": {"resblocks": {"0": {"attn": {"in_proj_weight": 1}}}},
+    },
     "contexts": 1,
-    "pixel_decoder": {"level_embed": 1, "input_proj_0": {"gn": {"scale": 1}},
-                      "encoder": {"layers_0": {"self_attn_layer_norm": {"scale": 1},
-                                               "fc1": {"kernel": 1, "bias": 1}}}},
-    "decoder": {"query_feat": {"embedding": 1}, "query_embed": {"embedding": 1},
-                "gamma": 1, "class_embed": {"kernel": 1}, "decoder_norm": {"scale": 1}},
+    "pixel_decoder": {
+        "level_embed": 1,
+        "input_proj_0": {"gn": {"scale": 1}},
+        "encoder": {
+            "layers_0": {"self_attn_layer_norm": {"scale": 1}, "fc1": {"kernel": 1, "bias": 1}}
+        },
+    },
+    "decoder": {
+        "query_feat": {"embedding": 1},
+        "query_embed": {"embedding": 1},
+        "gamma": 1,
+        "class_embed": {"kernel": 1},
+        "decoder_norm": {"scale": 1},
+    },
 }
 
 
@@ -52,19 +71,35 @@ def test_rules_catch_the_right_parameters():
   assert all(p.startswith("text_encoder/") for p in groups["lr x0"])
   assert len(groups["lr x0"]) == 5
   assert sorted(groups["lr x0.1"]) == sorted(
-      ["backbone/conv1/kernel", "backbone/bn1/scale", "backbone/bn1/bias",
-       "backbone/layer1/0/conv1/kernel"])
+      [
+          "backbone/conv1/kernel",
+          "backbone/bn1/scale",
+          "backbone/bn1/bias",
+          "backbone/layer1/0/conv1/kernel",
+      ]
+  )
   no_decay = set(groups["no decay"])
-  for p in ["backbone/bn1/scale", "backbone/bn1/bias", "contexts", "decoder/gamma",
-            "decoder/query_feat/embedding", "decoder/query_embed/embedding",
-            "pixel_decoder/level_embed", "pixel_decoder/input_proj_0/gn/scale",
-            "pixel_decoder/encoder/layers_0/self_attn_layer_norm/scale",
-            "decoder/decoder_norm/scale", "text_encoder/token_embedding/embedding",
-            "text_encoder/positional_embedding"]:
+  for p in [
+      "backbone/bn1/scale",
+      "backbone/bn1/bias",
+      "contexts",
+      "decoder/gamma",
+      "decoder/query_feat/embedding",
+      "decoder/query_embed/embedding",
+      "pixel_decoder/level_embed",
+      "pixel_decoder/input_proj_0/gn/scale",
+      "pixel_decoder/encoder/layers_0/self_attn_layer_norm/scale",
+      "decoder/decoder_norm/scale",
+      "text_encoder/token_embedding/embedding",
+      "text_encoder/positional_embedding",
+  ]:
     assert p in no_decay, p
-  for p in ["backbone/conv1/kernel", "decoder/class_embed/kernel",
-            "pixel_decoder/encoder/layers_0/fc1/kernel",
-            "pixel_decoder/encoder/layers_0/fc1/bias"]:
+  for p in [
+      "backbone/conv1/kernel",
+      "decoder/class_embed/kernel",
+      "pixel_decoder/encoder/layers_0/fc1/kernel",
+      "pixel_decoder/encoder/layers_0/fc1/bias",
+  ]:
     assert p not in no_decay, p
 
 
@@ -77,23 +112,37 @@ def test_frozen_parameters_are_left_out():
 @pytest.mark.parity
 def test_adamw_equals_torch_per_group():
   import torch
+
   rng = np.random.default_rng(0)
-  params = {"backbone/w": rng.normal(size=(3, 4)).astype(np.float32),
-            "decoder/norm/scale": rng.normal(size=(4,)).astype(np.float32),
-            "decoder/w": rng.normal(size=(4, 2)).astype(np.float32)}
-  grads = [{k: rng.normal(size=v.shape).astype(np.float32) for k, v in params.items()}
-           for _ in range(5)]
-  c = cfg(clip_norm=0.0, warmup_steps=0, lr=1e-2, total_steps=5, poly_power=1.0,
-          lr_mult_rules=[["^backbone/", 0.1]])
+  params = {
+      "backbone/w": rng.normal(size=(3, 4)).astype(np.float32),
+      "decoder/norm/scale": rng.normal(size=(4,)).astype(np.float32),
+      "decoder/w": rng.normal(size=(4, 2)).astype(np.float32),
+  }
+  grads = [
+      {k: rng.normal(size=v.shape).astype(np.float32) for k, v in params.items()} for _ in range(5)
+  ]
+  c = cfg(
+      clip_norm=0.0,
+      warmup_steps=0,
+      lr=1e-2,
+      total_steps=5,
+      poly_power=1.0,
+      lr_mult_rules=[["^backbone/", 0.1]],
+  )
   tx = optim.make_optimizer(c)
   p = {k: jnp.asarray(v) for k, v in params.items()}
   state = tx.init(p)
   tp = {k: torch.nn.Parameter(torch.tensor(v)) for k, v in params.items()}
-  topt = torch.optim.AdamW([
-      {"params": [tp["backbone/w"]], "lr": 1e-3, "weight_decay": 0.02},
-      {"params": [tp["decoder/norm/scale"]], "lr": 1e-2, "weight_decay": 0.0},
-      {"params": [tp["decoder/w"]], "lr": 1e-2, "weight_decay": 0.02}],
-      betas=(0.9, 0.999), eps=1e-8)
+  topt = torch.optim.AdamW(
+      [
+          {"params": [tp["backbone/w"]], "lr": 1e-3, "weight_decay": 0.02},
+          {"params": [tp["decoder/norm/scale"]], "lr": 1e-2, "weight_decay": 0.0},
+          {"params": [tp["decoder/w"]], "lr": 1e-2, "weight_decay": 0.02},
+      ],
+      betas=(0.9, 0.999),
+      eps=1e-8,
+  )
   sched = torch.optim.lr_scheduler.LambdaLR(topt, lambda s: (1 - s / 5))
   for g in grads:
     u, state = tx.update({k: jnp.asarray(v) for k, v in g.items()}, state, p)
@@ -119,12 +168,13 @@ def test_rules_on_the_real_model(backbone):
   """Every norm, embedding and query parameter of the real model gets no decay;
   every kernel gets decay; only the text tower and the image tower's unread
   image-level head are frozen."""
-  import re
-  from mtaclip_jax.models import mtaclip
-  c = config_lib.paper_config("ade20k", backbone)
+  c = recipes.paper_config("ade20k", backbone)
   model = mtaclip.build_model(c.model)
-  shapes = jax.eval_shape(lambda: model.init(
-      jax.random.key(0), jnp.zeros((1, 64, 64, 3)), jnp.zeros((151, 5), jnp.int32)))
+  shapes = jax.eval_shape(
+      lambda: model.init(
+          jax.random.key(0), jnp.zeros((1, 64, 64, 3)), jnp.zeros((151, 5), jnp.int32)
+      )
+  )
   groups = optim.describe_rules(shapes["params"], c.optim)
   for name, paths in sorted(groups.items()):
     print(f"{name}: {len(paths)} parameters")
@@ -135,8 +185,14 @@ def test_rules_on_the_real_model(backbone):
     assert not p.endswith("kernel"), p
   for p in decay:  # in flax only norm layers have a "scale"
     assert not p.endswith("/scale"), p
-  assert {"decoder/queries_features", "decoder/queries_embedder", "decoder/level_embed",
-          "decoder/gamma", "contexts", "pixel_decoder/level_embed"} <= no_decay
+  assert {
+      "decoder/queries_features",
+      "decoder/queries_embedder",
+      "decoder/level_embed",
+      "decoder/gamma",
+      "contexts",
+      "pixel_decoder/level_embed",
+  } <= no_decay
   heads = {"RN50": "backbone/attnpool/", "ViT-B/16": "backbone/(ln_post|proj)"}[backbone]
   assert all(re.match(f"text_encoder/|{heads}", p) for p in groups["lr x0"])
   assert any(re.match(heads, p) for p in groups["lr x0"])  # segmentation never reads it

@@ -5,12 +5,15 @@ import json
 import os
 
 import numpy as np
-import pytest
 from PIL import Image
+import pytest
 
-from mtaclip_jax import inference, predict, train
+from mtaclip_jax.evaluation import inference
+from mtaclip_jax.serve import image_io
+from mtaclip_jax.serve import outputs
+from mtaclip_jax.serve import predict
+from mtaclip_jax.train import loop
 from tests import train_fixtures
-
 
 _TRAINED = {}
 
@@ -22,10 +25,9 @@ def train_tiny(tmp_path_factory):
     root = train_fixtures.make_dataset(tmp_path_factory.mktemp("pdata"), train=4, val=2)
     config = train_fixtures.tiny_config(root, steps=2)
     workdir = str(tmp_path_factory.mktemp("pwork"))
-    train.run(config, workdir)
+    loop.run(config, workdir)
     val = os.path.join(root, "images", "validation")
-    _TRAINED["value"] = (config, workdir,
-                         sorted(os.path.join(val, f) for f in os.listdir(val)))
+    _TRAINED["value"] = (config, workdir, sorted(os.path.join(val, f) for f in os.listdir(val)))
   return _TRAINED["value"]
 
 
@@ -54,8 +56,7 @@ def _check_outputs(out, name, image_path, num_classes):
 def test_predict_writes_consistent_outputs(trained, tmp_path):
   config, workdir, images = trained
   out = str(tmp_path / "out")
-  failures = predict.run(config, workdir, [os.path.dirname(images[0])], out,
-                         progress=False)
+  failures = predict.run(config, workdir, [os.path.dirname(images[0])], out, progress=False)
   assert not failures
   for path in images:
     name = os.path.splitext(os.path.basename(path))[0]
@@ -76,8 +77,7 @@ def test_open_vocabulary_with_renamed_classes(trained, tmp_path):
   out = str(tmp_path / "out")
   names_file = tmp_path / "names.txt"
   names_file.write_text("partition\nedifice\nheavens\n")  # 3 of the 4 slots
-  assert not predict.run(config, workdir, images[:1], out, classes=str(names_file),
-                         progress=False)
+  assert not predict.run(config, workdir, images[:1], out, classes=str(names_file), progress=False)
   name = os.path.splitext(os.path.basename(images[0]))[0]
   info = _check_outputs(out, name, images[0], 3)
   assert info["classes"] == ["partition", "edifice", "heavens"]
@@ -97,15 +97,14 @@ def test_corrupt_image_does_not_stop_the_others(trained, tmp_path):
 
 def test_missing_input_names_it(tmp_path):
   with pytest.raises(FileNotFoundError, match="nope"):
-    predict.expand_images([str(tmp_path / "nope*.png")])
+    image_io.expand_images([str(tmp_path / "nope*.png")])
 
 
 def test_overlay_legend_lists_present_classes():
   image = np.zeros((20, 30, 3), np.uint8)
   label = np.zeros((20, 30), np.int32)
   label[10:] = 2
-  ov = predict.overlay(image, label, ["a", "b", "c"], [(255, 0, 0), (0, 255, 0),
-                                                       (0, 0, 255)])
+  ov = outputs.overlay(image, label, ["a", "b", "c"], [(255, 0, 0), (0, 255, 0), (0, 0, 255)])
   arr = np.asarray(ov)
   assert ov.size[0] > 30 and ov.size[1] >= 20  # image + legend panel on the right
   np.testing.assert_array_equal(arr[0, 0], [127, 0, 0])
@@ -116,19 +115,25 @@ def _recording(fn, shapes):
   def call(x):
     shapes.append(tuple(np.shape(x)))
     return fn(x)
+
   return call
 
 
 def _outputs(out):
-  return {f: open(os.path.join(out, f), "rb").read() for f in sorted(os.listdir(out))
-          if f.endswith(("_label.png", ".json"))}
+  return {
+      f: open(os.path.join(out, f), "rb").read()
+      for f in sorted(os.listdir(out))
+      if f.endswith(("_label.png", ".json"))
+  }
 
 
 def test_batched_whole_inference_equals_one_at_a_time(trained, tmp_path):
   config, workdir, images = trained
   val = [np.asarray(Image.open(p)) for p in images]
-  extra = {"wide.png": Image.fromarray(val[0]).resize((120, 50)),  # same padded shape
-           "tall.png": Image.fromarray(val[1]).resize((60, 100))}  # another shape
+  extra = {
+      "wide.png": Image.fromarray(val[0]).resize((120, 50)),  # same padded shape
+      "tall.png": Image.fromarray(val[1]).resize((60, 100)),
+  }  # another shape
   for name, im in extra.items():
     im.save(tmp_path / name)
   (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8 truncated")
@@ -139,8 +144,9 @@ def test_batched_whole_inference_equals_one_at_a_time(trained, tmp_path):
   for batch in (1, 4):
     shapes = []
     out = str(tmp_path / f"b{batch}")
-    failures = predict.predict_images(_recording(fn, shapes), settings, paths, out,
-                                      names, palette, progress=False, batch=batch)
+    failures = predict.predict_images(
+        _recording(fn, shapes), settings, paths, out, names, palette, progress=False, batch=batch
+    )
     assert len(failures) == 1 and "broken.jpg" in failures[0]
     runs[batch] = (_outputs(out), shapes)
   assert runs[1][0] == runs[4][0]  # label PNGs and JSON byte-identical
@@ -152,8 +158,8 @@ def test_batched_whole_inference_equals_one_at_a_time(trained, tmp_path):
   # Batch 1 is the per-image path of inference.segment.
   label = np.asarray(Image.open(tmp_path / "b1" / "wide_label.png"))
   np.testing.assert_array_equal(
-      label, inference.segment(fn, np.asarray(Image.open(tmp_path / "wide.png")),
-                               settings))
+      label, inference.segment(fn, np.asarray(Image.open(tmp_path / "wide.png")), settings)
+  )
 
 
 def test_slide_windows_batched_equal_one_at_a_time(trained, tmp_path):
@@ -164,8 +170,9 @@ def test_slide_windows_batched_equal_one_at_a_time(trained, tmp_path):
   for batch in (1, 8):
     shapes = []
     out = str(tmp_path / f"b{batch}")
-    assert not predict.predict_images(_recording(fn, shapes), settings, images, out,
-                                      names, palette, progress=False, batch=batch)
+    assert not predict.predict_images(
+        _recording(fn, shapes), settings, images, out, names, palette, progress=False, batch=batch
+    )
     # 64x80 images, 64x64 windows every 32: 2 windows per image.
     assert set(shapes) == {(min(batch, 2), 64, 64, 3)}
     outs.append(_outputs(out))

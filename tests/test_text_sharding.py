@@ -14,11 +14,16 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 @pytest.mark.slow
 def test_text_tower_cost_falls_with_devices():
-  env = dict(os.environ, PYTHONPATH=ROOT,
-             XLA_FLAGS="--xla_force_host_platform_device_count=8")
+  env = dict(os.environ, PYTHONPATH=ROOT, XLA_FLAGS="--xla_force_host_platform_device_count=8")
   proc = subprocess.run(
-      [sys.executable, "-m", "benchmarks.text_sharding", "--arch", "tiny", "--classes",
-       "20"], capture_output=True, text=True, env=env, cwd=ROOT, timeout=600, check=False)
+      [sys.executable, "-m", "benchmarks.text_sharding", "--arch", "tiny", "--classes", "20"],
+      capture_output=True,
+      text=True,
+      env=env,
+      cwd=ROOT,
+      timeout=600,
+      check=False,
+  )
   assert proc.returncode == 0, proc.stderr[-4000:]
   m = re.search(r"OK ratio=(\S+) out_err=(\S+) grad_err=(\S+)", proc.stdout)
   assert m, proc.stdout

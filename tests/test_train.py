@@ -4,13 +4,18 @@ import os
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from mtaclip_jax import optim, runtime, sharding, train
+from mtaclip_jax import errors
+from mtaclip_jax.config import validate
 from mtaclip_jax.data import pipeline
-
+from mtaclip_jax.data import transforms
+from mtaclip_jax.runtime import sharding
+from mtaclip_jax.train import loop
+from mtaclip_jax.train import optim
 from tests import train_fixtures
 
 
@@ -26,8 +31,7 @@ def test_one_real_step_updates_what_it_should(data_root):
   mesh, _, state, step_fn, tokens = train_fixtures.setup_training(config)
   before = jax.device_get(optim.flatten(state.params))
   stats_before = jax.device_get(optim.flatten(state.batch_stats))
-  batch = sharding.global_batch(
-      next(pipeline.make_train_iterator(config.data, 0)), mesh)
+  batch = sharding.global_batch(next(pipeline.make_train_iterator(config.data, 0)), mesh)
   tokens = jax.device_put(tokens, sharding.replicated(mesh))
   with jax.set_mesh(mesh), jax.transfer_guard("disallow"):
     state, metrics = step_fn(state, batch, tokens)
@@ -50,8 +54,7 @@ def test_one_real_step_updates_what_it_should(data_root):
 
 
 def _final_state(workdir, step):
-  mgr = ocp.CheckpointManager(os.path.join(workdir, "checkpoints"),
-                              item_names=("state",))
+  mgr = ocp.CheckpointManager(os.path.join(workdir, "checkpoints"), item_names=("state",))
   restored = mgr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
   mgr.close()
   return restored["state"]
@@ -62,39 +65,41 @@ def _host(tree):
     if isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
       x = jax.random.key_data(x)
     return np.asarray(x)
+
   return jax.tree.map(one, tree)
 
 
 @pytest.mark.slow
 def test_resume_is_bit_exact(data_root, tmp_path):
-  """Through train.run with the default (host) matcher; test_faults resumes real CLI
+  """Through loop.run with the default (host) matcher; test_faults resumes real CLI
   runs with the device matcher."""
   full = train_fixtures.tiny_config(data_root, steps=4)
   full.train.checkpoint_every = 2
   full.loss.matcher = "host"
-  train.run(full, str(tmp_path / "a"))
+  loop.run(full, str(tmp_path / "a"))
 
   first = train_fixtures.tiny_config(data_root, steps=4)
   first.train.checkpoint_every = 2
   first.loss.matcher = "host"
   first.train.steps = 2  # stop half way; the schedule still ends at 4
-  train.run(first, str(tmp_path / "b"))
-  train.run(full, str(tmp_path / "b"))  # the same command again resumes
+  loop.run(first, str(tmp_path / "b"))
+  loop.run(full, str(tmp_path / "b"))  # the same command again resumes
 
   a = jax.tree_util.tree_leaves_with_path(_host(_final_state(str(tmp_path / "a"), 4)))
   b = dict(jax.tree_util.tree_leaves_with_path(_host(_final_state(str(tmp_path / "b"), 4))))
   assert len(a) == len(b)
   for path, leaf in a:
-    np.testing.assert_array_equal(np.asarray(leaf), np.asarray(b[path]),
-                                  err_msg=jax.tree_util.keystr(path))
+    np.testing.assert_array_equal(
+        np.asarray(leaf), np.asarray(b[path]), err_msg=jax.tree_util.keystr(path)
+    )
 
 
 @pytest.mark.slow
 def test_nan_stops_with_the_step_named_and_skip_keeps_params(data_root, tmp_path):
   config = train_fixtures.tiny_config(data_root, steps=3)
   config.optim.lr = float("nan")
-  with pytest.raises(train.NonFiniteLossError, match=r"at step 1 .*on_nan=skip"):
-    train.run(config, str(tmp_path / "stop"))
+  with pytest.raises(errors.NonFiniteLossError, match=r"at step 1 .*on_nan=skip"):
+    loop.run(config, str(tmp_path / "stop"))
   assert not os.path.exists(tmp_path / "stop" / "checkpoints" / "3")
 
   config.train.on_nan = "skip"
@@ -113,22 +118,21 @@ def test_nan_stops_with_the_step_named_and_skip_keeps_params(data_root, tmp_path
 def test_bad_workdir_and_batch_are_named(tmp_path, data_root):
   blocker = tmp_path / "file"
   blocker.write_text("x")
-  with pytest.raises(runtime.WorkdirError, match="not writable"):
-    runtime.check_workdir(str(blocker / "sub"))
+  with pytest.raises(errors.WorkdirError, match="not writable"):
+    validate.check_workdir(str(blocker / "sub"))
   config = train_fixtures.tiny_config(data_root, batch=3)
   mesh = sharding.make_mesh(config.mesh)
   if mesh.shape["data"] > 1:
-    with pytest.raises(runtime.ConfigError, match="batch_size=3"):
-      runtime.check_batch(config, mesh)
+    with pytest.raises(errors.ConfigError, match="batch_size=3"):
+      validate.check_batch(config, mesh)
   config.model.num_classes = 7
-  with pytest.raises(runtime.ConfigError, match="num_classes"):
-    runtime.validate_config(config)
+  with pytest.raises(errors.ConfigError, match="num_classes"):
+    validate.validate_config(config)
 
 
 def test_mesh_not_matching_devices_is_named():
-  import ml_collections
   n = len(jax.devices())
-  with pytest.raises(sharding.MeshConfigError, match="devices"):
+  with pytest.raises(errors.MeshConfigError, match="devices"):
     sharding.make_mesh(ml_collections.ConfigDict(dict(data=n + 1, model=1)))
 
 
@@ -150,23 +154,26 @@ def test_bf16_compute_trains_with_fp32_params(data_root):
 def test_crop_larger_than_images_without_padding_is_named(data_root, tmp_path):
   """Start-up check from the image headers; a per-image check where they cannot be
   read up front (TFDS)."""
-  from mtaclip_jax.data import transforms  # pylint: disable=g-import-not-at-top
   config = train_fixtures.tiny_config(data_root)
   no_pad = [t for t in config.data.transforms if not t.startswith("pad")]
-  runtime.check_crop(config)  # with pad: fine
+  validate.check_crop(config)  # with pad: fine
   config.data.transforms = [t.replace("(64, 64)", "(96, 96)") for t in no_pad]
-  with pytest.raises(runtime.ConfigError, match=r"random_crop\(size=\(96, 96\)\) has no "
-                     r"pad.*ADE_train_00000001.jpg \(64x80 HxW\)"):
-    train.run(config, str(tmp_path))  # before anything is built
+  with pytest.raises(
+      errors.ConfigError,
+      match=r"random_crop\(size=\(96, 96\)\) has no " r"pad.*ADE_train_00000001.jpg \(64x80 HxW\)",
+  ):
+    loop.run(config, str(tmp_path))  # before anything is built
   config.data.transforms = no_pad  # 64x80 images, ratio 0.75: 48x60 < the 64 crop
-  with pytest.raises(runtime.ConfigError, match="48x60 after the resizes"):
-    runtime.check_crop(config)
+  with pytest.raises(errors.ConfigError, match="48x60 after the resizes"):
+    validate.check_crop(config)
   no_resize = [t for t in no_pad if not t.startswith("random_resize")]
   ops = transforms.parse(no_resize)
-  example = {"image": np.zeros((48, 60, 3), np.uint8), "label": np.zeros((48, 60),
-             np.uint8), "name": "ADE_train_7"}
-  with pytest.raises(transforms.CropConfigError, match="ADE_train_7: 48x60.*pad"):
+  example = {
+      "image": np.zeros((48, 60, 3), np.uint8),
+      "label": np.zeros((48, 60), np.uint8),
+      "name": "ADE_train_7",
+  }
+  with pytest.raises(errors.CropConfigError, match="ADE_train_7: 48x60.*pad"):
     transforms.apply(ops, example, np.random.default_rng(0))
   padded = transforms.parse(no_resize + ["pad(size=(64, 64))"])
-  assert transforms.apply(padded, example, np.random.default_rng(0))["image"].shape == (
-      64, 64, 3)
+  assert transforms.apply(padded, example, np.random.default_rng(0))["image"].shape == (64, 64, 3)

@@ -19,7 +19,12 @@ def test_eight_devices_equal_one(tmp_path):
   env = dict(os.environ, PYTHONPATH=ROOT)
   proc = subprocess.run(
       [sys.executable, os.path.join(ROOT, "tests", "multidevice_train_check.py"), root],
-      capture_output=True, text=True, env=env, timeout=900, check=False)
+      capture_output=True,
+      text=True,
+      env=env,
+      timeout=900,
+      check=False,
+  )
   print(proc.stdout[-3000:])
   assert proc.returncode == 0, proc.stderr[-5000:]
   # XLA's SPMD partitioner found a sharding for every tensor of the step (the text

@@ -3,8 +3,9 @@ glibc malloc keeps freed memory unless opted out or another allocator serves mal
 
 import importlib.metadata
 import os
+import subprocess
 
-from mtaclip_jax import xla_cpu
+from mtaclip_jax.runtime import xla_cpu
 
 
 def test_appends_flag_to_existing_flags(monkeypatch):
@@ -12,8 +13,7 @@ def test_appends_flag_to_existing_flags(monkeypatch):
   monkeypatch.delenv("MTACLIP_KEEP_XLA_CPU_FUSION", raising=False)
   monkeypatch.setattr(importlib.metadata, "version", lambda name: "0.10.2")
   assert xla_cpu.apply()
-  assert os.environ["XLA_FLAGS"] == ("--xla_force_host_platform_device_count=8 "
-                                     + xla_cpu.FLAG)
+  assert os.environ["XLA_FLAGS"] == ("--xla_force_host_platform_device_count=8 " + xla_cpu.FLAG)
   assert not xla_cpu.apply()  # already there: unchanged
   assert os.environ["XLA_FLAGS"].count("ynn_fusion_type") == 1
 
@@ -39,7 +39,7 @@ def test_only_for_measured_jaxlib(monkeypatch):
 
 _RSS_AFTER_FREE = """
 import ctypes, os, sys
-from mtaclip_jax import xla_cpu
+from mtaclip_jax.runtime import xla_cpu
 print(xla_cpu.keep_freed_memory())
 libc = ctypes.CDLL(None)
 libc.malloc.restype = ctypes.c_void_p
@@ -56,9 +56,12 @@ print((before - rss()) >> 20)  # MiB given back to the OS by free()
 
 
 def _run_rss_probe(env):
-  import subprocess, sys  # pylint: disable=g-import-not-at-top,multiple-imports
-  out = subprocess.run([sys.executable, "-c", _RSS_AFTER_FREE], env=env, check=True,
-                       capture_output=True, text=True).stdout.split()
+  import subprocess  # pylint: disable=g-import-not-at-top,multiple-imports
+  import sys
+
+  out = subprocess.run(
+      [sys.executable, "-c", _RSS_AFTER_FREE], env=env, check=True, capture_output=True, text=True
+  ).stdout.split()
   return out[0] == "True", int(out[1])
 
 
@@ -85,11 +88,12 @@ extern "C" void* malloc(size_t n) {
 
 
 def test_keep_freed_memory_leaves_another_allocator_alone(tmp_path):
-  import subprocess  # pylint: disable=g-import-not-at-top
   src, lib = tmp_path / "interposer.cc", tmp_path / "libinterposer.so"
   src.write_text(_INTERPOSER)
-  subprocess.run([os.environ.get("CXX", "g++"), "-shared", "-fPIC", "-O1", str(src),
-                  "-o", str(lib), "-ldl"], check=True)
+  subprocess.run(
+      [os.environ.get("CXX", "g++"), "-shared", "-fPIC", "-O1", str(src), "-o", str(lib), "-ldl"],
+      check=True,
+  )
   env = {k: v for k, v in os.environ.items() if k != "MTACLIP_SYSTEM_MALLOC"}
   applied, _ = _run_rss_probe({**env, "LD_PRELOAD": str(lib)})
   assert not applied

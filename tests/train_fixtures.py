@@ -5,9 +5,16 @@ import os
 
 import jax
 
-from mtaclip_jax import optim, runtime, sharding, train_state
-from mtaclip_jax.data import generate, recipes
+from mtaclip_jax.config import recipes
+from mtaclip_jax.data import classes as data_classes
+from mtaclip_jax.data import generate
+from mtaclip_jax.data import pipeline
 from mtaclip_jax.models import mtaclip
+from mtaclip_jax.runtime import checkpoint
+from mtaclip_jax.runtime import sharding
+from mtaclip_jax.train import loop
+from mtaclip_jax.train import optim
+from mtaclip_jax.train import train_state
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -21,8 +28,9 @@ def load_config(name="demo", arg=None):
 
 
 def make_dataset(out, num_classes=4, train=8, val=2, size=(64, 80), seed=0):
-  return generate.write_dataset("ade20k", str(out), {"train": train, "val": val}, seed,
-                                size, num_classes)
+  return generate.write_dataset(
+      "ade20k", str(out), {"train": train, "val": val}, seed, size, num_classes
+  )
 
 
 def tiny_config(root, steps=3, batch=2, arg=None, num_classes=4):
@@ -30,23 +38,41 @@ def tiny_config(root, steps=3, batch=2, arg=None, num_classes=4):
   c = load_config("demo", arg)
   crop = (64, 64)
   c.model.num_classes = num_classes
-  c.model.update(dict(num_queries=8, hidden_dim=32, mask_dim=32, enc_layers=1,
-                      enc_ffn_dim=64, dec_layers=3, dec_ffn_dim=64))
+  c.model.update(
+      dict(
+          num_queries=8,
+          hidden_dim=32,
+          mask_dim=32,
+          enc_layers=1,
+          enc_ffn_dim=64,
+          dec_layers=3,
+          dec_ffn_dim=64,
+      )
+  )
   c.loss.num_points = 256
   # The device matcher keeps host callbacks out of the train step, so the persistent
   # compilation cache (conftest.py) holds it: each later test or subprocess loads it
   # instead of compiling it again (~32 s at -O0). The tests that exercise the default
   # "host" matcher in a whole step set it back.
   c.loss.matcher = "device"
-  c.data.update(dict(root=str(root), num_classes=num_classes, crop_size=crop,
-                     batch_size=batch, max_segments=num_classes, num_workers=0,
-                     test_scale=(80, 64)))
+  c.data.update(
+      dict(
+          root=str(root),
+          num_classes=num_classes,
+          crop_size=crop,
+          batch_size=batch,
+          max_segments=num_classes,
+          num_workers=0,
+          test_scale=(80, 64),
+      )
+  )
   c.data.transforms = recipes.train_transforms(crop, (80, 64), ratio_range=(0.75, 1.25))
   c.data.generate.enabled = False
   c.train.update(dict(steps=steps, log_every=1, checkpoint_every=steps))
   c.optim.update(dict(total_steps=steps, warmup_steps=1))
-  c.eval.update(dict(test_scale=(80, 64), crop_size=crop, stride=(32, 32),
-                     at_end=False, every_steps=0))
+  c.eval.update(
+      dict(test_scale=(80, 64), crop_size=crop, stride=(32, 32), at_end=False, every_steps=0)
+  )
   return c
 
 
@@ -55,10 +81,11 @@ def setup_training(config, seed=0):
   mesh = sharding.make_mesh(config.mesh)
   model = mtaclip.build_model(config.model)
   tx = optim.make_optimizer(config.optim)
-  tokens = runtime.class_tokens(config)
+  tokens = data_classes.class_tokens(config.data, config.model.class_length)
   with jax.set_mesh(mesh):
-    state, shard = train_state.init_state_sharded(model, tx, config, tokens,
-                                                  jax.random.key(seed), mesh)
+    state, shard = train_state.init_state_sharded(
+        model, tx, config, tokens, jax.random.key(seed), mesh
+    )
     step = train_state.jit_train_step(model, tx, config, shard, mesh)
   return mesh, model, state, step, tokens
 
@@ -72,21 +99,23 @@ def abstract_state(config, seed=0):
   """The train state of `config` as shapes and dtypes (nothing is materialised)."""
   model = mtaclip.build_model(config.model)
   tx = optim.make_optimizer(config.optim)
-  return train_state.abstract_state(model, tx, config, runtime.class_tokens(config),
-                                    jax.random.key(seed))
+  return train_state.abstract_state(
+      model,
+      tx,
+      config,
+      data_classes.class_tokens(config.data, config.model.class_length),
+      jax.random.key(seed),
+  )
 
 
 def train_run(config, workdir):
   """`python -m mtaclip_jax.main --mode train` in this process."""
-  from mtaclip_jax import train  # pylint: disable=g-import-not-at-top
-  return train.run(config, workdir)
+  return loop.run(config, workdir)
 
 
 def restore_checkpoint(config, workdir, abstract):
   """(step, state, saved config dict, data iterator) of the latest checkpoint in
   `workdir`, as a resumed run restores them."""
-  from mtaclip_jax import checkpoint  # pylint: disable=g-import-not-at-top
-  from mtaclip_jax.data import pipeline  # pylint: disable=g-import-not-at-top
   data_iter = pipeline.make_train_iterator(config.data, config.data.seed)
   ckpt = checkpoint.Checkpointer(workdir, every=1, max_to_keep=10, async_save=False)
   try:

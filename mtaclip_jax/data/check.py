@@ -14,11 +14,14 @@ from absl import flags
 from ml_collections import config_flags
 import numpy as np
 
+from mtaclip_jax import errors
 from mtaclip_jax.data import classes
 from mtaclip_jax.data import readers
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "config file with .data")
-_SPLITS = flags.DEFINE_list("splits", None, "splits to scan (default: all present)")
+
+def _define_flags():
+  config_flags.DEFINE_config_file("config", None, "config file with .data")
+  flags.DEFINE_list("splits", None, "splits to scan (default: all present)")
 
 
 def scan_split(name, root, split, num_classes):
@@ -30,7 +33,7 @@ def scan_split(name, root, split, num_classes):
   for s in samples:
     try:
       ex = readers.load_sample(s, name, num_classes)
-    except readers.BadSampleError as e:
+    except errors.BadSampleError as e:
       bad.append((s.image_path, str(e)))
       continue
     sizes.append(ex["image"].shape[:2])
@@ -39,9 +42,14 @@ def scan_split(name, root, split, num_classes):
     pixels[num_classes] += cnt[classes.IGNORE_LABEL]
     images += cnt[:num_classes] > 0
   sizes = np.array(sizes).reshape(-1, 2)
-  return {"count": len(samples), "bad": bad, "pixels": pixels, "images": images,
-          "min_hw": sizes.min(0).tolist() if len(sizes) else None,
-          "max_hw": sizes.max(0).tolist() if len(sizes) else None}
+  return {
+      "count": len(samples),
+      "bad": bad,
+      "pixels": pixels,
+      "images": images,
+      "min_hw": sizes.min(0).tolist() if len(sizes) else None,
+      "max_hw": sizes.max(0).tolist() if len(sizes) else None,
+  }
 
 
 def scan(data_config, splits=None):
@@ -58,8 +66,14 @@ def scan(data_config, splits=None):
     except FileNotFoundError as e:
       if default:
         continue
-      out[split] = {"count": 0, "bad": [("-", str(e))], "pixels": None, "images": None,
-                    "min_hw": None, "max_hw": None}
+      out[split] = {
+          "count": 0,
+          "bad": [("-", str(e))],
+          "pixels": None,
+          "images": None,
+          "min_hw": None,
+          "max_hw": None,
+      }
   return out
 
 
@@ -67,14 +81,18 @@ def report(data_config, result):
   names = classes.class_names(data_config)
   lines = [f"{data_config.name} at {data_config.root}"]
   for split, r in result.items():
-    lines.append(f"[{split}] {r['count']} samples, {len(r['bad'])} bad, image HxW "
-                 f"{r['min_hw']} .. {r['max_hw']}")
+    lines.append(
+        f"[{split}] {r['count']} samples, {len(r['bad'])} bad, image HxW "
+        f"{r['min_hw']} .. {r['max_hw']}"
+    )
     if r["pixels"] is not None and r["pixels"].sum():
       total = r["pixels"].sum()
       for c, n in enumerate(names):
         if r["pixels"][c]:
-          lines.append(f"  {c:3d} {n:24s} {100 * r['pixels'][c] / total:6.2f}% pixels "
-                       f"in {r['images'][c]} images")
+          lines.append(
+              f"  {c:3d} {n:24s} {100 * r['pixels'][c] / total:6.2f}% pixels "
+              f"in {r['images'][c]} images"
+          )
       lines.append(f"  ignore {100 * r['pixels'][-1] / total:6.2f}% pixels")
     for path, why in r["bad"]:
       lines.append(f"  BAD {path}: {why}")
@@ -83,11 +101,11 @@ def report(data_config, result):
 
 def main(argv):
   del argv
-  config = _CONFIG.value
+  config = flags.FLAGS.config
   if config is None or "data" not in config:
     raise app.UsageError("--config must name a config file with a .data section")
   try:
-    result = scan(config.data, _SPLITS.value)
+    result = scan(config.data, flags.FLAGS.splits)
   except (FileNotFoundError, ValueError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
@@ -96,4 +114,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  _define_flags()
   app.run(main)

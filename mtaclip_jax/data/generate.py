@@ -10,17 +10,24 @@ some ignore regions (thin outlines, noise patches). Deterministic per seed.
 
 import argparse
 import colorsys
+import logging
 import os
 
+import jax
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image
+from PIL import ImageDraw
 
 from mtaclip_jax.data import classes
 
+log = logging.getLogger(__name__)
+
 ADE_DIR = "ADEChallengeData2016"
-CITIES = {"train": ("aachen", "bochum", "bremen"),
-          "val": ("frankfurt", "lindau", "munster"),
-          "test": ("berlin", "bielefeld")}
+CITIES = {
+    "train": ("aachen", "bochum", "bremen"),
+    "val": ("frankfurt", "lindau", "munster"),
+    "test": ("berlin", "bielefeld"),
+}
 TEXTURES = 8
 
 
@@ -68,8 +75,12 @@ def render(rng, height, width, num_classes):
     size = short * rng.uniform(0.2, 0.7)
     cy, cx = rng.uniform(0, height), rng.uniform(0, width)
     kind = int(rng.integers(3))
-    box = [cx - size / 2, cy - size * rng.uniform(0.3, 0.7),
-           cx + size / 2, cy + size * rng.uniform(0.3, 0.7)]
+    box = [
+        cx - size / 2,
+        cy - size * rng.uniform(0.3, 0.7),
+        cx + size / 2,
+        cy + size * rng.uniform(0.3, 0.7),
+    ]
     if kind == 0:
       draw.ellipse(box, fill=1)
     elif kind == 1:
@@ -78,8 +89,7 @@ def render(rng, height, width, num_classes):
       n = int(rng.integers(3, 7))
       ang = np.sort(rng.uniform(0, 2 * np.pi, n))
       rad = size / 2 * rng.uniform(0.6, 1.0, n)
-      draw.polygon([(cx + r * np.cos(a), cy + r * np.sin(a)) for a, r in zip(ang, rad)],
-                   fill=1)
+      draw.polygon([(cx + r * np.cos(a), cy + r * np.sin(a)) for a, r in zip(ang, rad)], fill=1)
     label[np.asarray(mask, bool)] = c
     if rng.random() < 0.4:  # unlabeled outline, as ADE annotations have
       draw_ignore.ellipse(box, outline=1, width=int(rng.integers(1, 3)))
@@ -104,6 +114,7 @@ def render(rng, height, width, num_classes):
 def _citys_label_ids():
   """train id -> first Cityscapes labelId with that train id; ignore -> 0."""
   from cityscapesscripts.helpers.labels import labels  # pylint: disable=g-import-not-at-top
+
   table = {}
   for lab in labels:
     if 0 <= lab.trainId < 19 and lab.id >= 0:
@@ -147,6 +158,27 @@ def write_dataset(layout, out, splits, seed, size, num_classes):
   return base
 
 
+def ensure_dataset(data_config) -> None:
+  """Generates the demo dataset at data_config.root when `data_config.generate.enabled`
+  and it is missing (process 0 only)."""
+  g = data_config.get("generate", None)
+  if not g or not g.enabled or os.path.isdir(data_config.root):
+    return
+  out = os.path.dirname(os.path.abspath(data_config.root))
+  if data_config.name == "cityscapes":
+    out = os.path.abspath(data_config.root)
+  if jax.process_index() == 0:
+    log.info("generating a dataset at %s", data_config.root)
+    write_dataset(
+        data_config.name,
+        out,
+        {"train": g.train, "val": g.val},
+        g.seed,
+        tuple(g.size),
+        data_config.num_classes,
+    )
+
+
 def _size(text):
   try:
     h, w = (int(v) for v in text.lower().split("x"))
@@ -166,10 +198,13 @@ def main(argv=None):
   p.add_argument("--num-classes", type=int, default=8)
   a = p.parse_args(argv)
   size = a.size or ((128, 160) if a.layout == "ade20k" else (128, 256))
-  base = write_dataset(a.layout, a.out, {"train": a.train, "val": a.val}, a.seed, size,
-                       a.num_classes)
-  print(f"wrote {a.train} train + {a.val} val images ({size[0]}x{size[1]}, "
-        f"{a.num_classes} classes) to {base}")
+  base = write_dataset(
+      a.layout, a.out, {"train": a.train, "val": a.val}, a.seed, size, a.num_classes
+  )
+  print(
+      f"wrote {a.train} train + {a.val} val images ({size[0]}x{size[1]}, "
+      f"{a.num_classes} classes) to {base}"
+  )
 
 
 if __name__ == "__main__":

@@ -9,11 +9,15 @@ per-process batch -> optional multiprocess prefetch. The iterator's
 import logging
 
 from absl import flags
+import cv2
 import grain
+import jax
 import numpy as np
 
+from mtaclip_jax import errors
 from mtaclip_jax.data import classes
 from mtaclip_jax.data import readers
+from mtaclip_jax.data import tfds_builder
 from mtaclip_jax.data import transforms
 
 log = logging.getLogger(__name__)
@@ -24,10 +28,14 @@ def make_source(data_config, split):
   num_classes = classes.num_classes(data_config)
   kind = data_config.get("source", "raw")
   if kind == "raw":
-    return readers.RawSource(data_config.name, data_config.root, split, num_classes,
-                             data_config.get("on_bad_sample", "error"))
+    return readers.RawSource(
+        data_config.name,
+        data_config.root,
+        split,
+        num_classes,
+        data_config.get("on_bad_sample", "error"),
+    )
   if kind == "tfds":
-    from mtaclip_jax.data import tfds_builder  # pylint: disable=g-import-not-at-top
     return tfds_builder.TfdsSource(data_config, split, num_classes)
   raise ValueError(f"config.data.source={kind!r}: expected 'raw' or 'tfds'")
 
@@ -46,7 +54,6 @@ class TrainTransform(grain.transforms.RandomMap):
 
 def _process_info(process_index, process_count):
   if process_index is None or process_count is None:
-    import jax  # pylint: disable=g-import-not-at-top
     process_index = jax.process_index() if process_index is None else process_index
     process_count = jax.process_count() if process_count is None else process_count
   if not 0 <= process_index < process_count:
@@ -54,14 +61,14 @@ def _process_info(process_index, process_count):
   return process_index, process_count
 
 
-def make_train_dataset(data_config, seed, process_index=None, process_count=None,
-                       split="train"):
+def make_train_dataset(data_config, seed, process_index=None, process_count=None, split="train"):
   """The per-process batched MapDataset (before prefetching)."""
   process_index, process_count = _process_info(process_index, process_count)
   batch = data_config.batch_size
   if batch % process_count:
-    raise ValueError(f"config.data.batch_size={batch} is not divisible by the "
-                     f"{process_count} processes")
+    raise ValueError(
+        f"config.data.batch_size={batch} is not divisible by the " f"{process_count} processes"
+    )
   source = make_source(data_config, split)
   if len(source) < process_count:
     raise ValueError(f"{source!r} has fewer samples than the {process_count} processes")
@@ -69,14 +76,14 @@ def make_train_dataset(data_config, seed, process_index=None, process_count=None
   ds = ds.shuffle(seed=seed % 2**32).repeat()
   ds = ds.random_map(
       TrainTransform(list(data_config.transforms), data_config.max_segments),
-      seed=(seed * 1_000_003 + process_index) % 2**32)
+      seed=(seed * 1_000_003 + process_index) % 2**32,
+  )
   return ds.batch(batch // process_count, drop_remainder=True)
 
 
 def _init_worker(worker_index, worker_count):
   """One OpenCV thread per prefetch worker: the workers already use the cores."""
   del worker_index, worker_count
-  import cv2  # pylint: disable=g-import-not-at-top
   cv2.setNumThreads(1)
 
 
@@ -84,15 +91,19 @@ def make_train_iterator(data_config, seed, process_index=None, process_count=Non
   """Endless iterator of this process's training batches (numpy dicts:
   image, label, masks, classes, valid), with get_state()/set_state()."""
   ds = make_train_dataset(data_config, seed, process_index, process_count)
-  it = ds.to_iter_dataset(grain.ReadOptions(
-      num_threads=data_config.get("num_threads", 2),
-      prefetch_buffer_size=data_config.get("prefetch", 4)))
+  it = ds.to_iter_dataset(
+      grain.ReadOptions(
+          num_threads=data_config.get("num_threads", 2),
+          prefetch_buffer_size=data_config.get("prefetch", 4),
+      )
+  )
   workers = data_config.get("num_workers", 0)
   if workers > 0:
     if not flags.FLAGS.is_parsed():  # grain's workers read absl flags (not run via app.run)
       flags.FLAGS.mark_as_parsed()
-    it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers),
-                        worker_init_fn=_init_worker)
+    it = it.mp_prefetch(
+        grain.MultiprocessingOptions(num_workers=workers), worker_init_fn=_init_worker
+    )
   return iter(it)
 
 
@@ -109,8 +120,7 @@ class EvalDataset:
     if not 0 <= i < len(self):
       raise IndexError(i)
     ex = self.source.load(self.indices[i])
-    return {"image": ex["image"], "label": ex["label"].astype(np.int32),
-            "name": ex["name"]}
+    return {"image": ex["image"], "label": ex["label"].astype(np.int32), "name": ex["name"]}
 
   def __iter__(self):
     for i in range(len(self)):
@@ -128,7 +138,7 @@ def make_eval_dataset(data_config, split="val"):
       try:
         source.load(i)
         good.append(i)
-      except readers.BadSampleError as e:
+      except errors.BadSampleError as e:
         log.warning("evaluation skips bad sample: %s", e)
     indices = good
   return EvalDataset(source, indices)

@@ -2,7 +2,7 @@
 
 A sample is decoded into `{"image": uint8 [H, W, 3], "label": uint8 [H, W] (train
 ids, 255 = ignore), "name": str}`. Anything wrong with a file raises
-`BadSampleError` naming the file and what was expected; callers decide (from
+`errors.BadSampleError` naming the file and what was expected; callers decide (from
 `data.on_bad_sample`) whether that stops the run or skips the sample.
 """
 
@@ -15,15 +15,12 @@ import os
 import numpy as np
 from PIL import Image
 
+from mtaclip_jax import errors
 from mtaclip_jax.data import classes
 
 IGNORE = classes.IGNORE_LABEL
 log = logging.getLogger(__name__)
 _warned = set()
-
-
-class BadSampleError(ValueError):
-  """A file of the dataset cannot be used; the message names it."""
 
 
 def warn_once(key, message):
@@ -41,10 +38,19 @@ class Sample:
 
 # ---------------------------------------------------------------- layouts
 
-ADE_SPLITS = {"train": "training", "training": "training",
-              "val": "validation", "validation": "validation"}
-CITYSCAPES_SPLITS = {"train": "train", "training": "train", "val": "val",
-                     "validation": "val", "test": "test"}
+ADE_SPLITS = {
+    "train": "training",
+    "training": "training",
+    "val": "validation",
+    "validation": "validation",
+}
+CITYSCAPES_SPLITS = {
+    "train": "train",
+    "training": "train",
+    "val": "val",
+    "validation": "val",
+    "test": "test",
+}
 
 
 def dataset_dir(name, root):
@@ -54,8 +60,9 @@ def dataset_dir(name, root):
   root = os.path.expanduser(root)
   if name == "ade20k":
     marks, sub = ("images", "annotations"), "ADEChallengeData2016"
-    expected = ("ADEChallengeData2016/{images,annotations}/{training,validation}/"
-                " or that folder itself")
+    expected = (
+        "ADEChallengeData2016/{images,annotations}/{training,validation}/" " or that folder itself"
+    )
   elif name == "cityscapes":
     marks, sub = ("leftImg8bit", "gtFine"), "cityscapes"
     expected = "{leftImg8bit,gtFine}/{train,val,test}/<city>/ (or cityscapes/...)"
@@ -64,8 +71,7 @@ def dataset_dir(name, root):
   for cand in (root, os.path.join(root, sub)):
     if all(os.path.isdir(os.path.join(cand, m)) for m in marks):
       return cand
-  raise FileNotFoundError(
-      f"config.data.root={root!r} is not a {name} dataset: expected {expected}")
+  raise FileNotFoundError(f"config.data.root={root!r} is not a {name} dataset: expected {expected}")
 
 
 def split_dir_name(name, split):
@@ -84,14 +90,13 @@ def list_samples(name, root, split):
     img_dir = os.path.join(base, "images", sdir)
     for path in sorted(glob.glob(os.path.join(img_dir, "*.jpg"))):
       stem = os.path.splitext(os.path.basename(path))[0]
-      samples.append(Sample(path, os.path.join(base, "annotations", sdir, stem + ".png"),
-                            stem))
+      samples.append(Sample(path, os.path.join(base, "annotations", sdir, stem + ".png"), stem))
   else:
     img_dir = os.path.join(base, "leftImg8bit", sdir)
     suffix = "_leftImg8bit.png"
     for path in sorted(glob.glob(os.path.join(img_dir, "*", "*" + suffix))):
       city = os.path.basename(os.path.dirname(path))
-      stem = os.path.basename(path)[:-len(suffix)]
+      stem = os.path.basename(path)[: -len(suffix)]
       gt = os.path.join(base, "gtFine", sdir, city, stem + "_gtFine_")
       train_ids = gt + "labelTrainIds.png"
       label = train_ids if os.path.exists(train_ids) else gt + "labelIds.png"
@@ -104,18 +109,20 @@ def list_samples(name, root, split):
 
 # ---------------------------------------------------------------- label tables
 
+
 @functools.lru_cache(maxsize=None)
 def label_table(name, kind, num_classes):
   """uint8 LUT raw value -> train id (255 ignore); -1 marks values that are errors."""
   lut = np.full(256, -1, np.int32)
   if name == "ade20k":
     lut[0] = IGNORE
-    lut[1:num_classes + 1] = np.arange(num_classes)
+    lut[1 : num_classes + 1] = np.arange(num_classes)
   elif kind == "labelTrainIds":
     lut[IGNORE] = IGNORE
     lut[:num_classes] = np.arange(num_classes)
   else:
     from cityscapesscripts.helpers.labels import labels  # pylint: disable=g-import-not-at-top
+
     lut[IGNORE] = IGNORE  # license plate (id -1) as stored in uint8 PNGs
     for lab in labels:
       if lab.id < 0:
@@ -141,16 +148,17 @@ def label_kind(path):
 
 # ---------------------------------------------------------------- decoding
 
+
 def _open(path, what):
   if not os.path.exists(path):
-    raise BadSampleError(f"{path}: {what} missing")
+    raise errors.BadSampleError(f"{path}: {what} missing")
   if os.path.getsize(path) == 0:
-    raise BadSampleError(f"{path}: empty file (0 bytes), expected a {what}")
+    raise errors.BadSampleError(f"{path}: empty file (0 bytes), expected a {what}")
   try:
     im = Image.open(path)
     im.load()
   except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-    raise BadSampleError(f"{path}: cannot decode {what} ({e})") from e
+    raise errors.BadSampleError(f"{path}: cannot decode {what} ({e})") from e
   return im
 
 
@@ -159,8 +167,10 @@ def read_image(path):
   im = _open(path, "image")
   if im.mode == "RGB":
     return np.asarray(im)
-  warn_once(("image_mode", im.mode),
-            f"{path}: image mode {im.mode!r}, converting to RGB (warned once per mode)")
+  warn_once(
+      ("image_mode", im.mode),
+      f"{path}: image mode {im.mode!r}, converting to RGB (warned once per mode)",
+  )
   if im.mode in ("I;16", "I;16B", "I;16L", "I"):
     arr = np.asarray(im).astype(np.int64)
     arr = (arr >> 8) if arr.max() > 255 else arr
@@ -178,12 +188,14 @@ def read_label_raw(path):
   if im.mode in ("I;16", "I;16B", "I;16L", "I"):
     arr = np.asarray(im)
     if arr.size and (arr.min() < 0 or arr.max() > 255):
-      raise BadSampleError(
+      raise errors.BadSampleError(
           f"{path}: 16-bit label with values {arr.min()}..{arr.max()}, expected "
-          "values that fit in 8 bits")
+          "values that fit in 8 bits"
+      )
     return arr.astype(np.uint8)
-  raise BadSampleError(
-      f"{path}: label mode {im.mode!r}, expected a single-channel (L or palette) PNG")
+  raise errors.BadSampleError(
+      f"{path}: label mode {im.mode!r}, expected a single-channel (L or palette) PNG"
+  )
 
 
 def map_label(raw, path, name, num_classes):
@@ -192,9 +204,10 @@ def map_label(raw, path, name, num_classes):
   mapped = lut[raw]
   if (mapped < 0).any():
     bad = np.unique(raw[mapped < 0])
-    raise BadSampleError(
+    raise errors.BadSampleError(
         f"{path}: label values {bad[:10].tolist()} outside the class range, expected "
-        + expected_values(name, kind, num_classes))
+        + expected_values(name, kind, num_classes)
+    )
   return mapped.astype(np.uint8)
 
 
@@ -203,9 +216,10 @@ def load_sample(sample, name, num_classes):
   image = read_image(sample.image_path)
   raw = read_label_raw(sample.label_path)
   if raw.shape != image.shape[:2]:
-    raise BadSampleError(
+    raise errors.BadSampleError(
         f"{sample.label_path}: label size {raw.shape[1]}x{raw.shape[0]} (WxH) differs "
-        f"from its image {sample.image_path} {image.shape[1]}x{image.shape[0]}")
+        f"from its image {sample.image_path} {image.shape[1]}x{image.shape[0]}"
+    )
   label = map_label(raw, sample.label_path, name, num_classes)
   return {"image": image, "label": label, "name": sample.name}
 
@@ -215,9 +229,10 @@ def check_example(example, num_classes, where):
   label = example["label"]
   bad = (label >= num_classes) & (label != IGNORE)
   if bad.any():
-    raise BadSampleError(
+    raise errors.BadSampleError(
         f"{where}: train ids {np.unique(label[bad])[:10].tolist()} >= "
-        f"data.num_classes={num_classes}")
+        f"data.num_classes={num_classes}"
+    )
   return example
 
 
@@ -230,8 +245,7 @@ class RawSource:
 
   def __init__(self, name, root, split, num_classes, on_bad_sample="error"):
     if on_bad_sample not in ("error", "skip"):
-      raise ValueError(
-          f"config.data.on_bad_sample={on_bad_sample!r}: expected 'error' or 'skip'")
+      raise ValueError(f"config.data.on_bad_sample={on_bad_sample!r}: expected 'error' or 'skip'")
     self.name, self.num_classes, self.on_bad_sample = name, num_classes, on_bad_sample
     self.samples = list_samples(name, root, split)
 
@@ -253,8 +267,8 @@ def get_with_replacement(source, index):
   for k in range(n):
     try:
       return source.load((index + k) % n)
-    except BadSampleError as e:
+    except errors.BadSampleError as e:
       if source.on_bad_sample == "error":
         raise
       warn_once(("skip", str(e)), f"skipping bad sample: {e}")
-  raise BadSampleError(f"{source!r}: every sample is bad")
+  raise errors.BadSampleError(f"{source!r}: every sample is bad")

@@ -11,10 +11,16 @@ import numpy as np
 from PIL import Image
 import tensorflow_datasets as tfds
 
+from mtaclip_jax import errors
 from mtaclip_jax.data import readers
 
-TFDS_SPLITS = {"train": "train", "training": "train", "val": "validation",
-               "validation": "validation", "test": "test"}
+TFDS_SPLITS = {
+    "train": "train",
+    "training": "train",
+    "val": "validation",
+    "validation": "validation",
+    "test": "test",
+}
 
 
 class _SegmentationBuilder(tfds.core.GeneratorBasedBuilder):
@@ -32,13 +38,16 @@ class _SegmentationBuilder(tfds.core.GeneratorBasedBuilder):
 
   def _info(self):
     return self.dataset_info_from_configs(
-        features=tfds.features.FeaturesDict({
-            "image": tfds.features.Image(shape=(None, None, 3), encoding_format="png"),
-            "label": tfds.features.Image(shape=(None, None, 1), encoding_format="png"),
-            "name": tfds.features.Text(),
-        }),
+        features=tfds.features.FeaturesDict(
+            {
+                "image": tfds.features.Image(shape=(None, None, 3), encoding_format="png"),
+                "label": tfds.features.Image(shape=(None, None, 1), encoding_format="png"),
+                "name": tfds.features.Text(),
+            }
+        ),
         disable_shuffling=True,
-        description=f"{self.DATASET} for mtaclip_jax, labels in train ids (255 ignore)")
+        description=f"{self.DATASET} for mtaclip_jax, labels in train ids (255 ignore)",
+    )
 
   def _split_generators(self, dl_manager):
     root = os.fspath(dl_manager.manual_dir)
@@ -57,15 +66,17 @@ class _SegmentationBuilder(tfds.core.GeneratorBasedBuilder):
     for sample in samples:
       try:
         ex = readers.load_sample(sample, self.DATASET, self._num_classes)
-      except readers.BadSampleError as e:
+      except errors.BadSampleError as e:
         if self._on_bad_sample == "error":
           raise
         readers.warn_once(("skip", str(e)), f"not writing bad sample: {e}")
         continue
       # PIL images: tfds encodes them without TensorFlow (arrays would need it).
-      yield ex["name"], {"image": Image.fromarray(ex["image"]),
-                         "label": Image.fromarray(ex["label"], mode="L"),
-                         "name": ex["name"]}
+      yield ex["name"], {
+          "image": Image.fromarray(ex["image"]),
+          "label": Image.fromarray(ex["label"], mode="L"),
+          "name": ex["name"],
+      }
 
 
 class MtaclipAde20k(_SegmentationBuilder):
@@ -83,18 +94,20 @@ BUILDERS = {"ade20k": MtaclipAde20k, "cityscapes": MtaclipCityscapes}
 
 def tfds_dir(data_config):
   return data_config.get("tfds_dir", None) or os.path.join(
-      os.path.expanduser(data_config.root), "tfds")
+      os.path.expanduser(data_config.root), "tfds"
+  )
 
 
 def prepare(data_config, num_classes):
   """Builds the ArrayRecord files once (a no-op when already prepared)."""
   builder = BUILDERS[data_config.name](
-      data_dir=tfds_dir(data_config), num_classes=num_classes,
+      data_dir=tfds_dir(data_config),
+      num_classes=num_classes,
       on_bad_sample=data_config.get("on_bad_sample", "error"),
-      file_format="array_record")
+      file_format="array_record",
+  )
   manual = readers.dataset_dir(data_config.name, data_config.root)
-  builder.download_and_prepare(
-      download_config=tfds.download.DownloadConfig(manual_dir=manual))
+  builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=manual))
   return builder
 
 
@@ -107,11 +120,16 @@ class TfdsSource:
     builder = prepare(data_config, num_classes)
     tsplit = TFDS_SPLITS.get(split)
     if tsplit not in builder.info.splits:
-      raise ValueError(f"split {split!r}: the TFDS dataset in {tfds_dir(data_config)} "
-                       f"has {sorted(builder.info.splits)}")
+      raise ValueError(
+          f"split {split!r}: the TFDS dataset in {tfds_dir(data_config)} "
+          f"has {sorted(builder.info.splits)}"
+      )
     self.source = tfds.data_source(
-        builder.name, split=tsplit, data_dir=tfds_dir(data_config),
-        builder_kwargs={"num_classes": num_classes, "file_format": "array_record"})
+        builder.name,
+        split=tsplit,
+        data_dir=tfds_dir(data_config),
+        builder_kwargs={"num_classes": num_classes, "file_format": "array_record"},
+    )
     self.split = tsplit
 
   def __len__(self):
@@ -122,10 +140,14 @@ class TfdsSource:
     name = ex["name"]
     name = name.decode() if isinstance(name, bytes) else str(name)
     label = np.asarray(ex["label"], np.uint8)
-    example = {"image": np.asarray(ex["image"], np.uint8),
-               "label": label[..., 0] if label.ndim == 3 else label, "name": name}
-    return readers.check_example(example, self.num_classes,
-                                 f"{self.name} TFDS {self.split} example {name}")
+    example = {
+        "image": np.asarray(ex["image"], np.uint8),
+        "label": label[..., 0] if label.ndim == 3 else label,
+        "name": name,
+    }
+    return readers.check_example(
+        example, self.num_classes, f"{self.name} TFDS {self.split} example {name}"
+    )
 
   def __getitem__(self, index):
     return readers.get_with_replacement(self, index)

@@ -20,6 +20,7 @@ import logging
 import cv2
 import numpy as np
 
+from mtaclip_jax import errors
 from mtaclip_jax.data import classes
 
 IGNORE = classes.IGNORE_LABEL
@@ -52,22 +53,19 @@ def parse(specs):
         raise ValueError("not a call")
     except (SyntaxError, ValueError) as e:
       raise ValueError(
-          f"config.data.transforms entry {spec!r}: expected name(key=literal, ...)"
-          f" ({e})") from e
+          f"config.data.transforms entry {spec!r}: expected name(key=literal, ...)" f" ({e})"
+      ) from e
     if name not in REGISTRY:
-      raise ValueError(f"config.data.transforms entry {spec!r}: unknown transform "
-                       f"{name!r}, expected one of {sorted(REGISTRY)}")
+      raise ValueError(
+          f"config.data.transforms entry {spec!r}: unknown transform "
+          f"{name!r}, expected one of {sorted(REGISTRY)}"
+      )
     try:
       bound = inspect.signature(REGISTRY[name]).bind(None, None, *args, **kwargs)
     except TypeError as e:
       raise ValueError(f"config.data.transforms entry {spec!r}: {e}") from e
-    ops.append((name, {k: v for k, v in bound.arguments.items()
-                       if k not in ("example", "rng")}))
+    ops.append((name, {k: v for k, v in bound.arguments.items() if k not in ("example", "rng")}))
   return ops
-
-
-class CropConfigError(ValueError):
-  """random_crop cannot give its size and no pad follows it (config.data.transforms)."""
 
 
 def op_arg(name, kwargs, key):
@@ -80,7 +78,7 @@ def op_arg(name, kwargs, key):
 def unpadded_crop(ops):
   """Index of the last random_crop when no pad follows it (padding disabled), else None."""
   crops = [i for i, (name, _) in enumerate(ops) if name == "random_crop"]
-  if not crops or any(name == "pad" for name, _ in ops[crops[-1]:]):
+  if not crops or any(name == "pad" for name, _ in ops[crops[-1] :]):
     return None
   return crops[-1]
 
@@ -92,16 +90,18 @@ def apply(ops, example, rng):
       size = tuple(op_arg(name, kwargs, "size"))
       h, w = example["label"].shape
       if h < size[0] or w < size[1]:
-        raise CropConfigError(
+        raise errors.CropConfigError(
             f"{example.get('name')}: {h}x{w} (HxW) before random_crop(size={size}) and "
             "config.data.transforms has no pad(...) after the crop, so the batch "
             f"cannot be formed; add pad(size={size}) after random_crop or lower "
-            "config.data.crop_size")
+            "config.data.crop_size"
+        )
     example = REGISTRY[name](example, rng, **kwargs)
   return example
 
 
 # ---------------------------------------------------------------- geometry
+
 
 def rescale_size(height, width, scale):
   """mmcv.rescale_size with keep_ratio: fit the long side to max(scale) and the
@@ -116,8 +116,7 @@ def resize_image(image, size):
   as mmcv.imresize: no antialiasing)."""
   if image.shape[:2] == tuple(size):
     return image
-  return cv2.resize(np.ascontiguousarray(image), (size[1], size[0]),
-                    interpolation=cv2.INTER_LINEAR)
+  return cv2.resize(np.ascontiguousarray(image), (size[1], size[0]), interpolation=cv2.INTER_LINEAR)
 
 
 def resize_label(label, size):
@@ -125,13 +124,17 @@ def resize_label(label, size):
   source index floor(i * src / dst)); never interpolates values."""
   if label.shape == tuple(size):
     return label
-  return cv2.resize(np.ascontiguousarray(label), (size[1], size[0]),
-                    interpolation=cv2.INTER_NEAREST)
+  return cv2.resize(
+      np.ascontiguousarray(label), (size[1], size[0]), interpolation=cv2.INTER_NEAREST
+  )
 
 
 def _resize_example(example, size):
-  return dict(example, image=resize_image(example["image"], size),
-              label=resize_label(example["label"], size))
+  return dict(
+      example,
+      image=resize_image(example["image"], size),
+      label=resize_label(example["label"], size),
+  )
 
 
 @register
@@ -164,7 +167,7 @@ def crop_box(label, size, cat_max_ratio, rng):
   y, x = draw()
   if cat_max_ratio < 1.0:
     for _ in range(10):
-      cnt = np.bincount(label[y:y + size[0], x:x + size[1]].ravel(), minlength=256)
+      cnt = np.bincount(label[y : y + size[0], x : x + size[1]].ravel(), minlength=256)
       cnt = cnt[:IGNORE][cnt[:IGNORE] > 0]
       if len(cnt) > 1 and cnt.max() / cnt.sum() < cat_max_ratio:
         break
@@ -190,6 +193,7 @@ def random_flip(example, rng, prob=0.5):
 
 # ---------------------------------------------------------------- photometric
 
+
 def _convert_lut(alpha=1.0, beta=0.0):
   """mmseg's convert (x * alpha + beta in float32, clipped, truncated to uint8) as
   a 256-entry table; applying it to uint8 pixels is exactly convert()."""
@@ -198,9 +202,14 @@ def _convert_lut(alpha=1.0, beta=0.0):
 
 
 @register
-def photometric_distortion(example, rng, brightness_delta=32,
-                           contrast_range=(0.5, 1.5), saturation_range=(0.5, 1.5),
-                           hue_delta=18):
+def photometric_distortion(
+    example,
+    rng,
+    brightness_delta=32,
+    contrast_range=(0.5, 1.5),
+    saturation_range=(0.5, 1.5),
+    hue_delta=18,
+):
   """mmseg PhotoMetricDistortion: random brightness, contrast (before or after
   the colour changes), saturation, hue; each applied with probability 0.5.
 
@@ -235,6 +244,7 @@ def photometric_distortion(example, rng, brightness_delta=32,
 
 # ---------------------------------------------------------------- finishing
 
+
 @register
 def normalize(example, rng, mean=MEAN, std=STD):
   """(image - mean) / std as float32 (RGB order); one table lookup per pixel
@@ -257,8 +267,10 @@ def pad(example, rng, size=(512, 512), image_value=0.0, label_value=IGNORE):
   image, label = example["image"], example["label"]
   h, w = label.shape
   if h > size[0] or w > size[1]:
-    raise ValueError(f"{example.get('name')}: {h}x{w} is larger than pad size {size}; "
-                     "put random_crop before pad")
+    raise ValueError(
+        f"{example.get('name')}: {h}x{w} is larger than pad size {size}; "
+        "put random_crop before pad"
+    )
   if (h, w) == tuple(size):
     return example
   out_img = np.full((size[0], size[1], image.shape[2]), image_value, image.dtype)
@@ -290,20 +302,28 @@ def make_targets(example, max_segments):
   if len(present) > max_segments:
     if not _warned_segments:
       _warned_segments.append(True)
-      log.warning("%s has %d classes, more than data.max_segments=%d: keeping the "
-                  "largest (warned once)", example.get("name"), len(present),
-                  max_segments)
+      log.warning(
+          "%s has %d classes, more than data.max_segments=%d: keeping the " "largest (warned once)",
+          example.get("name"),
+          len(present),
+          max_segments,
+      )
     order = np.argsort(-counts[present], kind="stable")[:max_segments]
     present = np.sort(present[order])
   n = len(present)
   masks = np.zeros((max_segments,) + label.shape, np.uint8)
-  np.equal(label[None], present[:, None, None].astype(label.dtype),
-           out=masks[:n].view(bool))
+  np.equal(label[None], present[:, None, None].astype(label.dtype), out=masks[:n].view(bool))
   cls = np.zeros(max_segments, np.int32)
   cls[:n] = present
   image = example["image"]
   if image.dtype != np.float32:
-    raise ValueError("the transform list must end with normalize (and pad): got a "
-                     f"{image.dtype} image")
-  return {"image": np.ascontiguousarray(image), "label": label.astype(np.int32),
-          "masks": masks, "classes": cls, "valid": np.arange(max_segments) < n}
+    raise ValueError(
+        "the transform list must end with normalize (and pad): got a " f"{image.dtype} image"
+    )
+  return {
+      "image": np.ascontiguousarray(image),
+      "label": label.astype(np.int32),
+      "masks": masks,
+      "classes": cls,
+      "valid": np.arange(max_segments) < n,
+  }

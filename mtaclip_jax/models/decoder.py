@@ -11,11 +11,12 @@ from __future__ import annotations
 
 from typing import Sequence
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import flax.linen as nn
 
-from mtaclip_jax.models.pixel_decoder import resize_bilinear, sine_position_embedding
+from mtaclip_jax.models.pixel_decoder import resize_bilinear
+from mtaclip_jax.models.pixel_decoder import sine_position_embedding
 
 xavier = nn.initializers.xavier_uniform()
 
@@ -48,8 +49,9 @@ def attention_blocked(masks: jax.Array, size: tuple[int, int]) -> jax.Array:
 ATTENTION_IMPLS = ("xla", "cudnn")
 
 
-def fused_attention(q: jax.Array, k: jax.Array, v: jax.Array, blocked: jax.Array | None,
-                    implementation: str) -> jax.Array:
+def fused_attention(
+    q: jax.Array, k: jax.Array, v: jax.Array, blocked: jax.Array | None, implementation: str
+) -> jax.Array:
   """`jax.nn.dot_product_attention` of q [B, Lq, N, Dh], k / v [B, Lk, N, Dh] with the
   block mask [B or 1, Lq, Lk] (True = may not attend) as an additive bias of the
   dtype's lowest value -> [B, Lq, N, Dh]."""
@@ -57,13 +59,15 @@ def fused_attention(q: jax.Array, k: jax.Array, v: jax.Array, blocked: jax.Array
   if blocked is not None:
     low = jnp.asarray(jnp.finfo(q.dtype).min, q.dtype)
     bias = jnp.where(blocked[:, None], low, jnp.zeros((), q.dtype))
-  return jax.nn.dot_product_attention(q, k, v, bias=bias, scale=q.shape[-1] ** -0.5,
-                                      implementation=implementation)
+  return jax.nn.dot_product_attention(
+      q, k, v, bias=bias, scale=q.shape[-1] ** -0.5, implementation=implementation
+  )
 
 
 class Attention(nn.Module):
   """Multi-head attention; `blocked` [B or 1, Lq, Lk] True = may not attend.
   Softmax in fp32 ("xla"; cuDNN's fused kernel accumulates in fp32 too)."""
+
   embed_dim: int = 256
   num_heads: int = 8
   dtype: jnp.dtype = jnp.float32
@@ -83,20 +87,22 @@ class Attention(nn.Module):
     if self.impl == "cudnn":
       out = fused_attention(q, k, v, blocked, "cudnn")
     elif self.impl == "xla":
-      logits = jnp.einsum("bqhd,bkhd->bhqk", q * (dh ** -0.5), k).astype(jnp.float32)
+      logits = jnp.einsum("bqhd,bkhd->bhqk", q * (dh**-0.5), k).astype(jnp.float32)
       if blocked is not None:
         logits = jnp.where(blocked[:, None], -jnp.inf, logits)
       weights = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
       out = jnp.einsum("bhqk,bkhd->bqhd", weights, v)
     else:
-      raise ValueError(f"config.model.attention_impl must be one of {ATTENTION_IMPLS}, "
-                       f"got {self.impl!r}")
+      raise ValueError(
+          f"config.model.attention_impl must be one of {ATTENTION_IMPLS}, " f"got {self.impl!r}"
+      )
     out = out.reshape(query.shape[:2] + (self.embed_dim,))
     return nn.Dense(self.embed_dim, kernel_init=xavier, dtype=self.dtype, name="out_proj")(out)
 
 
 class DecoderLayer(nn.Module):
   """Masked cross-attention -> self-attention -> FFN, each post-norm."""
+
   hidden_dim: int = 256
   num_heads: int = 8
   ffn_dim: int = 2048
@@ -105,13 +111,15 @@ class DecoderLayer(nn.Module):
 
   @nn.compact
   def __call__(self, x, query_pos, memory, memory_pos, cross_blocked, self_blocked):
-    attn = Attention(self.hidden_dim, self.num_heads, self.dtype, self.attention_impl,
-                     name="cross_attn")
+    attn = Attention(
+        self.hidden_dim, self.num_heads, self.dtype, self.attention_impl, name="cross_attn"
+    )
     x = x + attn(x + query_pos, memory + memory_pos, memory, cross_blocked)
     x = _layer_norm("cross_attn_layer_norm")(x)
     q = x + query_pos
-    attn = Attention(self.hidden_dim, self.num_heads, self.dtype, self.attention_impl,
-                     name="self_attn")
+    attn = Attention(
+        self.hidden_dim, self.num_heads, self.dtype, self.attention_impl, name="self_attn"
+    )
     x = _layer_norm("self_attn_layer_norm")(x + attn(q, q, x, self_blocked))
     y = nn.relu(nn.Dense(self.ffn_dim, kernel_init=xavier, dtype=self.dtype, name="fc1")(x))
     y = nn.Dense(self.hidden_dim, kernel_init=xavier, dtype=self.dtype, name="fc2")(y)
@@ -120,6 +128,7 @@ class DecoderLayer(nn.Module):
 
 class MaskEmbedder(nn.Module):
   """MLP(hidden, hidden, mask_dim) with ReLU between layers."""
+
   hidden_dim: int = 256
   mask_dim: int = 256
   dtype: jnp.dtype = jnp.float32
@@ -143,6 +152,7 @@ class MaskTextDecoder(nn.Module):
   `mask_features` [B, h, w, mask_dim]: masks = einsum(mask_embed, mask_features),
   through which the losses differentiate the matched masks only (point_loss.py).
   """
+
   num_classes: int
   num_queries: int = 100
   hidden_dim: int = 256
@@ -175,8 +185,7 @@ class MaskTextDecoder(nn.Module):
     masks = jnp.einsum("bqc,bhwc->bqhw", embed[:, :nq], mask_features).astype(jnp.float32)
     blocked = attention_blocked(masks, size)
     if small_features is not None:
-      text = jnp.einsum("bqc,bhwc->bqhw", jax.lax.stop_gradient(embed[:, nq:]),
-                        small_features)
+      text = jnp.einsum("bqc,bhwc->bqhw", jax.lax.stop_gradient(embed[:, nq:]), small_features)
       blocked = jnp.concatenate([blocked, attention_blocked(text, text.shape[2:])], 1)
     return normed, logits, masks, embed[:, :nq], blocked
 
@@ -185,8 +194,10 @@ class MaskTextDecoder(nn.Module):
     self.layernorm = ln()
     self.class_predictor = nn.Dense(self.num_classes + 1, dtype=jnp.float32)
     self.mask_predictor = MaskEmbedder(self.hidden_dim, self.mask_dim, self.dtype)
-    self.layers = [DecoderLayer(self.hidden_dim, self.num_heads, self.ffn_dim, self.dtype,
-                                self.attention_impl) for _ in range(self.num_layers)]
+    self.layers = [
+        DecoderLayer(self.hidden_dim, self.num_heads, self.ffn_dim, self.dtype, self.attention_impl)
+        for _ in range(self.num_layers)
+    ]
     emb = nn.initializers.normal(1.0)
     self.queries_features = self.param("queries_features", emb, (self.num_queries, self.hidden_dim))
     self.queries_embedder = self.param("queries_embedder", emb, (self.num_queries, self.hidden_dim))
@@ -194,7 +205,9 @@ class MaskTextDecoder(nn.Module):
     if self.text_queries:
       self.text_proj = nn.Dense(self.hidden_dim, dtype=jnp.float32)
       self.text_norm = ln()
-      self.text_pos_embed = self.param("text_pos_embed", emb, (self.num_text_queries, self.hidden_dim))
+      self.text_pos_embed = self.param(
+          "text_pos_embed", emb, (self.num_text_queries, self.hidden_dim)
+      )
       self.mask_clip_proj = nn.Dense(self.embed_dim, dtype=jnp.float32)
       self.text_clip_proj = nn.Dense(self.embed_dim, dtype=jnp.float32)
       self.text_clip_norm = ln()
@@ -204,8 +217,12 @@ class MaskTextDecoder(nn.Module):
   def num_text_queries(self) -> int:
     return self.num_contexts * (self.num_classes + 1) if self.text_queries else 0
 
-  def __call__(self, multi_scale_features: Sequence[jax.Array], mask_features: jax.Array,
-               text_embeddings: jax.Array | None = None) -> dict[str, jax.Array]:
+  def __call__(
+      self,
+      multi_scale_features: Sequence[jax.Array],
+      mask_features: jax.Array,
+      text_embeddings: jax.Array | None = None,
+  ) -> dict[str, jax.Array]:
     nl = self.num_feature_levels
     if len(multi_scale_features) != nl:
       raise ValueError(f"decoder expects {nl} feature levels, got {len(multi_scale_features)}")
@@ -214,8 +231,10 @@ class MaskTextDecoder(nn.Module):
     for lvl, feat in enumerate(multi_scale_features):
       _, h, w, c = feat.shape
       if c != self.hidden_dim:
-        raise ValueError(f"decoder memory level {lvl} has {c} channels, expected hidden_dim "
-                         f"{self.hidden_dim} (pixel decoder conv_dim must equal hidden_dim)")
+        raise ValueError(
+            f"decoder memory level {lvl} has {c} channels, expected hidden_dim "
+            f"{self.hidden_dim} (pixel decoder conv_dim must equal hidden_dim)"
+        )
       sizes.append((h, w))
       memory.append(feat.reshape(b, h * w, c) + self.level_embed[lvl].astype(feat.dtype))
       pos = sine_position_embedding(h, w, self.hidden_dim // 2).reshape(1, h * w, c)
@@ -229,8 +248,10 @@ class MaskTextDecoder(nn.Module):
         raise ValueError("decoder built with text_queries=True needs text_embeddings [K, C+1, D]")
       k, c1, d = text_embeddings.shape
       if (k, c1, d) != (self.num_contexts, self.num_classes + 1, self.embed_dim):
-        raise ValueError(f"text_embeddings shape {text_embeddings.shape}, expected "
-                         f"[{self.num_contexts}, {self.num_classes + 1}, {self.embed_dim}]")
+        raise ValueError(
+            f"text_embeddings shape {text_embeddings.shape}, expected "
+            f"[{self.num_contexts}, {self.num_classes + 1}, {self.embed_dim}]"
+        )
       t0 = text_embeddings.reshape(k * c1, d).astype(jnp.float32)
       t_hat = self.text_norm(self.text_proj(t0))
       text_pos = self.text_pos_embed
@@ -249,25 +270,27 @@ class MaskTextDecoder(nn.Module):
       outs["masks"].append(masks)
       outs["mask_embed"].append(embed)
       if self.text_queries:
-        m = self.mask_clip_proj(normed[:, :self.num_queries])
-        t = self.text_clip_norm(self.text_clip_proj(normed[:, self.num_queries:]))
+        m = self.mask_clip_proj(normed[:, : self.num_queries])
+        t = self.text_clip_norm(self.text_clip_proj(normed[:, self.num_queries :]))
         outs["m_proj"].append(_l2_normalize(m))
         outs["t_proj"].append(_l2_normalize(t0 + self.gamma * t).reshape(b, k, c1, d))
 
     small = [None] * nl
     if self.text_queries:  # mask features at each level's size, for the text queries' blocks
-      small = [jax.lax.stop_gradient(resize_bilinear(mask_features.astype(jnp.float32), size))
-               for size in sizes]
-    normed, logits, masks, embed, blocked = self._predict(x, mask_features, sizes[0],
-                                                          small[0])
+      small = [
+          jax.lax.stop_gradient(resize_bilinear(mask_features.astype(jnp.float32), size))
+          for size in sizes
+      ]
+    normed, logits, masks, embed, blocked = self._predict(x, mask_features, sizes[0], small[0])
     if not self.text_queries:  # Mask2Former also supervises the query initialisation
       record(normed, logits, masks, embed)
     for i, layer in enumerate(self.layers):
       lvl = i % nl
       x = layer(x, query_pos, memory[lvl], memory_pos[lvl], blocked, self_blocked)
       nxt = (i + 1) % nl
-      normed, logits, masks, embed, blocked = self._predict(x, mask_features, sizes[nxt],
-                                                            small[nxt])
+      normed, logits, masks, embed, blocked = self._predict(
+          x, mask_features, sizes[nxt], small[nxt]
+      )
       record(normed, logits, masks, embed)
     out = {key: jnp.stack(v) for key, v in outs.items() if v}
     out["mask_features"] = mask_features

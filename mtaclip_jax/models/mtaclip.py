@@ -13,19 +13,16 @@ from __future__ import annotations
 
 from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import flax.linen as nn
 
-from mtaclip_jax.models import backbones, clip
+from mtaclip_jax import errors
+from mtaclip_jax.models import backbones
+from mtaclip_jax.models import clip
 from mtaclip_jax.models import decoder as decoder_lib
 from mtaclip_jax.models.decoder import MaskTextDecoder
 from mtaclip_jax.models.pixel_decoder import PixelDecoder
-
-
-class ModelConfigError(ValueError):
-  """A `config.model` entry that cannot build a model (the CLIs print it as one line)."""
-
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -35,6 +32,7 @@ class MTACLIP(nn.Module):
   train=False) -> {"logits", "masks"[, "m_proj", "t_proj"]}` stacked over the
   supervised layers (see docs/CONTRACT.md). BatchNorm statistics live in
   `batch_stats`; with backbone_norm="bn" and train=True pass mutable=["batch_stats"]."""
+
   backbone: str = "RN50"
   text_encoder: str = "RN50"
   backbone_norm: str = "frozen_bn"
@@ -60,49 +58,80 @@ class MTACLIP(nn.Module):
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, images: jax.Array, class_tokens: jax.Array | None = None,
-               train: bool = False,
-               text_embeddings: jax.Array | None = None) -> dict[str, jax.Array]:
+  def __call__(
+      self,
+      images: jax.Array,
+      class_tokens: jax.Array | None = None,
+      train: bool = False,
+      text_embeddings: jax.Array | None = None,
+  ) -> dict[str, jax.Array]:
     if images.ndim != 4 or images.shape[-1] != 3:
       raise ValueError(f"images must be [B, H, W, 3], got {images.shape}")
-    feats = backbones.get(self.backbone).build(dtype=self.dtype, norm=self.backbone_norm,
-                                               name="backbone")(images, train=train)
-    pix = PixelDecoder(conv_dim=self.hidden_dim, mask_dim=self.mask_dim,
-                       enc_layers=self.enc_layers, enc_ffn_dim=self.enc_ffn_dim,
-                       enc_heads=self.enc_heads, enc_points=self.enc_points,
-                       num_feature_levels=self.num_feature_levels,
-                       deform_attn_impl=self.deform_attn_impl, dtype=self.dtype,
-                       name="pixel_decoder")(feats)
+    feats = backbones.get(self.backbone).build(
+        dtype=self.dtype, norm=self.backbone_norm, name="backbone"
+    )(images, train=train)
+    pix = PixelDecoder(
+        conv_dim=self.hidden_dim,
+        mask_dim=self.mask_dim,
+        enc_layers=self.enc_layers,
+        enc_ffn_dim=self.enc_ffn_dim,
+        enc_heads=self.enc_heads,
+        enc_points=self.enc_points,
+        num_feature_levels=self.num_feature_levels,
+        deform_attn_impl=self.deform_attn_impl,
+        dtype=self.dtype,
+        name="pixel_decoder",
+    )(feats)
     text_arch = clip.get_arch(self.text_encoder)
     t0 = None
     if self.text_queries and text_embeddings is not None:
       # Precomputed by `encode_classes` (inference: once per class list).
       want = (self.num_contexts, self.num_classes + 1, text_arch.embed_dim)
       if tuple(text_embeddings.shape) != want:
-        raise ValueError(f"text_embeddings must be [K, C+1, D] = {list(want)}, got "
-                         f"{list(text_embeddings.shape)}")
+        raise ValueError(
+            f"text_embeddings must be [K, C+1, D] = {list(want)}, got "
+            f"{list(text_embeddings.shape)}"
+        )
       t0 = text_embeddings.astype(jnp.float32)
     elif self.text_queries:
-      if class_tokens is None or class_tokens.ndim != 2 or \
-          class_tokens.shape[0] != self.num_classes + 1:
+      if (
+          class_tokens is None
+          or class_tokens.ndim != 2
+          or class_tokens.shape[0] != self.num_classes + 1
+      ):
         raise ValueError(
             f"class_tokens must be [num_classes + 1 = {self.num_classes + 1}, length] "
-            f"(class names + 'none'), got {None if class_tokens is None else class_tokens.shape}")
-      contexts = self.param("contexts", nn.initializers.normal(0.02),
-                            (self.num_contexts, self.context_length, text_arch.text_width))
+            f"(class names + 'none'), got {None if class_tokens is None else class_tokens.shape}"
+        )
+      contexts = self.param(
+          "contexts",
+          nn.initializers.normal(0.02),
+          (self.num_contexts, self.context_length, text_arch.text_width),
+      )
       # The text tower is frozen by the optimizer (lr x0), not by stop_gradient:
       # gradients must reach the contexts through it.
       t0 = clip.TextEncoder(text_arch, dtype=self.dtype, name="text_encoder").encode_prompts(
-          class_tokens, contexts)
+          class_tokens, contexts
+      )
       t0 = t0.astype(jnp.float32)
     decoder = MaskTextDecoder(
-        num_classes=self.num_classes, num_queries=self.num_queries,
-        hidden_dim=self.hidden_dim, mask_dim=self.mask_dim, num_heads=self.dec_heads,
-        ffn_dim=self.dec_ffn_dim, num_layers=self.dec_layers,
-        num_feature_levels=self.num_feature_levels, text_queries=self.text_queries,
-        joint_self_attn=self.joint_self_attn, embed_dim=text_arch.embed_dim,
-        num_contexts=self.num_contexts, gamma_init=self.gamma_init, dtype=self.dtype,
-        attention_impl=self.attention_impl, name="decoder")
+        num_classes=self.num_classes,
+        num_queries=self.num_queries,
+        hidden_dim=self.hidden_dim,
+        mask_dim=self.mask_dim,
+        num_heads=self.dec_heads,
+        ffn_dim=self.dec_ffn_dim,
+        num_layers=self.dec_layers,
+        num_feature_levels=self.num_feature_levels,
+        text_queries=self.text_queries,
+        joint_self_attn=self.joint_self_attn,
+        embed_dim=text_arch.embed_dim,
+        num_contexts=self.num_contexts,
+        gamma_init=self.gamma_init,
+        dtype=self.dtype,
+        attention_impl=self.attention_impl,
+        name="decoder",
+    )
     return decoder(pix["multi_scale_features"], pix["mask_features"], t0)
 
 
@@ -117,8 +146,11 @@ def encode_classes(model: MTACLIP, variables, class_tokens: jax.Array) -> jax.Ar
     return None
   params = variables["params"]
   t0 = clip.TextEncoder(clip.get_arch(model.text_encoder), dtype=model.dtype).apply(
-      {"params": params["text_encoder"]}, jnp.asarray(class_tokens, jnp.int32),
-      params["contexts"], method="encode_prompts")
+      {"params": params["text_encoder"]},
+      jnp.asarray(class_tokens, jnp.int32),
+      params["contexts"],
+      method="encode_prompts",
+  )
   return t0.astype(jnp.float32)
 
 
@@ -127,35 +159,73 @@ def build_model(model_config) -> MTACLIP:
   c = dict(model_config)
   dtype = c.get("dtype", "float32")
   if dtype not in DTYPES:
-    raise ModelConfigError(f"config.model.dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+    raise errors.ModelConfigError(
+        f"config.model.dtype must be one of {sorted(DTYPES)}, got {dtype!r}"
+    )
   backbone = c.get("backbone", "RN50")
   if backbone not in backbones.REGISTRY:
-    raise ModelConfigError(f"config.model.backbone must be one of {sorted(backbones.REGISTRY)}, "
-                     f"got {backbone!r}")
+    raise errors.ModelConfigError(
+        f"config.model.backbone must be one of {sorted(backbones.REGISTRY)}, " f"got {backbone!r}"
+    )
   text_encoder = c.get("text_encoder") or backbones.get(backbone).default_text_encoder
   if text_encoder not in clip.ARCHS:
-    raise ModelConfigError(f"config.model.text_encoder must be a CLIP arch, one of "
-                     f"{sorted(clip.ARCHS)}, got {text_encoder!r}")
+    raise errors.ModelConfigError(
+        f"config.model.text_encoder must be a CLIP arch, one of "
+        f"{sorted(clip.ARCHS)}, got {text_encoder!r}"
+    )
   if "num_classes" not in c:
-    raise ModelConfigError(
-        "config.model.num_classes is required (dataset classes without 'none')")
-  if c.get("class_length", 5) + c.get("context_length", 8) > clip.ARCHS[text_encoder].context_length:
-    raise ModelConfigError(
-        "config.model.class_length + context_length exceeds the text context length")
-  fields = ("backbone_norm", "num_queries", "hidden_dim", "mask_dim", "enc_layers",
-            "enc_ffn_dim", "enc_heads", "enc_points", "num_feature_levels", "dec_layers",
-            "dec_ffn_dim", "dec_heads", "text_queries", "joint_self_attn", "num_contexts",
-            "context_length", "deform_attn_impl", "attention_impl", "gamma_init")
+    raise errors.ModelConfigError(
+        "config.model.num_classes is required (dataset classes without 'none')"
+    )
+  if (
+      c.get("class_length", 5) + c.get("context_length", 8)
+      > clip.ARCHS[text_encoder].context_length
+  ):
+    raise errors.ModelConfigError(
+        "config.model.class_length + context_length exceeds the text context length"
+    )
+  fields = (
+      "backbone_norm",
+      "num_queries",
+      "hidden_dim",
+      "mask_dim",
+      "enc_layers",
+      "enc_ffn_dim",
+      "enc_heads",
+      "enc_points",
+      "num_feature_levels",
+      "dec_layers",
+      "dec_ffn_dim",
+      "dec_heads",
+      "text_queries",
+      "joint_self_attn",
+      "num_contexts",
+      "context_length",
+      "deform_attn_impl",
+      "attention_impl",
+      "gamma_init",
+  )
   attention_impl = c.get("attention_impl", "xla")
   if attention_impl not in decoder_lib.ATTENTION_IMPLS:
-    raise ModelConfigError(f"config.model.attention_impl must be one of "
-                     f"{list(decoder_lib.ATTENTION_IMPLS)}, got {attention_impl!r}")
+    raise errors.ModelConfigError(
+        f"config.model.attention_impl must be one of "
+        f"{list(decoder_lib.ATTENTION_IMPLS)}, got {attention_impl!r}"
+    )
   if attention_impl == "cudnn" and dtype != "bfloat16":
-    raise ModelConfigError("config.model.attention_impl='cudnn' needs config.model.dtype "
-                     f"'bfloat16' (cuDNN's fused attention), got {dtype!r}")
+    raise errors.ModelConfigError(
+        "config.model.attention_impl='cudnn' needs config.model.dtype "
+        f"'bfloat16' (cuDNN's fused attention), got {dtype!r}"
+    )
   if attention_impl == "cudnn" and jax.default_backend() != "gpu":
-    raise ModelConfigError("config.model.attention_impl='cudnn' needs an NVIDIA GPU; this "
-                     f"process runs on {jax.default_backend()!r} (use 'xla')")
+    raise errors.ModelConfigError(
+        "config.model.attention_impl='cudnn' needs an NVIDIA GPU; this "
+        f"process runs on {jax.default_backend()!r} (use 'xla')"
+    )
   kwargs = {k: c[k] for k in fields if k in c}
-  return MTACLIP(backbone=backbone, text_encoder=text_encoder,
-                 num_classes=int(c["num_classes"]), dtype=DTYPES[dtype], **kwargs)
+  return MTACLIP(
+      backbone=backbone,
+      text_encoder=text_encoder,
+      num_classes=int(c["num_classes"]),
+      dtype=DTYPES[dtype],
+      **kwargs,
+  )

@@ -10,22 +10,24 @@ from __future__ import annotations
 import math
 from typing import Sequence
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import flax.linen as nn
 
-from mtaclip_jax.models.conv import Conv2d
-from mtaclip_jax.models.deform_attn import MSDeformAttn
-from mtaclip_jax.models.pointwise import Dense, PointwiseConv
+from mtaclip_jax.models.ops.conv import Conv2d
+from mtaclip_jax.models.ops.deform_attn import MSDeformAttn
+from mtaclip_jax.models.ops.pointwise import Dense
+from mtaclip_jax.models.ops.pointwise import PointwiseConv
 
 FEATURE_STRIDES = {"res2": 4, "res3": 8, "res4": 16, "res5": 32}
 # Detectron2's c2_xavier_fill (kaiming_uniform with a=1), as Mask2Former.
 conv_init = nn.initializers.variance_scaling(1.0, "fan_in", "uniform")
 
 
-def sine_position_embedding(height: int, width: int, num_feats: int = 128,
-                            temperature: float = 10000.0) -> np.ndarray:
+def sine_position_embedding(
+    height: int, width: int, num_feats: int = 128, temperature: float = 10000.0
+) -> np.ndarray:
   """DETR sine embedding with normalize=True (no padding): [H, W, 2*num_feats],
   y features first, then x; sin/cos interleaved as in Mask2Former."""
   eps = 1e-6
@@ -57,8 +59,11 @@ def reference_points(spatial_shapes: Sequence[tuple[int, int]]) -> np.ndarray:
   """Pixel centres of every level, normalised: [S, L, 2] (x, y)."""
   refs = []
   for h, w in spatial_shapes:
-    ry, rx = np.meshgrid(np.linspace(0.5, h - 0.5, h, dtype=np.float32) / h,
-                         np.linspace(0.5, w - 0.5, w, dtype=np.float32) / w, indexing="ij")
+    ry, rx = np.meshgrid(
+        np.linspace(0.5, h - 0.5, h, dtype=np.float32) / h,
+        np.linspace(0.5, w - 0.5, w, dtype=np.float32) / w,
+        indexing="ij",
+    )
     refs.append(np.stack([rx.reshape(-1), ry.reshape(-1)], -1))
   refs = np.concatenate(refs, 0)
   return np.repeat(refs[:, None, :], len(spatial_shapes), axis=1)
@@ -66,6 +71,7 @@ def reference_points(spatial_shapes: Sequence[tuple[int, int]]) -> np.ndarray:
 
 class ConvNorm(nn.Module):
   """Conv + GroupNorm(32) (+ ReLU), a torch `nn.Sequential(conv, norm[, relu])`."""
+
   features: int
   kernel_size: int = 1
   use_bias: bool = True
@@ -78,15 +84,22 @@ class ConvNorm(nn.Module):
     if k == 1:
       x = PointwiseConv(self.features, self.use_bias, self.dtype, conv_init, name="conv")(x)
     else:
-      x = Conv2d(self.features, (k, k), padding=k // 2, use_bias=self.use_bias,
-                 dtype=self.dtype, kernel_init=conv_init, name="conv")(x)
-    x = nn.GroupNorm(32, epsilon=1e-5, use_fast_variance=False, dtype=jnp.float32,
-                     name="norm")(x)
+      x = Conv2d(
+          self.features,
+          (k, k),
+          padding=k // 2,
+          use_bias=self.use_bias,
+          dtype=self.dtype,
+          kernel_init=conv_init,
+          name="conv",
+      )(x)
+    x = nn.GroupNorm(32, epsilon=1e-5, use_fast_variance=False, dtype=jnp.float32, name="norm")(x)
     return nn.relu(x) if self.relu else x
 
 
 class EncoderLayer(nn.Module):
   """Deformable self-attention + FFN, post-norm."""
+
   d_model: int = 256
   ffn_dim: int = 1024
   n_heads: int = 8
@@ -97,15 +110,24 @@ class EncoderLayer(nn.Module):
 
   @nn.compact
   def __call__(self, x, pos, refs, spatial_shapes):
-    attn = MSDeformAttn(self.d_model, self.n_heads, self.n_levels, self.n_points,
-                        impl=self.impl, dtype=self.dtype, name="self_attn")
+    attn = MSDeformAttn(
+        self.d_model,
+        self.n_heads,
+        self.n_levels,
+        self.n_points,
+        impl=self.impl,
+        dtype=self.dtype,
+        name="self_attn",
+    )
     x = x + attn(x + pos, refs, x, spatial_shapes)
-    x = nn.LayerNorm(epsilon=1e-5, use_fast_variance=False, dtype=jnp.float32,
-                     name="self_attn_layer_norm")(x)
+    x = nn.LayerNorm(
+        epsilon=1e-5, use_fast_variance=False, dtype=jnp.float32, name="self_attn_layer_norm"
+    )(x)
     y = nn.relu(Dense(self.ffn_dim, dtype=self.dtype, name="fc1")(x))
     y = Dense(self.d_model, dtype=self.dtype, name="fc2")(y)
-    return nn.LayerNorm(epsilon=1e-5, use_fast_variance=False, dtype=jnp.float32,
-                        name="final_layer_norm")(x + y)
+    return nn.LayerNorm(
+        epsilon=1e-5, use_fast_variance=False, dtype=jnp.float32, name="final_layer_norm"
+    )(x + y)
 
 
 class Encoder(nn.Module):
@@ -122,15 +144,23 @@ class Encoder(nn.Module):
   def __call__(self, x, pos, spatial_shapes):
     refs = jnp.asarray(reference_points(spatial_shapes))[None]
     for i in range(self.num_layers):
-      x = EncoderLayer(self.d_model, self.ffn_dim, self.n_heads, self.n_levels,
-                       self.n_points, self.impl, self.dtype, name=f"layers_{i}")(
-                           x, pos, refs, spatial_shapes)
+      x = EncoderLayer(
+          self.d_model,
+          self.ffn_dim,
+          self.n_heads,
+          self.n_levels,
+          self.n_points,
+          self.impl,
+          self.dtype,
+          name=f"layers_{i}",
+      )(x, pos, refs, spatial_shapes)
     return x
 
 
 class PixelDecoder(nn.Module):
   """Features {res2..res5} (NHWC) -> mask features at stride 4 and the encoder's
   multi-scale memory, coarsest first (strides 32, 16, 8 for 3 levels)."""
+
   conv_dim: int = 256
   mask_dim: int = 256
   enc_layers: int = 6
@@ -148,14 +178,16 @@ class PixelDecoder(nn.Module):
     missing = [n for n in names if n not in features]
     if missing:
       raise ValueError(f"pixel decoder needs backbone features {names}; missing {missing}")
-    trans_names = names[-self.num_feature_levels:][::-1]  # coarsest first
-    level_embed = self.param("level_embed", nn.initializers.normal(1.0),
-                             (self.num_feature_levels, self.conv_dim))
+    trans_names = names[-self.num_feature_levels :][::-1]  # coarsest first
+    level_embed = self.param(
+        "level_embed", nn.initializers.normal(1.0), (self.num_feature_levels, self.conv_dim)
+    )
 
     srcs, pos, shapes = [], [], []
     for lvl, name in enumerate(trans_names):
       x = ConvNorm(self.conv_dim, 1, dtype=self.dtype, name=f"input_projections_{lvl}")(
-          features[name])
+          features[name]
+      )
       b, h, w, c = x.shape
       shapes.append((h, w))
       srcs.append(x.reshape(b, h * w, c))
@@ -164,13 +196,21 @@ class PixelDecoder(nn.Module):
     src = jnp.concatenate(srcs, 1)
     pos = jnp.concatenate(pos, 0)[None]
     shapes = tuple(shapes)
-    memory = Encoder(self.enc_layers, self.conv_dim, self.enc_ffn_dim, self.enc_heads,
-                     self.num_feature_levels, self.enc_points, self.deform_attn_impl,
-                     self.dtype, name="encoder")(src, pos, shapes)
+    memory = Encoder(
+        self.enc_layers,
+        self.conv_dim,
+        self.enc_ffn_dim,
+        self.enc_heads,
+        self.num_feature_levels,
+        self.enc_points,
+        self.deform_attn_impl,
+        self.dtype,
+        name="encoder",
+    )(src, pos, shapes)
 
     outs, start = [], 0
     for h, w in shapes:
-      outs.append(memory[:, start:start + h * w].reshape(b, h, w, self.conv_dim))
+      outs.append(memory[:, start : start + h * w].reshape(b, h, w, self.conv_dim))
       start += h * w
     multi_scale = list(outs)
 
@@ -179,11 +219,16 @@ class PixelDecoder(nn.Module):
     # FPN levels are named as transformers does: adapter_1 / layer_1 on the finest.
     for idx in reversed(range(num_fpn)):
       feat = features[names[idx]]
-      lateral = ConvNorm(self.conv_dim, 1, use_bias=False, dtype=self.dtype,
-                         name=f"adapter_{idx + 1}")(feat)
+      lateral = ConvNorm(
+          self.conv_dim, 1, use_bias=False, dtype=self.dtype, name=f"adapter_{idx + 1}"
+      )(feat)
       y = lateral + resize_bilinear(outs[-1], lateral.shape[1:3])
-      outs.append(ConvNorm(self.conv_dim, 3, use_bias=False, relu=True, dtype=self.dtype,
-                           name=f"layer_{idx + 1}")(y))
-    mask_features = PointwiseConv(self.mask_dim, kernel_init=conv_init, dtype=self.dtype,
-                                  name="mask_projection")(outs[-1])
+      outs.append(
+          ConvNorm(
+              self.conv_dim, 3, use_bias=False, relu=True, dtype=self.dtype, name=f"layer_{idx + 1}"
+          )(y)
+      )
+    mask_features = PointwiseConv(
+        self.mask_dim, kernel_init=conv_init, dtype=self.dtype, name="mask_projection"
+    )(outs[-1])
     return {"mask_features": mask_features, "multi_scale_features": multi_scale}

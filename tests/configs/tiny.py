@@ -1,13 +1,12 @@
 """The tiny test model as a config file, for tests that run `python -m mtaclip_jax.main`.
 
-  --config tests/configs/tiny.py:DATA_ROOT
+--config tests/configs/tiny.py:DATA_ROOT
 """
 
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(
-    __file__)))))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 from tests import train_fixtures  # pylint: disable=g-import-not-at-top
 

@@ -22,9 +22,18 @@ CHECKPOINT = os.path.join(HERE, "checkpoint_tiny")
 # Every config file with its default variant, and the ablation variants that change
 # the state's tree (the others change values or losses only).
 LAYOUT_CONFIGS = (
-    "ade20k_r50", "ade20k_r101", "ade20k_vitb16", "ade20k_vits16", "ade20k_mitb4",
-    "cityscapes_r50", "cityscapes_r101", "demo", "ade20k_r50:baseline",
-    "ade20k_r50:text_only", "ade20k_r50:K=5", "ade20k_vits16:baseline",
+    "ade20k_r50",
+    "ade20k_r101",
+    "ade20k_vitb16",
+    "ade20k_vits16",
+    "ade20k_mitb4",
+    "cityscapes_r50",
+    "cityscapes_r101",
+    "demo",
+    "ade20k_r50:baseline",
+    "ade20k_r50:text_only",
+    "ade20k_r50:K=5",
+    "ade20k_vits16:baseline",
     "ade20k_mitb4:baseline",
 )
 
@@ -33,12 +42,15 @@ def state_layout(spec: str) -> dict[str, str]:
   """{tree path: "SHAPE DTYPE"} of the train state of configs/NAME.py[:ARG]."""
   # pylint: disable=g-import-not-at-top
   from tests import train_fixtures
+
   name, _, arg = spec.partition(":")
   config = train_fixtures.load_config(name, arg or None)
   abstract = train_fixtures.abstract_state(config)
   flat = jax.tree_util.tree_flatten_with_path(abstract)[0]
-  return {jax.tree_util.keystr(path): f"{'x'.join(map(str, leaf.shape))} {leaf.dtype}"
-          for path, leaf in flat}
+  return {
+      jax.tree_util.keystr(path): f"{'x'.join(map(str, leaf.shape))} {leaf.dtype}"
+      for path, leaf in flat
+  }
 
 
 def write_state_layout() -> None:
@@ -54,10 +66,10 @@ def write_checkpoint() -> None:
   data iterator and config) as a run does; the dataset is not kept."""
   # pylint: disable=g-import-not-at-top
   from tests import train_fixtures
+
   with tempfile.TemporaryDirectory() as tmp:
     train_fixtures.make_dataset(tmp)
-    config = train_fixtures.tiny_config(
-        os.path.join(tmp, "ADEChallengeData2016"), steps=1)
+    config = train_fixtures.tiny_config(os.path.join(tmp, "ADEChallengeData2016"), steps=1)
     workdir = os.path.join(tmp, "run")
     train_fixtures.train_run(config, workdir)
     shutil.rmtree(CHECKPOINT, ignore_errors=True)

@@ -1,0 +1,53 @@
+"""Every error a user can cause and fix: a bad config, path, dataset or checkpoint.
+
+The command lines print these as one `error: ...` line (exit code 1) instead of a
+traceback (`USER_ERRORS`, cli/runner.py). Each message names the file or config key
+at fault and what was expected. Errors outside this list are bugs and keep their
+traceback.
+"""
+
+
+class ConfigError(ValueError):
+  """A config key has a value the run cannot use; the message names the key."""
+
+
+class ModelConfigError(ConfigError):
+  """A `config.model` key names no known model part (backbone, dtype, ...)."""
+
+
+class MeshConfigError(ConfigError):
+  """`config.mesh` does not fit the devices or the parameters."""
+
+
+class CropConfigError(ConfigError):
+  """A crop in `config.data.transforms` does not fit an image that reaches it."""
+
+
+class WorkdirError(OSError):
+  """The workdir cannot be written, or its disk is full."""
+
+
+class CheckpointError(RuntimeError):
+  """No checkpoint, or none that this config can restore."""
+
+
+class CheckpointSaveError(CheckpointError):
+  """Writing a checkpoint failed; the ones already complete are intact."""
+
+
+class BadSampleError(ValueError):
+  """A dataset file cannot be read or does not match its layout; names the file."""
+
+
+class NonFiniteLossError(FloatingPointError):
+  """The loss became NaN or Inf (`config.train.on_nan="stop"`); names the step."""
+
+
+USER_ERRORS = (
+    ConfigError,
+    WorkdirError,
+    CheckpointError,
+    BadSampleError,
+    NonFiniteLossError,
+    FileNotFoundError,
+)

@@ -1,0 +1,174 @@
+"""The training loop: data -> sharded train step -> logs, checkpoints, evaluation.
+
+`run(config, workdir)` is what `python -m mtaclip_jax.main --mode train` calls. A
+restart with the same command resumes from the latest checkpoint (state, data
+iterator and RNG), bit-exact on CPU.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import time
+
+import jax
+import ml_collections
+import numpy as np
+
+from mtaclip_jax import errors
+from mtaclip_jax.config import validate
+from mtaclip_jax.models import mtaclip
+from mtaclip_jax.runtime import checkpoint
+from mtaclip_jax.runtime import sharding
+from mtaclip_jax.train import compile_ahead
+from mtaclip_jax.train import optim
+from mtaclip_jax.train import pretrained
+from mtaclip_jax.train import services
+from mtaclip_jax.train import train_state
+
+log = logging.getLogger(__name__)
+
+
+class _Preemption:
+  """SIGTERM (a preemption notice) asks the loop to save and exit cleanly."""
+
+  def __init__(self):
+    self.requested = False
+    self._previous = None
+
+  def __enter__(self):
+    try:
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+    except ValueError:  # not the main thread
+      self._previous = None
+    return self
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    log.warning("SIGTERM received: saving a checkpoint and exiting")
+    self.requested = True
+
+  def __exit__(self, *exc):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+
+def _host_metrics(metrics: dict) -> dict:
+  return {k: float(np.asarray(v)) for k, v in jax.device_get(metrics).items()}
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Trains per `config`; returns the last logged metrics (and eval results)."""
+  validate.validate_config(config)
+  validate.check_workdir(workdir)
+  mesh = sharding.make_mesh(config.mesh)
+  validate.check_batch(config, mesh)
+  rt = services.Runtime(config, workdir, mesh)
+  validate.check_crop(config)
+
+  model = mtaclip.build_model(config.model)
+  tx = optim.make_optimizer(config.optim)
+  class_tokens = rt.class_tokens()
+  rng = jax.random.key(config.seed)
+  data_iter = rt.train_iterator()  # a bad dataset is named before anything compiles
+  with jax.set_mesh(mesh):
+    abstract = train_state.abstract_state(model, tx, config, class_tokens, rng)
+    state_shard = train_state.state_shardings(abstract, config, mesh)
+    # The step compiles in a thread while the state initialises (compile_ahead.py).
+    step_fn = compile_ahead.AheadOfTimeStep(
+        train_state.jit_train_step(model, tx, config, state_shard, mesh),
+        abstract,
+        state_shard,
+        compile_ahead.batch_spec(config),
+        class_tokens,
+        mesh,
+    )
+  try:
+    return _train(
+        config, workdir, rt, mesh, model, tx, class_tokens, rng, state_shard, step_fn, data_iter
+    )
+  finally:
+    step_fn.wait()  # an error before the first step ends the process only after it
+
+
+def _train(
+    config, workdir, rt, mesh, model, tx, class_tokens, rng, state_shard, step_fn, data_iter
+) -> dict:
+  with jax.set_mesh(mesh):
+    state = train_state.init_state(model, tx, config, class_tokens, rng, state_shard)
+    state = pretrained.load_pretrained(state, config, model)
+  ckpt = checkpoint.Checkpointer(
+      workdir, every=config.train.checkpoint_every, max_to_keep=config.train.max_to_keep
+  )
+  start = 0
+  if ckpt.latest_step() is not None:
+    try:
+      start, state, _ = ckpt.restore(state, data_iter, config=config)
+    except errors.CheckpointError:
+      ckpt.close()  # let orbax's threads finish before the error ends the process
+      raise
+    log.info("resumed from %s at step %d", ckpt.directory, start)
+  total = int(config.train.steps)
+  writer = rt.metric_writer()
+  last: dict = {}
+  pending = None  # metrics of the step before, fetched while this one runs
+  t0, t_last = time.time(), time.time()
+  with _Preemption() as preempt, jax.set_mesh(mesh), ckpt.abandon_on_save_error():
+    if start and _eval_due(config, start) and not rt.has_eval_results(start):
+      # The run was killed while evaluating this checkpoint's step: evaluate it now.
+      rt.evaluate(model, state, class_tokens, start, writer)
+    bar = rt.progress(start, total)
+    step = start
+    while step < total:
+      batch = sharding.global_batch(next(data_iter), mesh)
+      state, metrics = step_fn(state, batch, class_tokens)
+      step += 1
+      if pending is not None:
+        last = _check_and_log(pending, rt, writer, bar, config, ckpt, t_last)
+        t_last = time.time()
+      pending = (step, metrics)
+      if step % config.train.checkpoint_every == 0 or step == total or preempt.requested:
+        last = _check_and_log(pending, rt, writer, bar, config, ckpt, t_last)
+        pending = None
+        ckpt.save(step, state, data_iter, config, force=True)
+      if _eval_due(config, step):
+        # The step's checkpoint is complete before its evaluation starts, so a run
+        # killed mid-evaluation resumes at this step and evaluates it again.
+        ckpt.wait()
+        rt.evaluate(model, state, class_tokens, step, writer)
+      if preempt.requested:
+        ckpt.close()
+        bar.close()
+        log.warning("stopped at step %d after SIGTERM; restart to resume", step)
+        return last
+    bar.close()
+  ckpt.close()
+  results = dict(last)
+  if config.eval.get("at_end", True):
+    results.update(rt.evaluate(model, state, class_tokens, total, writer))
+  rt.print_summary(time.time() - t0)
+  writer.close()
+  return results
+
+
+def _eval_due(config, step: int) -> bool:
+  every = config.eval.every_steps
+  return bool(every) and step % every == 0 and step < config.train.steps
+
+
+def _check_and_log(pending, rt, writer, bar, config, ckpt, t_last) -> dict:
+  step, metrics = pending
+  m = _host_metrics(metrics)
+  if not m.get("finite", 1.0) and config.train.on_nan == "stop":
+    terms = ", ".join(f"{k}={v:.4g}" for k, v in sorted(m.items()))
+    ckpt.wait()
+    raise errors.NonFiniteLossError(
+        f"non-finite loss or gradient at step {step} ({terms}); the last good "
+        f"checkpoint ({ckpt.latest_step()}) in {ckpt.directory} is kept. Lower the "
+        f"learning rate, check the data, or set --config.train.on_nan=skip"
+    )
+  bar.update(step - bar.n)
+  if step % config.train.log_every == 0 or step == config.train.steps:
+    m["step_time"] = time.time() - t_last
+    rt.log_metrics(writer, step, m, bar)
+  return m

@@ -1,0 +1,92 @@
+"""What the train loop needs around the step: data, class tokens, metrics, progress
+and periodic evaluation. Kept out of loop.py so the loop stays short."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+import jax
+import tqdm
+
+from mtaclip_jax.data import classes as data_classes
+from mtaclip_jax.data import generate
+from mtaclip_jax.data import pipeline
+from mtaclip_jax.evaluation import evaluate as evaluate_lib
+from mtaclip_jax.evaluation import report
+from mtaclip_jax.train import metric_writer
+
+log = logging.getLogger(__name__)
+
+
+class Runtime:
+  """Per-run services: data, logs, progress, evaluation."""
+
+  def __init__(self, config, workdir, mesh):
+    self.config, self.workdir, self.mesh = config, workdir, mesh
+    self.is_main = jax.process_index() == 0
+    generate.ensure_dataset(config.data)
+
+  def class_tokens(self):
+    return data_classes.class_tokens(self.config.data, self.config.model.class_length)
+
+  def train_iterator(self):
+    return pipeline.make_train_iterator(self.config.data, self.config.data.seed)
+
+  def metric_writer(self):
+    return metric_writer.MetricWriter(self.workdir, enabled=self.is_main)
+
+  def progress(self, start, total):
+    return tqdm.tqdm(
+        total=total,
+        initial=start,
+        desc="train",
+        unit="step",
+        disable=not self.is_main,
+        dynamic_ncols=True,
+        file=sys.stderr,
+    )
+
+  def log_metrics(self, writer, step, metrics, bar):
+    writer.write(step, {f"train/{k}": v for k, v in metrics.items()})
+    bar.set_postfix(
+        loss=f"{metrics.get('loss', float('nan')):.3f}", lr=f"{metrics.get('lr', 0):.2e}"
+    )
+
+  def evaluate(self, model, state, class_tokens, step, writer) -> dict:
+    dataset = pipeline.make_eval_dataset(self.config.data, self.config.eval.split)
+    results = evaluate_lib.evaluate_model(
+        model,
+        state.variables(),
+        class_tokens,
+        dataset,
+        self.config,
+        class_names=data_classes.class_names(self.config.data),
+        workdir=self.workdir if self.is_main else None,
+        step=step,
+        progress=self.is_main,
+    )
+    writer.write(step, {f"eval/{k}": results[k] for k in ("mIoU", "mAcc", "aAcc")})
+    log.info(
+        "step %d: mIoU %.2f mAcc %.2f aAcc %.2f",
+        step,
+        results["mIoU"],
+        results["mAcc"],
+        results["aAcc"],
+    )
+    return {f"eval_{k}": results[k] for k in ("mIoU", "mAcc", "aAcc")}
+
+  def has_eval_results(self, step) -> bool:
+    return os.path.exists(report.results_path(self.workdir, step))
+
+  def print_summary(self, seconds):
+    if not self.is_main:
+      return
+    w = os.path.abspath(self.workdir)
+    print(
+        f"\ntraining finished in {seconds / 60:.1f} min\n"
+        f"  checkpoints: {w}/checkpoints\n  TensorBoard: tensorboard --logdir {w}/tb\n"
+        f"  metrics:     {w}/metrics.jsonl\n  evaluation:  {w}/eval/",
+        flush=True,
+    )
