@@ -1,4 +1,4 @@
-"""Run by tests/test_train_multidevice.py in a process with 8 fake CPU devices.
+"""Run by tests/integration/test_train_multidevice.py in a process with 8 fake CPU devices.
 
 Three train steps on the same batches on 1 device and on an 8-device mesh (data
 parallel, and data parallel + FSDP parameter sharding) must give the same losses and

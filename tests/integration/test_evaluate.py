@@ -170,7 +170,7 @@ def test_sum_over_processes_keeps_int64_counts(monkeypatch):
 @pytest.mark.slow
 def test_evaluate_model_with_a_contract_model(tmp_path, capsys):
   head = "similarity"  # reads tau from config.loss
-  from tests.test_inference import _ContractModel
+  from tests.parity.test_inference import _ContractModel
 
   model = _ContractModel(num_classes=NUM_CLASSES)
   tokens = np.zeros((NUM_CLASSES + 1, 5), np.int32)

@@ -12,7 +12,7 @@ import pytest
 from benchmarks import flops
 from mtaclip_jax.models.ops.conv import Conv2d
 from mtaclip_jax.models.ops.conv import conv2d
-from tests.test_pointwise import assert_same_as_flax
+from tests.unit.models.test_pointwise import assert_same_as_flax
 
 # (image size, kernel, stride, padding, bias): the shapes the backbones and the pixel
 # decoder use (3x3 / 1, 3x3 / 2 on odd and even sizes, MiT's 7x7 / 4 patch embedding and

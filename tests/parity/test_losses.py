@@ -15,6 +15,7 @@ import pytest
 
 from mtaclip_jax.objective import losses
 from mtaclip_jax.objective.matching import hungarian
+from tests import train_fixtures
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -340,7 +341,7 @@ def test_factored_masks_give_the_gradient_of_autodiff_through_the_masks():
 
 _SHARDED_SCRIPT = textwrap.dedent("""
     import jax, jax.numpy as jnp, numpy as np
-    from tests.test_losses import make_problem, loss_config
+    from tests.parity.test_losses import make_problem, loss_config
     assert jax.device_count() == 8
     outputs, batch = make_problem(0, b=8)
     cfg = loss_config()
@@ -378,7 +379,7 @@ def test_sharded_loss_equals_unsharded_on_8_fake_devices():
   # Small shapes for CI time; ADE20k shapes (L=9, B=8, Q=100, T=30, 128x128 masks,
   # C=150, D=1024) ran by hand on 8 fake devices: 21 s, finite gradients (needs
   # matching's chunked callbacks on CPU, see host._CPU_CALLBACK_BYTES).
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  root = train_fixtures.ROOT
   env = dict(
       os.environ,
       XLA_FLAGS="--xla_force_host_platform_device_count=8",

@@ -9,7 +9,9 @@ import sys
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests import train_fixtures
+
+ROOT = train_fixtures.ROOT
 
 
 @pytest.mark.slow

@@ -15,8 +15,8 @@ from mtaclip_jax.objective.matching import hungarian
 from mtaclip_jax.train import accumulate
 from mtaclip_jax.train import optim
 from tests import train_fixtures
-from tests.test_losses import loss_config
-from tests.test_losses import make_problem
+from tests.parity.test_losses import loss_config
+from tests.parity.test_losses import make_problem
 
 
 def test_split_interleaves_images_and_names_a_bad_count():

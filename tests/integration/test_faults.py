@@ -25,7 +25,7 @@ from mtaclip_jax.runtime import checkpoint
 from mtaclip_jax.train import metric_writer
 from tests import train_fixtures
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = train_fixtures.ROOT
 STEPS = 12
 EVAL_STEP = 10  # every run evaluates at this step, so kills can land mid-evaluation
 pytestmark = pytest.mark.slow

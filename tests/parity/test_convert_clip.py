@@ -21,11 +21,12 @@ from convert_weights import load_converted
 from convert_weights import merge_into
 from convert_weights.__main__ import main as cli_main
 from mtaclip_jax.models import clip
+from tests import train_fixtures
 from tests.clip_reference import reference_clip
 from tests.clip_reference import rel_err
 from tests.clip_reference import state_dict_numpy
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = train_fixtures.ROOT
 
 
 @pytest.fixture(scope="module")

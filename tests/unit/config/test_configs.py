@@ -7,8 +7,9 @@ import os
 import pytest
 
 from mtaclip_jax.config import recipes
+from tests import train_fixtures
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = train_fixtures.ROOT
 CONFIGS = sorted(glob.glob(os.path.join(ROOT, "configs", "*.py")))
 
 

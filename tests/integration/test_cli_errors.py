@@ -1,12 +1,13 @@
 """Mistakes on the command line give one line naming the key or file, exit code 2."""
 
-import os
 import subprocess
 import sys
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests import train_fixtures
+
+ROOT = train_fixtures.ROOT
 
 
 def run_main(*args):

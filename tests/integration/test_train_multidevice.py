@@ -10,7 +10,7 @@ import pytest
 
 from tests import train_fixtures
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = train_fixtures.ROOT
 
 
 @pytest.mark.slow

@@ -10,8 +10,8 @@ from mtaclip_jax.config import validate
 from mtaclip_jax.objective.matching import device
 from mtaclip_jax.objective.matching import hungarian
 from tests import train_fixtures
-from tests.test_matching import _check_is_optimal_matching
-from tests.test_matching import _scipy_reference
+from tests.parity.test_matching import _check_is_optimal_matching
+from tests.parity.test_matching import _scipy_reference
 
 
 def _device(cost, valid):
