@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# GPU benchmark (issue 8): this project and transformers' Mask2Former at bf16 on one
-# GPU, in one call of under 9 minutes (LIMIT=360 fits one start + one call into
-# the device tool's 15 minutes). docs/BENCHMARKS.md: results.
+# GPU benchmark: this project and transformers' Mask2Former at bf16 on one GPU, in
+# one call of under 9 minutes (LIMIT=360 fits the machine's start and one call into a
+# 15-minute GPU allocation). docs/BENCHMARKS.md: results.
 #
 #   bash benchmarks/gpu.sh [OUT_DIR]      # env: SIZE=512 BATCH=16 STEPS=5 LIMIT=400
 #
@@ -14,14 +14,15 @@
 # by HLO op (benchmarks/profile_step.py), with the device's idle gaps; two more parts
 # time the full step with cuDNN's fused attention in the decoder and with the
 # Hungarian on the device (opt-in configs).
-# XLA:GPU compiles this model for minutes (session 2: the full step
-# not within 220 s), so our four parts compile side by side (CPU work) and take turns
-# on the GPU: every timed section, the matmul peak included, holds one file lock.
-# transformers runs after our three timed parts, while at most the largest-batch probe
-# still compiles. Unless XLA_FLAGS says otherwise, matmuls go to cuBLAS rather than
-# Triton (fewer candidates to autotune) and autotuning skips its buffer checks (level
-# 1): session 5 compiled every part inside 220 s that way. Level 0 (no autotuning)
-# was a disaster: 11 TFLOP/s bf16 matmuls and a 19 s baseline step (docs/BENCHMARKS.md).
+# XLA:GPU compiles this model for minutes (with XLA's default flags the full step did
+# not compile within 220 s on an H200, 2026-11-26), so our four parts compile side by
+# side (CPU work) and take turns on the GPU: every timed section, the matmul peak
+# included, holds one file lock. transformers runs after our three timed parts, while
+# at most the largest-batch probe still compiles. Unless XLA_FLAGS says otherwise,
+# matmuls go to cuBLAS rather than Triton (fewer candidates to autotune) and
+# autotuning skips its buffer checks (level 1): on an H100 (2026-11-26) every part
+# compiled inside 220 s that way. Level 0 (no autotuning) was a disaster: 11 TFLOP/s
+# bf16 matmuls and a 19 s baseline step (docs/BENCHMARKS.md).
 set -uo pipefail
 out=${1:-${OUT:-/tmp/mtaclip_gpu}}
 mkdir -p "$out"
@@ -59,21 +60,21 @@ p2=$!
 part inference "$limit" "${common[@]}" --inference --which full &
 p3=$!
 # The largest batch from compiled memory (16 and 32) only: the confirming run never
-# finished inside the limit (sessions 5 and 7).
+# finished inside the limit (H100 2026-11-26, H200 2026-11-27).
 part max_batch $((limit + 60)) "${common[@]}" --which "" --max-batch 128 --estimate-only &
 p4=$!
-# The full step with the decoder's attention in cuDNN's fused kernel (session 7's
-# opt-in, config.model.attention_impl=cudnn), against part full's default "xla".
+# The full step with the decoder's attention in cuDNN's fused kernel (opt-in,
+# config.model.attention_impl=cudnn), against part full's default "xla".
 part full_cudnn $((limit + 60)) "${common[@]}" --batch "$batch" --which full \
   --set model.attention_impl=cudnn &
 p6=$!
-# The full step with the Hungarian in XLA (session 11's config.loss.matcher=device)
+# The full step with the Hungarian in XLA (opt-in, config.loss.matcher=device)
 # against part full's host callback.
 part full_device_matcher $((limit + 60)) "${common[@]}" --batch "$batch" --which full \
   --set loss.matcher=device &
 p7=$!
 # Command buffers (CUDA graphs) off for the profile only: with them the trace names
-# whole graphs, not ops (session 7).
+# whole graphs, not ops.
 XLA_FLAGS="$XLA_FLAGS --xla_gpu_enable_command_buffer=" \
   part profile $((limit + 60)) --size "$size" --batch "$batch" --variant full --bf16 \
   --steps 2 --lock "$lock" --top 40 &

@@ -2,9 +2,10 @@
 
 The matcher's two cost matmuls run at Precision.HIGH (TF32 on GPUs). This rounds their
 inputs to TF32's 10-bit mantissa (round to nearest), computes the costs as
-`matching.pairwise_mask_costs` does (float64 here, so only the input rounding differs)
-and compares the Hungarian assignments with the exact ones, on images of random blob
-targets sampled at the recipe's 12544 points and noisy predictions of them.
+`pairwise_mask_costs` (mtaclip_jax/objective/matching/costs.py) does (float64 here, so
+only the input rounding differs) and compares the Hungarian assignments with the exact
+ones, on images of random blob targets sampled at the recipe's 12544 points and noisy
+predictions of them.
 
   python -m benchmarks.matcher_precision [--images 20 --targets 8 --queries 100]
 """

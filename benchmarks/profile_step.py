@@ -13,7 +13,7 @@ out), each under the HLO op that launched it where the trace names one, and the
 kernels' total per step against the step's time says how long the GPU sat idle.
 Profile a GPU with XLA's command buffers off (`XLA_FLAGS=...
 --xla_gpu_enable_command_buffer=`, as benchmarks/gpu.sh does): with them the trace
-names only whole CUDA graphs (`command_buffer_N`), not ops (session 7).
+names only whole CUDA graphs (`command_buffer_N`), not ops.
 """
 
 from __future__ import annotations
@@ -215,8 +215,9 @@ def main():
   if step_s > 1.1 * plain_s:
     print(
         f"  the profiler slowed the step by {step_s / plain_s - 1:.0%}: op shares may "
-        f"be skewed (on XLA:CPU it inflated one strided gather 10x, docs/BENCHMARKS.md "
-        f"session 13); time a suspect op's fix unprofiled before trusting its share"
+        f"be skewed (on XLA:CPU it inflated one strided gather 10x, docs/BENCHMARKS.md, "
+        f"'Lessons about measuring'); time a suspect op's fix unprofiled before trusting "
+        f"its share"
     )
   paths = glob.glob(os.path.join(out, "**", "*.trace.json.gz"), recursive=True)
   with gzip.open(paths[0], "rt") as f:

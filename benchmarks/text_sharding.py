@@ -3,7 +3,7 @@
   XLA_FLAGS=--xla_force_host_platform_device_count=8 \
       python -m benchmarks.text_sharding [--arch RN50 --classes 150 --devices 8]
 
-The K x (C+1) prompt sequences do not depend on the batch; `clip_text.shard_sequences`
+The K x (C+1) prompt sequences do not depend on the batch; `clip.text.shard_sequences`
 splits them over the mesh's "data" axis (their [SOT] + contexts tokens, shared by the
 C+1 sequences of a context, are computed once per context on every device: K x 9 of
 the K x (9 + (C+1) x 4) tokens). This compiles the tower's forward + backward

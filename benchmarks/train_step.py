@@ -212,7 +212,7 @@ def matmul_peak(dtype=jnp.float32):
 def hlo_flops(lowered) -> float:
   """FLOPs of the program as traced, from XLA's cost analysis of the HLO before
   optimisation (elementwise work included; 0 where the backend gives none: XLA:GPU did
-  on an H200, session 7). The compiled program's analysis leaves out the convolutions
+  on an H200, 2026-11-27). The compiled program's analysis leaves out the convolutions
   and matmuls that XLA:GPU hands to cuDNN / cuBLAS."""
   cost = lowered.cost_analysis()
   cost = cost[0] if isinstance(cost, list) else cost

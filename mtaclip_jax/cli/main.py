@@ -1,6 +1,7 @@
 """Entry point: `python -m mtaclip_jax.main --config configs/X.py[:arg] --workdir DIR`.
 
-Thin by design (STYLE 1): flags, distributed init, dispatch to train or evaluate.
+Thin: flags, distributed init, dispatch to train or evaluate; the work is in the
+train and evaluation packages.
 """
 
 from __future__ import annotations

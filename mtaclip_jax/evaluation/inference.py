@@ -7,7 +7,7 @@ Everything else follows mmseg's test path:
 
 - `Resize(scale=test_scale, keep_ratio=True)` (`rescale_size`), bilinear with
   half-pixel centres and no antialiasing (cv2 INTER_LINEAR), result kept uint8;
-- normalise with the mean/std of DESIGN §5; pad bottom/right with 0 to a static
+- normalise with the recipe's mean/std (docs/RECIPES.md); pad bottom/right with 0 to a static
   size (a multiple of `pad_multiple`, or the fixed `pad_size`) so jit compiles once
   per size bucket, not once per image;
 - "whole": one pass; "slide": mmseg `slide_inference` windows of `crop_size` every
@@ -69,7 +69,7 @@ def similarity_scores(
 ) -> jax.Array:
   """Open-vocabulary semantic inference from mask-text similarities.
 
-  With S(m'_q, t'_{c,k}) = m'_q . t'_{c,k} / tau (DESIGN §3), each mask query gets
+  With S(m'_q, t'_{c,k}) = m'_q . t'_{c,k} / tau (paper Eq. 6), each mask query gets
   class probabilities p_{q,c} = softmax_c(max_k S(m'_q, t'_{c,k})) over the C+1
   classes ("none" last, K prompts per class), then as `semantic_scores`:
   score_c(x) = sum_q p_{q,c} * sigmoid(masks_q(x)), c < C.

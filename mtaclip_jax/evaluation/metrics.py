@@ -34,7 +34,7 @@ def update(
   """Adds the pixels of `pred` vs `label` (same shape, any rank) to `cm` [C, C].
 
   `pred` holds class ids in [0, C). The counts are int32: flush `cm` to the host
-  (`np.int64`) before it can hold 2**31 pixels (see `evaluate.py`).
+  (`np.int64`) before it can hold 2**31 pixels (see `evaluation/evaluate.py`).
   """
   pred = jnp.asarray(pred, jnp.int32).reshape(-1)
   label = jnp.asarray(label, jnp.int32).reshape(-1)

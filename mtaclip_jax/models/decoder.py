@@ -150,7 +150,7 @@ class MaskTextDecoder(nn.Module):
   queries, `m_proj` [L, B, Q, D] and `t_proj` [L, B, K, C+1, D] (L2-normalised);
   and the factors of the masks, `mask_embed` [L, B, Q, mask_dim] and (not stacked)
   `mask_features` [B, h, w, mask_dim]: masks = einsum(mask_embed, mask_features),
-  through which the losses differentiate the matched masks only (point_loss.py).
+  through which the losses differentiate the matched masks only (objective/point_loss.py).
   """
 
   num_classes: int

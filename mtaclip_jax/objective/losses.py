@@ -1,4 +1,4 @@
-"""MTA-CLIP / Mask2Former training losses (DESIGN §4).
+"""MTA-CLIP / Mask2Former training losses (paper §3.2, Eq. 7-10; docs/RECIPES.md).
 
 On every supervised layer: class cross-entropy over C+1 ("none" weighted
 `no_object_weight`), sigmoid BCE and dice on points chosen by uncertainty
@@ -10,7 +10,7 @@ Normalisation: mask/dice sums over matched pairs are divided by the number of va
 ground-truth segments of the whole (global) batch, clamped to >= 1; class CE and the
 similarity loss are weighted means over all queries of the global batch. Under a
 jit with batch shardings these reductions are global by construction; a step split
-into micro-batches (accumulate.py) passes the whole batch's `batch_normalizers`, so
+into micro-batches (train/accumulate.py) passes the whole batch's `batch_normalizers`, so
 its micro-batch losses add up to the whole batch's loss.
 
 Random points are drawn from `rng`; a `points` dict (see `draw_points`) can be
@@ -270,7 +270,7 @@ def compute_loss(
   factors = None
   if "mask_embed" in outputs and "mask_features" in outputs:
     # The mask losses differentiate the matched queries' masks only, through the
-    # masks' factors (point_loss.py); nothing else differentiates `masks`.
+    # masks' factors (objective/point_loss.py); nothing else differentiates `masks`.
     factors = (outputs["mask_embed"], outputs["mask_features"])
     masks = jax.lax.stop_gradient(masks)
   bce, dice = _point_losses(

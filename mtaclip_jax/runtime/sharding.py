@@ -1,4 +1,4 @@
-"""Device mesh and shardings (DESIGN §7).
+"""Device mesh and shardings (docs/SCALING.md).
 
 Mesh axes ("data", "model"). The batch is split over "data". Parameters are
 replicated unless `mesh.fsdp` is set: then every parameter of at least

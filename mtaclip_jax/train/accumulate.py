@@ -3,12 +3,10 @@
 `config.train.micro_batches = n` splits each step's batch into n micro-batches that
 run one after the other (a `lax.scan`), so only one micro-batch's activations are
 alive at a time: the recipe's batch on a device that cannot hold it (as big_vision's
-accumulation). Unrolled, XLA:CPU kept every micro-batch's activations alive (batch 16
-as 4 micro-batches asked for 26.9 GB), so it is a scan. XLA:CPU ran the convolutions
-of a loop body as generic loops (20 s per 256x256 step of 2 images as 2 micro-batches);
-the models' convolutions now go through `models/conv.py`, whose gradients it runs
-through its convolution library anywhere: 3.4 s, against 2.9 s unaccumulated
-(docs/BENCHMARKS.md, "Session 8").
+accumulation). Not unrolled: XLA:CPU then keeps every micro-batch's activations alive
+(batch 16 as 4 micro-batches asked for 26.9 GB). Inside the scan XLA:CPU runs the
+models' convolutions through its convolution library only because they go through
+`models/ops/conv.py` (docs/BENCHMARKS.md).
 
 The step's loss and gradient are the whole batch's: every micro-batch loss is
 normalised by the whole batch's counts (`losses.batch_normalizers`), so the
@@ -21,7 +19,7 @@ whatever the batch (docs/BENCHMARKS.md).
 
 Micro-batch i holds images i, i+n, i+2n, ...: each device's contiguous share of a
 batch sharded over the data axis splits without moving data when the share is a
-multiple of n (runtime checks `batch_size % (n * data devices) == 0`).
+multiple of n (config/validate.py checks `batch_size % (n * data devices) == 0`).
 """
 
 from __future__ import annotations

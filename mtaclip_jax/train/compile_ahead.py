@@ -1,15 +1,15 @@
 """The train step compiled in a background thread while the state initialises.
 
-The train loop used to compile its step at the first call, after the state's
-initialisation (itself a compile of every initialiser: 30 s on 2 CPU cores, 60-100 s on
-a GPU host in session 5). `AheadOfTimeStep` lowers and compiles the jitted step for the
-abstract state and the batch the config describes in a thread as soon as the state's
-shardings are known, so the two compiles overlap: time to the first step 59.7
--> 52.3 s on 2 CPU cores (`python -m benchmarks.startup [--overlap]`, 256x256 baseline;
-docs/BENCHMARKS.md). A batch or state of another shape or sharding than compiled for
-falls back to the jitted step, which compiles on demand, so results never depend on it.
-Callers `wait()` before the process may end (train.run does, on errors too): the
-interpreter's shutdown under a compiling thread aborts.
+Compiled at its first call, the step would wait for the state's initialisation (itself
+a compile of every initialiser: 30 s on 2 CPU cores, 60-100 s on a GPU host).
+`AheadOfTimeStep` lowers and compiles the jitted step for the abstract state and the
+batch the config describes in a thread as soon as the state's shardings are known, so
+the two compiles overlap: time to the first step 59.7 -> 52.3 s on 2 CPU cores
+(`python -m benchmarks.startup [--overlap]`, 256x256 baseline; docs/BENCHMARKS.md).
+A batch or state of another shape or sharding than compiled for falls back to the
+jitted step, which compiles on demand, so results never depend on it. Callers `wait()`
+before the process may end (train.loop.run does, on errors too): the interpreter's
+shutdown under a compiling thread aborts.
 """
 
 from __future__ import annotations

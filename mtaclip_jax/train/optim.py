@@ -1,4 +1,4 @@
-"""AdamW with warmup + poly decay and per-parameter rules (DESIGN §5).
+"""AdamW with warmup + poly decay and per-parameter rules (docs/RECIPES.md).
 
 Parameter groups are regexes over "/"-joined parameter paths (`config.optim.
 lr_mult_rules`: first match wins; `no_decay_rules`: any match). A learning-rate

@@ -64,7 +64,8 @@ def state_shardings(abstract: TrainState, config, mesh) -> TrainState:
 
 
 def init_state(model, tx, config, class_tokens, rng, shardings) -> TrainState:
-  """Initialises the state directly into `shardings` (STYLE 3)."""
+  """Initialises the state directly into `shardings`: no parameter is ever whole on
+  one device first."""
   init = jax.jit(functools.partial(create_state, model, tx, config), out_shardings=shardings)
   return init(class_tokens, rng)
 
@@ -177,7 +178,7 @@ def _is_text(path: str) -> bool:
 def _accumulated_value_and_grad(
     state, batch, class_tokens, trainable, frozen, step_rng, micro_batches, *, model, config
 ):
-  """`_loss`'s value and gradient over `micro_batches` micro-batches (accumulate.py):
+  """`_loss`'s value and gradient over `micro_batches` micro-batches (train/accumulate.py):
   the prompted text tower once per step, the losses normalised by the whole batch."""
   norms = losses.batch_normalizers(
       batch["valid"], config.model.num_queries, config.loss.no_object_weight

@@ -9,7 +9,8 @@ Every backbone returns res2..res5 at strides 4/8/16/32 with the channels it decl
 ignored). `family` says where its weights come from: "clip" towers are converted from
 CLIP checkpoints (`config.init.clip`), "imagenet" ones from their own checkpoints
 (`config.init.backbone`); an ImageNet backbone's text side is a CLIP text tower chosen
-by `config.model.text_encoder` (default `DEFAULT_TEXT_ENCODER`, DESIGN §5).
+by `config.model.text_encoder` (default `DEFAULT_TEXT_ENCODER`, as in the authors'
+released code; docs/RECIPES.md).
 
 Adding a backbone is one module file plus one `register(...)` line below
 (docs/BACKBONES.md).
@@ -28,7 +29,8 @@ from mtaclip_jax.models.backbones import vit_imagenet
 
 STRIDES = (4, 8, 16, 32)
 FAMILIES = ("clip", "imagenet")
-# CLIP text tower for backbones that have none of their own (DESIGN §5).
+# CLIP text tower for backbones that have none of their own (the authors' released
+# code loads ViT-B/16's; docs/RECIPES.md).
 DEFAULT_TEXT_ENCODER = "ViT-B/16"
 
 

@@ -1,4 +1,4 @@
-"""Mix Transformer (MiT, the SegFormer encoder) returning res2..res5 (DESIGN §5).
+"""Mix Transformer (MiT, the SegFormer encoder) returning res2..res5 (docs/BACKBONES.md).
 
 Mirrors transformers' `SegformerModel` (modeling_segformer.py of the pinned transformers
 5.x): parameter paths are its state dict keys with dots as nesting, e.g.

@@ -10,8 +10,8 @@ Parameter paths mirror transformers 5's `ViTModel` state dict (`embeddings.cls_t
 mlp.fc2}`, `layernorm`), so `convert_weights.vit_hf` is key rewriting. Pre-LN blocks,
 exact GELU, a class token, learned position embeddings resized bicubically (as
 `ViTModel(interpolate_pos_encoding=True)` and the CLIP ViT) to the input's patch grid.
-Dense features: patch tokens after blocks `clip_vit.TAPS` through the same adapters as
-the CLIP ViT (`clip_vit.Fpn1`/`Fpn2`, new modules, random init). "embedding" is the
+Dense features: patch tokens after blocks `clip.vit.TAPS` through the same adapters as
+the CLIP ViT (`clip.vit.Fpn1`/`Fpn2`, new modules, random init). "embedding" is the
 final `layernorm` of the class token (the segmentation model does not use it).
 """
 

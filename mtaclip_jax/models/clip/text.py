@@ -14,7 +14,7 @@ from mtaclip_jax.models.clip.transformer import LayerNorm
 from mtaclip_jax.models.clip.transformer import Transformer
 from mtaclip_jax.models.clip.transformer import causal_mask
 
-CONTEXT_LENGTH = 8  # learnable context tokens per prompt (DESIGN §3)
+CONTEXT_LENGTH = 8  # learnable context tokens per prompt (paper §4; docs/RECIPES.md)
 
 
 def _data_axis_size() -> int:
@@ -103,7 +103,7 @@ class TextTransformer(nn.Module):
     every class: every row of class_tokens starts with [SOT]) have the same states in
     all C' sequences of a context: they are computed once per context and the C'
     sequences only for their n - 1 class tokens (4 of 13 tokens for n=5; equal to
-    encoding the whole sequences up to rounding, tests/test_clip_models.py)."""
+    encoding the whole sequences up to rounding, tests/parity/test_clip_models.py)."""
     num_classes, n = class_tokens.shape
     k, ctx_len, width = contexts.shape
     if width != self.width:

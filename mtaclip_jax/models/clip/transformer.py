@@ -30,7 +30,7 @@ def _mesh_spec(x, spec):
 
 
 def _by_sequence(x):
-  """x [B, ...] split over the "data" axis by sequence, as `clip_text.shard_sequences`
+  """x [B, ...] split over the "data" axis by sequence, as `text.shard_sequences`
   puts the prompts (B a multiple of it); unchanged without a "data" axis."""
   mesh = jax.sharding.get_abstract_mesh()
   if mesh is None or mesh.empty or "data" not in mesh.axis_names:

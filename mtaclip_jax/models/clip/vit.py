@@ -1,4 +1,4 @@
-"""OpenAI CLIP VisionTransformer with dense taps and FPN adapters (DESIGN §3).
+"""OpenAI CLIP VisionTransformer with dense taps and FPN adapters.
 
 Parameter paths mirror `clip/model.py`'s `visual.*` state dict (`conv1`,
 `class_embedding`, `positional_embedding`, `ln_pre`, `transformer/resblocks/N/...`,

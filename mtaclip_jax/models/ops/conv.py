@@ -1,17 +1,18 @@
 """2-D convolutions whose gradients XLA:CPU hands to its convolution library anywhere.
 
-XLA:CPU runs a convolution through Eigen only in its canonical form (NHWC input,
-HWIO kernel, NHWC output), and its pass that rewrites other forms into that one
+XLA:CPU runs a convolution through Eigen only in its canonical form (NHWC input, HWIO
+kernel, NHWC output), and its pass that rewrites other forms into that one
 (`ConvCanonicalization`) visits only the top-level computation. Autodiff writes the
 input gradient (kernel as HWOI) and the weight gradient (batch as the contracted
 feature) in other forms, so inside a loop body (the `lax.scan` of
 `config.train.micro_batches`) they ran as XLA's generic loops: one 3x3 convolution's
 forward and backward on [2, 64, 64, 256] took 20.7 s scanned against 0.41 s unscanned
-(docs/BENCHMARKS.md, session 8). `conv2d` writes both gradients in the canonical form
-itself (the kernel flipped and transposed; the weight gradient with the input's
-channels as its batch), the same arithmetic as autodiff's; with it the scanned case
-takes 0.37 s. Only on the CPU backend: elsewhere it is `lax.conv_general_dilated`.
-`Conv2d` is `nn.Conv` (same variables, names, shapes and initialisers) through it.
+(docs/BENCHMARKS.md, "What made the CPU step faster"). `conv2d` writes both gradients in
+the canonical form itself (the kernel flipped and transposed; the weight gradient with
+the input's channels as its batch), the same arithmetic as autodiff's; with it the
+scanned case takes 0.37 s. Only on the CPU backend: elsewhere it is
+`lax.conv_general_dilated`. `Conv2d` is `nn.Conv` (same variables, names, shapes and
+initialisers) through it.
 """
 
 from __future__ import annotations

@@ -1,20 +1,22 @@
 """1x1 stride-1 convolutions as matmuls, with a weight gradient XLA:CPU runs without
 layout copies.
 
-XLA:CPU computes a convolution's weight gradient as a convolution over the batch,
-which first copies the activations to [C, H, W, B]; with the batch innermost that copy
-runs at a few hundred MB/s and took ~1.7 of the 18 CPU-seconds of the baseline train
-step (docs/BENCHMARKS.md, session 6). `pointwise_conv` contracts the flattened
-positions of the activations and the output gradient in one matmul instead. Same
-values as `nn.Conv(features, (1, 1))` to rounding; `PointwiseConv` has its variables.
+XLA:CPU computes a convolution's weight gradient as a convolution over the batch, which
+first copies the activations to [C, H, W, B]; with the batch innermost that copy runs at
+a few hundred MB/s and took ~1.7 of the 18 CPU-seconds of the baseline train step
+(docs/BENCHMARKS.md, "What made the CPU step faster"). `pointwise_conv` contracts the
+flattened positions of the activations and the output gradient in one matmul instead.
+Same values as `nn.Conv(features, (1, 1))` to rounding; `PointwiseConv` has its
+variables.
 
-`add_bias` (used by the layers here, `conv.Conv2d` and the CLIP ResNet's folded BN):
-on XLA:CPU a bias gradient, the sum of the output gradient over every position, ran as
-a column reduction fused with the ReLU's backward select (a `reduce-window` of 30-39
-ms for [2, 5376, 1024]); ~0.55 of the baseline step's 16 CPU-seconds went to such sums
-(docs/BENCHMARKS.md, session 8). On CPU its gradient is the sum of the output gradient
-flattened to [positions, C] behind an `optimization_barrier` (not fused, not a
-`reduce-window`); elsewhere it is `y + b`. `Dense` is `nn.Dense` through both.
+`add_bias` (used by the layers here, `conv.Conv2d` and the CLIP ResNet's folded BN): on
+XLA:CPU a bias gradient, the sum of the output gradient over every position, ran as a
+column reduction fused with the ReLU's backward select (a `reduce-window` of 30-39 ms
+for [2, 5376, 1024]); ~0.55 of the baseline step's 16 CPU-seconds went to such sums
+(docs/BENCHMARKS.md, "What made the CPU step faster"). On CPU its gradient is the sum of
+the output gradient flattened to [positions, C] behind an `optimization_barrier` (not
+fused, not a `reduce-window`); elsewhere it is `y + b`. `Dense` is `nn.Dense` through
+both.
 """
 
 from typing import Any, Callable

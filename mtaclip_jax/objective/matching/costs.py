@@ -89,7 +89,7 @@ def pairwise_mask_costs(pred: jax.Array, target: jax.Array) -> tuple[jax.Array, 
 
   The two matmuls run at Precision.HIGH: float32 on CPU, TF32 on GPUs, 3 bf16
   passes on TPUs. At HIGHEST they were the largest cuBLAS calls of the train step
-  on an H200 (2 x 3.5 ms per step at batch 16, session 7). TF32's rounding of the
+  on an H200 (2 x 3.5 ms per step at batch 16, 2026-11-27). TF32's rounding of the
   inputs moved the costs by at most 5.6e-6 of their largest and changed none of 160
   assignments (emulated on CPU, 20 images of 8 blob targets, docs/BENCHMARKS.md).
   """

@@ -14,7 +14,7 @@ is taken, as in scipy; the order in which other ties are broken differs, so wher
 several assignments have the same least total the two may return different ones.
 The arithmetic is float32 (scipy's float64): assignments whose totals differ by less
 than float32's rounding of the duals may also be swapped. Otherwise both return the
-same assignment (tests/test_hungarian_device.py).
+same assignment (tests/unit/objective/test_hungarian_device.py).
 
 Work per image: T_valid searches of at most T_valid steps over Q queries, i.e.
 O(T_valid^2 Q) (8 targets x 100 queries: ~6k multiply-adds); the loop trips of the
@@ -122,7 +122,7 @@ def assign_one(cost: jax.Array, valid: jax.Array) -> jax.Array:
 
 
 def assign(cost: jax.Array, valid: jax.Array) -> jax.Array:
-  """`assign_one` for costs [N, B, Q, T] (query-major, as matching.py builds them)
+  """`assign_one` for costs [N, B, Q, T] (query-major, as costs.py builds them)
   and valid [B, T] -> [N, B, T] int32."""
   per_image = jax.vmap(assign_one, in_axes=(0, 0))
   per_layer = jax.vmap(per_image, in_axes=(0, None))

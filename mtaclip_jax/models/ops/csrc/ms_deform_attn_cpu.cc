@@ -1,6 +1,6 @@
 // Multi-scale deformable attention on the CPU as XLA FFI custom calls.
 //
-// Same semantics as mtaclip_jax/models/deform_attn.py's ms_deform_attn_gather
+// Same semantics as mtaclip_jax/models/ops/deform_attn.py's ms_deform_attn_gather
 // (grid_sample: bilinear, zero padding, align_corners=False, so
 // pixel = loc * size - 0.5; out-of-map corners weigh 0), without the gather's
 // [B, H, Lq, L*P*4, Dh] intermediate: each sample reads its corners' rows of
