@@ -39,6 +39,11 @@ class BadSampleError(ValueError):
   """A dataset file cannot be read or does not match its layout; names the file."""
 
 
+class ImageReadError(ValueError):
+  """An image file cannot be decoded (missing, empty, not an image, truncated, too
+  large, an unsupported sample type); names the file and the reason."""
+
+
 class NonFiniteLossError(FloatingPointError):
   """The loss became NaN or Inf (`config.train.on_nan="stop"`); names the step."""
 
@@ -48,6 +53,7 @@ USER_ERRORS = (
     WorkdirError,
     CheckpointError,
     BadSampleError,
+    ImageReadError,
     NonFiniteLossError,
     FileNotFoundError,
 )

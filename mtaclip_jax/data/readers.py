@@ -17,6 +17,7 @@ from PIL import Image
 
 from mtaclip_jax import errors
 from mtaclip_jax.data import classes
+from mtaclip_jax.data import image_decode
 
 IGNORE = classes.IGNORE_LABEL
 log = logging.getLogger(__name__)
@@ -163,21 +164,29 @@ def _open(path, what):
 
 
 def read_image(path):
-  """uint8 [H, W, 3] RGB; grayscale / RGBA / palette / 16-bit converted (warned once)."""
-  im = _open(path, "image")
-  if im.mode == "RGB":
-    return np.asarray(im)
-  warn_once(
-      ("image_mode", im.mode),
-      f"{path}: image mode {im.mode!r}, converting to RGB (warned once per mode)",
-  )
-  if im.mode in ("I;16", "I;16B", "I;16L", "I"):
-    arr = np.asarray(im).astype(np.int64)
-    arr = (arr >> 8) if arr.max() > 255 else arr
-    return np.repeat(arr.astype(np.uint8)[..., None], 3, axis=-1)
-  if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
-    im = im.convert("RGBA").convert("RGB")  # alpha dropped, colours kept
-  return np.asarray(im.convert("RGB"))
+  """uint8 [H, W, 3] RGB by the rules of `image_decode` (greyscale / palette / CMYK /
+  alpha / 16-bit converted, warned once per mode), as stored: the EXIF orientation
+  is not applied, since the label is drawn on the stored pixels (warned once)."""
+  return _decode_image(path).pixels
+
+
+def _decode_image(path):
+  try:
+    decoded = image_decode.decode(path, apply_orientation=False)
+  except errors.ImageReadError as e:
+    raise errors.BadSampleError(str(e)) from e
+  if decoded.mode != "RGB":
+    warn_once(
+        ("image_mode", decoded.mode),
+        f"{path}: image mode {decoded.mode!r}, converting to RGB (warned once per mode)",
+    )
+  if decoded.orientation != 1:
+    warn_once(
+        ("image_orientation",),
+        f"{path}: EXIF orientation {decoded.orientation} not applied: dataset images are "
+        "read as stored, as their labels are drawn on the stored pixels (warned once)",
+    )
+  return decoded
 
 
 def read_label_raw(path):
@@ -213,12 +222,23 @@ def map_label(raw, path, name, num_classes):
 
 def load_sample(sample, name, num_classes):
   """Decode and check one sample: `{"image", "label", "name"}`."""
-  image = read_image(sample.image_path)
+  decoded = _decode_image(sample.image_path)
+  image = decoded.pixels
   raw = read_label_raw(sample.label_path)
   if raw.shape != image.shape[:2]:
+    hint = ""
+    if (
+        decoded.orientation != 1
+        and raw.shape == image_decode.orient(image, decoded.orientation).shape[:2]
+    ):
+      hint = (
+          f"; the image's EXIF orientation {decoded.orientation} would give the label's "
+          "size, but dataset images are read as stored: save the image with its pixels "
+          "rotated and no orientation tag"
+      )
     raise errors.BadSampleError(
         f"{sample.label_path}: label size {raw.shape[1]}x{raw.shape[0]} (WxH) differs "
-        f"from its image {sample.image_path} {image.shape[1]}x{image.shape[0]}"
+        f"from its image {sample.image_path} {image.shape[1]}x{image.shape[0]}{hint}"
     )
   label = map_label(raw, sample.label_path, name, num_classes)
   return {"image": image, "label": label, "name": sample.name}
