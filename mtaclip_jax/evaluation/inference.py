@@ -5,8 +5,9 @@ The model part is a `predict_fn(images [B, H, W, 3] normalised float32) -> score
 input size when they are smaller); `make_predict_fn` builds it from the flax model.
 Everything else follows mmseg's test path:
 
-- `Resize(scale=test_scale, keep_ratio=True)` (`rescale_size`), bilinear with
-  half-pixel centres and no antialiasing (cv2 INTER_LINEAR), result kept uint8;
+- `Resize(scale=test_scale, keep_ratio=True)` (`rescale_size`; a side that would
+  round to 0 pixels, as 1x600 at (160, 128), stays 1), bilinear with half-pixel
+  centres and no antialiasing (cv2 INTER_LINEAR), result kept uint8;
 - normalise with the recipe's mean/std (docs/RECIPES.md); pad bottom/right with 0 to a static
   size (a multiple of `pad_multiple`, or the fixed `pad_size`) so jit compiles once
   per size bucket, not once per image;
@@ -15,7 +16,9 @@ Everything else follows mmseg's test path:
   ratios `scales` of `test_scale` and horizontal flips, each pass whole or slide
   (`ms_mode`), softmax-ed over classes (`tta_softmax`) and averaged;
 - scores are cropped to the resized image and resized bilinearly
-  (align_corners=False, as torch) to the original size.
+  (align_corners=False, as torch) to the original size; `segment` resizes and
+  takes the argmax a tile of rows at a time (`pass_labels`), so an image of any
+  size holds at most LABEL_TILE_BYTES of original-size scores.
 
 Device work uses static shapes: scores of the resized image live in a buffer of its
 padded size and of the original image in a buffer of the original size rounded up
@@ -38,6 +41,8 @@ from mtaclip_jax.models import mtaclip
 MEAN = np.array([123.675, 116.28, 103.53], np.float32)
 STD = np.array([58.395, 57.12, 57.375], np.float32)
 MODES = ("whole", "slide", "ms_flip")
+# The largest tile of original-size class scores `pass_labels` holds at once.
+LABEL_TILE_BYTES = 64 << 20
 
 PredictFn = Callable[[Any], Any]
 
@@ -253,10 +258,13 @@ class Settings:
 
 
 def rescale_size(height: int, width: int, scale: Sequence[float]) -> tuple[int, int]:
-  """mmcv `rescale_size` (keep_ratio): the largest size within the long/short caps."""
+  """mmcv `rescale_size` (keep_ratio): the largest size within the long/short caps.
+
+  A side that would round to 0 (a 1x600 image at test_scale (160, 128)) is kept at
+  1 pixel, where mmcv would fail; any other size is mmcv's."""
   long_edge, short_edge = max(scale), min(scale)
   factor = min(long_edge / max(height, width), short_edge / min(height, width))
-  return int(height * float(factor) + 0.5), int(width * float(factor) + 0.5)
+  return max(int(height * float(factor) + 0.5), 1), max(int(width * float(factor) + 0.5), 1)
 
 
 def linear_taps(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -275,8 +283,10 @@ def resize_image(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
   if image.shape[:2] == tuple(size):
     return image
   i0, i1, wy = linear_taps(image.shape[0], size[0])
-  x = image.astype(np.float32)
-  x = x[i0] * (1 - wy)[:, None, None] + x[i1] * wy[:, None, None]
+  # Only the rows read are converted to float (a large photo's float copy would be
+  # 12 bytes per pixel).
+  x = image[i0].astype(np.float32) * (1 - wy)[:, None, None]
+  x = x + image[i1].astype(np.float32) * wy[:, None, None]
   j0, j1, wx = linear_taps(image.shape[1], size[1])
   x = x[:, j0] * (1 - wx)[None, :, None] + x[:, j1] * wx[None, :, None]
   return np.clip(np.rint(x), 0, 255).astype(np.uint8)
@@ -336,18 +346,21 @@ def _fit(scores, size):
   return scores
 
 
-def _device_taps(in_size, out_size, length):
-  """`linear_taps` with traced sizes and a static number of outputs."""
+def _device_taps(in_size, out_size, length, start=0):
+  """`linear_taps` with traced sizes, of the static number `length` of outputs from
+  output index `start` (traced) on."""
   scale = in_size.astype(jnp.float32) / out_size.astype(jnp.float32)
-  src = jnp.maximum((jnp.arange(length, dtype=jnp.float32) + 0.5) * scale - 0.5, 0.0)
+  index = (jnp.arange(length, dtype=jnp.int32) + start).astype(jnp.float32)
+  src = jnp.maximum((index + 0.5) * scale - 0.5, 0.0)
   i0 = jnp.minimum(jnp.floor(src).astype(jnp.int32), in_size - 1)
   i1 = jnp.minimum(i0 + 1, in_size - 1)
   return i0, i1, src - i0.astype(jnp.float32)
 
 
 @functools.partial(jax.jit, static_argnames=("out_shape", "flip"))
-def resize_region(buf, valid, out_size, out_shape, flip=False):
-  """Bilinear resize of buf[:valid[0], :valid[1]] to out_size, torch semantics.
+def resize_region(buf, valid, out_size, out_shape, flip=False, row0=0):
+  """Bilinear resize of buf[:valid[0], :valid[1]] to out_size, torch semantics;
+  the output rows row0 .. row0 + out_shape[0] (a tile of a large image).
 
   Args:
     buf: [Hb, Wb, C] scores of a padded image.
@@ -356,13 +369,14 @@ def resize_region(buf, valid, out_size, out_shape, flip=False):
     out_shape: static (Ho, Wo) >= out_size of the returned buffer; rows/columns
       past out_size repeat the border.
     flip: the region was computed on a horizontally flipped image: flip it back.
+    row0: first output row (traced int32).
   """
   valid = jnp.asarray(valid, jnp.int32)
   out_size = jnp.asarray(out_size, jnp.int32)
   if flip:
     cols = jnp.clip(valid[1] - 1 - jnp.arange(buf.shape[1]), 0, buf.shape[1] - 1)
     buf = jnp.take(buf, cols, axis=1)
-  i0, i1, wy = _device_taps(valid[0], out_size[0], out_shape[0])
+  i0, i1, wy = _device_taps(valid[0], out_size[0], out_shape[0], row0)
   x = buf[i0] * (1 - wy)[:, None, None] + buf[i1] * wy[:, None, None]
   j0, j1, wx = _device_taps(valid[1], out_size[1], out_shape[1])
   return x[:, j0] * (1 - wx)[None, :, None] + x[:, j1] * wx[None, :, None]
@@ -475,8 +489,58 @@ def predict_scores(predict_fn: PredictFn, image, settings: Settings):
   return total
 
 
+def tile_rows(height: int, width: int, classes: int, settings: Settings) -> int:
+  """Rows per tile of the label map: the whole image (rounded up to out_multiple)
+  when the scores of that many rows fit in LABEL_TILE_BYTES, else the most rows (a
+  multiple of 8, at least 8) that do."""
+  whole = round_up((height,), settings.out_multiple)[0]
+  row_bytes = 4 * classes * round_up((width,), settings.out_multiple)[0]
+  return int(min(whole, max(8, LABEL_TILE_BYTES // row_bytes // 8 * 8)))
+
+
+@functools.partial(jax.jit, static_argnames=("out_shape", "flips", "softmax"))
+def _label_tile(bufs, valids, out_size, row0, out_shape, flips, softmax):
+  """argmax over classes of rows row0 .. row0 + out_shape[0] of the passes' scores
+  at the original size, averaged over the passes as `predict_scores` does."""
+  if len(bufs) == 1:
+    total = resize_region(bufs[0], valids[0], out_size, out_shape, flips[0], row0)
+  else:
+    total = jnp.zeros(out_shape + bufs[0].shape[-1:], jnp.float32)
+    for buf, valid, flip in zip(bufs, valids, flips):
+      scores = resize_region(buf, valid, out_size, out_shape, flip, row0)
+      if softmax:
+        scores = jax.nn.softmax(scores, axis=-1)
+      total = total + (1.0 / len(bufs)) * scores
+  return jnp.argmax(total, axis=-1).astype(jnp.int32)
+
+
+def pass_labels(passes: Sequence, out_size: tuple[int, int], settings: Settings) -> np.ndarray:
+  """Label map int32 [H, W] = out_size of the passes [(buffer [Hb, Wb, C], (h, w) of
+  the resized image in it, flip)]: the argmax of their scores resized to the
+  original size (as `predict_scores`), computed a tile of rows at a time, so a large
+  image never holds its [H, W, C] scores (docs/RELIABILITY.md)."""
+  h, w = (int(v) for v in out_size)
+  classes = passes[0][0].shape[-1] * (1 if len(passes) == 1 else 2)
+  rows = tile_rows(h, w, classes, settings)
+  out_shape = (rows, round_up((w,), settings.out_multiple)[0])
+  bufs = tuple(p[0] for p in passes)
+  valids = tuple(np.asarray(p[1], np.int32) for p in passes)
+  flips = tuple(bool(p[2]) for p in passes)
+  size = np.asarray((h, w), np.int32)
+  labels = np.empty((h, w), np.int32)
+  for row0 in range(0, h, rows):
+    tile = _label_tile(bufs, valids, size, np.int32(row0), out_shape, flips, settings.tta_softmax)
+    labels[row0 : row0 + rows] = np.asarray(tile)[: h - row0, :w]
+  return labels
+
+
 def segment(predict_fn: PredictFn, image, settings: Settings) -> np.ndarray:
-  """Label map int32 [H, W] (argmax of `predict_scores`)."""
-  h, w = np.asarray(image).shape[:2]
-  pred = jnp.argmax(predict_scores(predict_fn, image, settings), axis=-1)
-  return np.asarray(pred[:h, :w], np.int32)
+  """Label map int32 [H, W]: the argmax of `predict_scores`, by `pass_labels`."""
+  image = np.asarray(image)
+  if image.ndim != 3 or image.shape[2] != 3:
+    raise ValueError(f"image: expected [H, W, 3] uint8, got shape {image.shape}")
+  passes = []
+  for ratio, flip in settings.augmentations:
+    buf, size = resized_scores(predict_fn, image, settings, ratio, flip)
+    passes.append((buf, size, flip))
+  return pass_labels(passes, image.shape[:2], settings)
