@@ -1,6 +1,8 @@
 """Demo: MTA-CLIP with a small CLIP-style backbone on a generated dataset, on CPU.
 
-The same code paths as the paper configs with reduced widths and depths. The dataset
+The same code paths as the paper configs with reduced widths and depths, from random
+initialisation, with the values the demo was tuned with (context init, warm-up start,
+learning rate, whole-image evaluation). The dataset
 (ADE20k layout, 8 classes of textured shapes) is generated under demo_data/ on the
 first run.
 
@@ -29,6 +31,7 @@ def get_config(arg=None):
           dec_ffn_dim=128,
           dec_heads=4,
           num_contexts=2,
+          context_init="normal",
       )
   )
   c.loss.num_points = 1024
@@ -47,10 +50,20 @@ def get_config(arg=None):
   c.data.generate = ml_collections.ConfigDict(
       dict(enabled=True, train=64, val=16, size=(128, 160), seed=0)
   )
-  c.optim.update(dict(lr=1e-3, warmup_steps=20, clip_norm=1.0))
+  c.optim.update(dict(lr=1e-3, warmup_steps=20, warmup_start_factor=1e-6, clip_norm=1.0))
   c.train.update(dict(steps=300, log_every=10, checkpoint_every=100, max_to_keep=2))
   c.optim.total_steps = c.train.steps
   c.eval.update(
-      dict(mode="whole", test_scale=(160, 128), crop_size=crop, stride=(96, 96), every_steps=0)
+      dict(
+          mode="whole",
+          ms_mode="whole",
+          test_scale=(160, 128),
+          crop_size=crop,
+          stride=(96, 96),
+          every_steps=0,
+      )
   )
+  # A small model with nothing to load: it trains from random initialisation (the
+  # paper configs refuse to without converted weights; docs/REPRODUCE.md).
+  c.init.allow_random = True
   return c

@@ -130,6 +130,9 @@ def model_defaults(backbone: str, num_classes: int) -> ml_collections.ConfigDict
           context_length=8,
           class_length=5,
           gamma_init=1e-4,
+          # Prompt contexts: "trunc_normal" (std 1, cut at +-2: the released code's
+          # PyTorch trunc_normal_ defaults) or "normal" (std 0.02, as CoOp).
+          context_init="trunc_normal",
           deform_attn_impl="auto",
           attention_impl="xla",  # decoder attention: "xla" | "cudnn" (GPU, bf16; models/decoder.py)
           dtype="float32",
@@ -166,7 +169,7 @@ def optim_defaults(steps: int) -> ml_collections.ConfigDict:
           b2=0.999,
           eps=1e-8,
           warmup_steps=1500,
-          warmup_start_factor=1e-6,
+          warmup_start_factor=0.1,  # released config; DenseCLIP's is 1e-6
           poly_power=0.9,
           min_lr=0.0,
           clip_norm=0.01,
@@ -195,7 +198,10 @@ def paper_config(dataset: str, backbone: str, arg: str | None = None) -> ml_coll
   )
   c.eval = ml_collections.ConfigDict(
       dict(
-          mode="whole",
+          # The released config's test: sliding windows, also inside each multi-scale
+          # pass (ms_flip with ms_mode="slide").
+          mode="slide",
+          ms_mode="slide",
           crop_size=r["crop"],
           stride=r["slide_stride"],
           scales=(0.5, 0.75, 1.0, 1.25, 1.5, 1.75),
@@ -229,7 +235,9 @@ def paper_config(dataset: str, backbone: str, arg: str | None = None) -> ml_coll
   )
   # clip: a converted CLIP folder (image tower if it is the backbone, text tower if it
   # is the text encoder); backbone: a converted backbone folder (any registered
-  # backbone, e.g. ViT-S/16 or MiT-B4 from `python -m convert_weights`).
-  c.init = ml_collections.ConfigDict(dict(clip="", backbone="", mask2former=""))
+  # backbone, e.g. ViT-S/16 or MiT-B4 from `python -m convert_weights`). Training
+  # refuses to start without the weights the model needs unless allow_random=True
+  # (config/validate.py, check_pretrained).
+  c.init = ml_collections.ConfigDict(dict(clip="", backbone="", mask2former="", allow_random=False))
   variants.apply_variant(c, arg)
   return c

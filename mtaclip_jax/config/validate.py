@@ -15,6 +15,7 @@ from mtaclip_jax import errors
 from mtaclip_jax.data import classes as data_classes
 from mtaclip_jax.data import readers
 from mtaclip_jax.data import transforms
+from mtaclip_jax.models import backbones
 from mtaclip_jax.objective.matching import hungarian
 
 log = logging.getLogger(__name__)
@@ -130,3 +131,46 @@ def check_batch(config: ml_collections.ConfigDict, mesh) -> None:
         f"{m} micro-batches that each still divide over the mesh's data axis "
         f"({n} devices), i.e. batch_size % (micro_batches * {n}) == 0"
     )
+
+
+def check_pretrained(config: ml_collections.ConfigDict) -> None:
+  """Paper configs train from converted weights: refuse to start without the ones the
+  model needs (its image tower; with text queries, a CLIP text tower), unless
+  `config.init.allow_random=True` asks for random initialisation on purpose."""
+  init = config.get("init") or ml_collections.ConfigDict()
+  if init.get("allow_random", False) or config.model.backbone not in backbones.REGISTRY:
+    return  # an unknown backbone is named where the model is built
+  backbone = backbones.get(config.model.backbone)
+  text_encoder = config.model.get("text_encoder") or backbone.default_text_encoder
+  has_clip, has_backbone = bool(init.get("clip")), bool(init.get("backbone"))
+  missing = []
+  if backbone.family != "clip" and not has_backbone:
+    missing.append(
+        f"the {backbone.name} image tower: --config.init.backbone=DIR, written by "
+        f"`python -m convert_weights --src WEIGHTS --out DIR --arch {backbone.name}`"
+    )
+  clip_towers = []  # [(arch, tower)] that config.init.clip would hold
+  if backbone.family == "clip" and not (has_clip or has_backbone):
+    clip_towers.append((backbone.name, "image"))
+  if config.model.text_queries and not has_clip:
+    clip_towers.append((text_encoder, "text"))
+  for arch in dict.fromkeys(a for a, _ in clip_towers):
+    towers = " and ".join(t for a, t in clip_towers if a == arch)
+    src = _CLIP_FILES.get(arch, "CLIP_WEIGHTS")
+    flag = " --allow-torchscript" if arch in _CLIP_FILES else ""
+    missing.append(
+        f"the CLIP {arch} {towers} tower{'s' if ' and ' in towers else ''}: "
+        f"--config.init.clip=DIR, written by "
+        f"`python -m convert_weights --src {src} --out DIR{flag}`"
+    )
+  if missing:
+    raise errors.ConfigError(
+        f"{config.model.backbone} model without pretrained weights: give "
+        + "; and ".join(missing)
+        + " (docs/REPRODUCE.md). To train from random initialisation on purpose, "
+        "pass --config.init.allow_random=True"
+    )
+
+
+# OpenAI's CLIP files (TorchScript archives, as `clip.load` downloads them).
+_CLIP_FILES = {"RN50": "RN50.pt", "RN101": "RN101.pt", "ViT-B/16": "ViT-B-16.pt"}

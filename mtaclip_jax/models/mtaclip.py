@@ -25,6 +25,13 @@ from mtaclip_jax.models.decoder import MaskTextDecoder
 from mtaclip_jax.models.pixel_decoder import PixelDecoder
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+# Initialisers of the learnable prompt contexts (docs/RECIPES.md): "normal" as CoOp
+# (std 0.02); "trunc_normal" as PyTorch's trunc_normal_ defaults (std 1, cut at +-2),
+# which the released MTA-CLIP code uses.
+CONTEXT_INITS = {
+    "normal": nn.initializers.normal(0.02),
+    "trunc_normal": nn.initializers.truncated_normal(1.0, lower=-2.0, upper=2.0),
+}
 
 
 class MTACLIP(nn.Module):
@@ -55,6 +62,7 @@ class MTACLIP(nn.Module):
   deform_attn_impl: str = "gather"
   attention_impl: str = "xla"
   gamma_init: float = 1e-4
+  context_init: str = "normal"  # one of CONTEXT_INITS
   dtype: Any = jnp.float32
 
   @nn.compact
@@ -105,7 +113,7 @@ class MTACLIP(nn.Module):
         )
       contexts = self.param(
           "contexts",
-          nn.initializers.normal(0.02),
+          CONTEXT_INITS[self.context_init],
           (self.num_contexts, self.context_length, text_arch.text_width),
       )
       # The text tower is frozen by the optimizer (lr x0), not by stop_gradient:
@@ -204,7 +212,13 @@ def build_model(model_config) -> MTACLIP:
       "deform_attn_impl",
       "attention_impl",
       "gamma_init",
+      "context_init",
   )
+  if c.get("context_init", "normal") not in CONTEXT_INITS:
+    raise errors.ModelConfigError(
+        f"config.model.context_init must be one of {sorted(CONTEXT_INITS)}, "
+        f"got {c['context_init']!r}"
+    )
   attention_impl = c.get("attention_impl", "xla")
   if attention_impl not in decoder_lib.ATTENTION_IMPLS:
     raise errors.ModelConfigError(

@@ -60,6 +60,7 @@ def _host_metrics(metrics: dict) -> dict:
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Trains per `config`; returns the last logged metrics (and eval results)."""
   validate.validate_config(config)
+  validate.check_pretrained(config)
   validate.check_workdir(workdir)
   mesh = sharding.make_mesh(config.mesh)
   validate.check_batch(config, mesh)
