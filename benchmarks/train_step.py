@@ -247,6 +247,7 @@ def _setup(variant, args, batch_size):
   config.data.max_segments = args.max_segments
   config.train.micro_batches = getattr(args, "micro_batches", 1)
   apply_overrides(config, getattr(args, "set", []))
+  config.optim.total_steps = config.train.steps  # the recipe's -1, as validate_config does
   return (
       config,
       sharding.make_mesh(config.mesh),

@@ -12,10 +12,11 @@ first run.
 import ml_collections
 
 from mtaclip_jax.config import recipes
+from mtaclip_jax.config import variants
 
 
 def get_config(arg=None):
-  c = recipes.paper_config("ade20k", "tiny", arg)
+  c = recipes.paper_config("ade20k", "tiny")
   num_classes, crop = 8, (128, 128)
   c.model.update(
       dict(
@@ -52,7 +53,6 @@ def get_config(arg=None):
   )
   c.optim.update(dict(lr=1e-3, warmup_steps=20, warmup_start_factor=1e-6, clip_norm=1.0))
   c.train.update(dict(steps=300, log_every=10, checkpoint_every=100, max_to_keep=2))
-  c.optim.total_steps = c.train.steps
   c.eval.update(
       dict(
           mode="whole",
@@ -66,4 +66,5 @@ def get_config(arg=None):
   # A small model with nothing to load: it trains from random initialisation (the
   # paper configs refuse to without converted weights; docs/REPRODUCE.md).
   c.init.allow_random = True
+  variants.apply_variant(c, arg)  # last, so that nothing above overrides it
   return c

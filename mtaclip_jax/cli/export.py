@@ -27,7 +27,10 @@ def main(argv):
 
 def cli():
   config_flags.DEFINE_config_file(
-      "config", None, "Config the model was trained with.", lock_config=True
+      "config",
+      None,
+      "Config the model was trained with (default: the one saved in the checkpoint).",
+      lock_config=True,
   )
   flags.DEFINE_string("workdir", None, "Workdir of the checkpoint (latest step).")
   flags.DEFINE_string("out", None, "Artifact path (a .json sidecar is written next to it).")
@@ -36,5 +39,5 @@ def cli():
   flags.DEFINE_list(
       "platforms", None, "jax.export platforms, e.g. cpu,cuda (default: " "the current backend)."
   )
-  flags.mark_flags_as_required(["config", "workdir", "out"])
+  flags.mark_flags_as_required(["workdir", "out"])
   runner.run_app(main, also_user_errors=(ValueError,))

@@ -38,7 +38,8 @@ def _define_flags():
   config_flags.DEFINE_config_file(
       "config",
       None,
-      "Config file the model was trained " "with (configs/*.py[:arg]).",
+      "Config file the model was trained with (configs/*.py[:arg]; default: the one "
+      "saved in the checkpoint).",
       lock_config=True,
   )
   flags.DEFINE_string("workdir", None, "Workdir of the checkpoint (latest step).")

@@ -17,6 +17,7 @@ from typing import Any
 
 from absl import app
 from absl import flags
+from absl import logging as absl_logging
 import jax
 import jax.numpy as jnp
 from ml_collections import config_flags
@@ -24,6 +25,7 @@ import numpy as np
 
 from mtaclip_jax.cli import runner
 from mtaclip_jax.config import recipes
+from mtaclip_jax.config import validate
 from mtaclip_jax.models import backbones
 from mtaclip_jax.models import mtaclip
 from mtaclip_jax.runtime import sharding
@@ -118,9 +120,11 @@ def train_cost(config, model, images, tokens) -> tuple[dict[str, float], str]:
 
 def main(argv):
   del argv
+  absl_logging.set_verbosity(absl_logging.WARNING)  # jax's backend probing is INFO
   config = flags.FLAGS.config
   if config is None:
     raise app.UsageError("--config is required")
+  validate.validate_config(config)
   model = mtaclip.build_model(config.model)
   rows, variables = param_table(config, model)
   bb = backbones.get(config.model.backbone)

@@ -12,7 +12,8 @@ import ml_collections
 from mtaclip_jax.config import variants
 from mtaclip_jax.models import backbones
 
-# DESIGN §5. Values follow the authors' released config (lr 1e-4; the paper says 2e-4).
+# The paper recipes (docs/RECIPES.md). Values follow the authors' released config (lr
+# 1e-4; the paper says 2e-4).
 RECIPES = {
     "ade20k": dict(
         crop=(512, 512),
@@ -40,7 +41,7 @@ LR_MULT_RULES = (
     # The image towers' image-level heads, which segmentation never reads (CLIP
     # ResNets' attention pool, CLIP ViT's ln_post/proj, the ImageNet ViT's final
     # layernorm): no gradient reaches them, so they are frozen, as PyTorch's AdamW
-    # skips a parameter without a gradient (tests/test_backbones.py checks that this
+    # skips a parameter without a gradient (tests/unit/models/test_backbones.py checks that this
     # is exactly the set of unreached parameters of every registered backbone).
     (r"^backbone/(attnpool|ln_post|proj|layernorm)(/|$)", 0.0),
     (r"^backbone/", 0.1),
@@ -104,8 +105,9 @@ def data_config(name, root, **overrides):
 
 
 def model_defaults(backbone: str, num_classes: int) -> ml_collections.ConfigDict:
-  """`backbone`: a name in models/backbones.py. The text encoder is a CLIP arch: the
-  backbone's own for CLIP backbones, ViT-B/16's for ImageNet ones (DESIGN §5)."""
+  """`backbone`: a name in the models/backbones registry. The text encoder is a CLIP
+  arch: the backbone's own for CLIP backbones, ViT-B/16's for ImageNet ones
+  (docs/RECIPES.md)."""
   text_encoder = backbones.get(backbone).default_text_encoder
   return ml_collections.ConfigDict(
       dict(
@@ -151,8 +153,8 @@ def loss_defaults() -> ml_collections.ConfigDict:
           num_points=12544,
           oversample_ratio=3.0,
           importance_sample_ratio=0.75,
-          target_chunk=0,  # point losses: target slots per chunk (0 = auto, point_loss.py)
-          matcher="host",  # Hungarian: "host" (scipy, callback) | "device" (XLA; matching.py)
+          target_chunk=0,  # slots per point-loss chunk (0 = auto; objective/point_loss.py)
+          matcher="host",  # "host" (scipy, callback) | "device" (XLA): objective/matching/
           similarity=True,
           neg="mix",
           tau=1.0,
@@ -160,7 +162,7 @@ def loss_defaults() -> ml_collections.ConfigDict:
   )
 
 
-def optim_defaults(steps: int) -> ml_collections.ConfigDict:
+def optim_defaults() -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(
       dict(
           lr=1e-4,
@@ -173,7 +175,8 @@ def optim_defaults(steps: int) -> ml_collections.ConfigDict:
           poly_power=0.9,
           min_lr=0.0,
           clip_norm=0.01,
-          total_steps=steps,
+          # The poly schedule's end; -1: config.train.steps (validate_config fills it in).
+          total_steps=-1,
           lr_mult_rules=[list(r) for r in LR_MULT_RULES],
           no_decay_rules=list(NO_DECAY_RULES),
       )
@@ -181,7 +184,7 @@ def optim_defaults(steps: int) -> ml_collections.ConfigDict:
 
 
 def paper_config(dataset: str, backbone: str, arg: str | None = None) -> ml_collections.ConfigDict:
-  """The recipe of DESIGN §5 for `dataset` and `backbone`, with `arg` variants."""
+  """The paper recipe (docs/RECIPES.md) for `dataset` and `backbone`, with `arg` variants."""
   if dataset not in RECIPES:
     raise ValueError(f"unknown dataset {dataset!r}; expected one of {sorted(RECIPES)}")
   r = RECIPES[dataset]
@@ -189,7 +192,7 @@ def paper_config(dataset: str, backbone: str, arg: str | None = None) -> ml_coll
   c.seed = 0
   c.model = model_defaults(backbone, r["num_classes"])
   c.loss = loss_defaults()
-  c.optim = optim_defaults(r["steps"])
+  c.optim = optim_defaults()
   root = "data/" + ("ADEChallengeData2016" if dataset == "ade20k" else "cityscapes")
   c.data = data_config(dataset, root, max_segments=r["max_segments"], num_workers=4)
   c.data.none_class_name = "background"  # text of the extra "none" class
@@ -222,7 +225,7 @@ def paper_config(dataset: str, backbone: str, arg: str | None = None) -> ml_coll
           checkpoint_every=4000,
           max_to_keep=3,
           on_nan="stop",
-          micro_batches=1,  # gradient accumulation: micro-batches per step (accumulate.py)
+          micro_batches=1,  # gradient accumulation: micro-batches per step (train/accumulate.py)
       )
   )
   c.mesh = ml_collections.ConfigDict(

@@ -11,12 +11,14 @@ import jax
 import ml_collections
 from PIL import Image
 
+from convert_weights import clip_io
 from mtaclip_jax import errors
+from mtaclip_jax.config import keys
 from mtaclip_jax.data import classes as data_classes
 from mtaclip_jax.data import readers
 from mtaclip_jax.data import transforms
 from mtaclip_jax.models import backbones
-from mtaclip_jax.objective.matching import hungarian
+from mtaclip_jax.models import clip
 
 log = logging.getLogger(__name__)
 
@@ -25,42 +27,118 @@ MIN_FREE_BYTES = 1 << 30
 
 
 def validate_config(config: ml_collections.ConfigDict) -> None:
-  """Cross-field checks a typo or a bad override would otherwise hit an hour in."""
-  n = data_classes.num_classes(config.data)
-  if config.model.num_classes != n:
-    raise errors.ConfigError(
-        f"config.model.num_classes={config.model.num_classes} but "
-        f"config.data.num_classes={n}; they must agree"
-    )
-  if config.loss.similarity and not config.model.text_queries:
-    raise errors.ConfigError("config.loss.similarity=True needs config.model.text_queries=True")
-  if config.train.on_nan not in ("stop", "skip"):
-    raise errors.ConfigError(
-        f"config.train.on_nan={config.train.on_nan!r}: expected 'stop' " "or 'skip'"
-    )
-  matcher = config.loss.get("matcher", "host")
-  if matcher not in hungarian.MATCHERS:
-    raise errors.ConfigError(
-        f"config.loss.matcher={matcher!r}: expected 'host' (scipy through "
-        "a callback) or 'device' (in XLA)"
-    )
-  if config.model.dtype not in ("float32", "bfloat16"):
-    raise errors.ConfigError(
-        f"config.model.dtype={config.model.dtype!r}: expected 'float32' " "or 'bfloat16'"
-    )
-  h, w = config.data.crop_size
-  if h % 32 or w % 32:
-    raise errors.ConfigError(
-        f"config.data.crop_size={tuple(config.data.crop_size)}: both sides "
-        "must be multiples of 32 (the backbone's largest stride)"
-    )
-  if config.optim.total_steps != config.train.steps:
+  """Every key with a constrained value (keys.py's table), then the checks across
+  keys, before anything is built: the first problem is a `ConfigError` naming the key,
+  its value and what was expected. Also fills the derived value
+  `optim.total_steps=-1` with `train.steps`."""
+  flat = _flatten(config)
+  for key, value in flat.items():
+    expected = keys.problem(key, value)
+    if expected is not None:
+      raise errors.ConfigError(f"config.{key}={_show(value)}: expected {expected}")
+  _check_across_keys(config)
+  if config.optim.total_steps == -1:
+    config.optim.total_steps = config.train.steps
+  elif config.optim.total_steps != config.train.steps:
     log.warning(
         "config.optim.total_steps=%d differs from config.train.steps=%d: "
         "the poly schedule ends at optim.total_steps",
         config.optim.total_steps,
         config.train.steps,
     )
+
+
+def _flatten(config) -> dict:
+  out = {}
+  for key, value in config.items():
+    if isinstance(value, ml_collections.ConfigDict):
+      out.update({f"{key}.{k}": v for k, v in _flatten(value).items()})
+    else:
+      out[key] = value
+  return out
+
+
+def _show(value) -> str:
+  return repr(tuple(value) if isinstance(value, list) else value)
+
+
+def _check_across_keys(c: ml_collections.ConfigDict) -> None:
+  names, _ = data_classes.DATASETS[c.data.name]
+  if c.data.num_classes > len(names):
+    raise errors.ConfigError(
+        f"config.data.num_classes={c.data.num_classes}: expected 1..{len(names)} for "
+        f"{c.data.name!r}"
+    )
+  if c.model.num_classes != c.data.num_classes:
+    raise errors.ConfigError(
+        f"config.model.num_classes={c.model.num_classes} but "
+        f"config.data.num_classes={c.data.num_classes}; they must agree"
+    )
+  m = c.model
+  if c.loss.similarity and not m.text_queries:
+    raise errors.ConfigError(
+        "config.loss.similarity=True needs config.model.text_queries=True (the "
+        "similarity loss compares mask queries with text queries; the baseline has none)"
+    )
+  if c.eval.head == "similarity" and not m.text_queries:
+    raise errors.ConfigError(
+        "config.eval.head='similarity' needs config.model.text_queries=True "
+        "(use config.eval.head='class' for the baseline)"
+    )
+  if c.data.max_segments > m.num_queries:
+    raise errors.ConfigError(
+        f"config.data.max_segments={c.data.max_segments} exceeds "
+        f"config.model.num_queries={m.num_queries}: every ground-truth segment must be "
+        "matched to a query"
+    )
+  for heads in ("enc_heads", "dec_heads"):
+    if m.hidden_dim % m[heads]:
+      raise errors.ConfigError(
+          f"config.model.hidden_dim={m.hidden_dim} is not divisible by "
+          f"config.model.{heads}={m[heads]}"
+      )
+  text_encoder = m.get("text_encoder") or backbones.get(m.backbone).default_text_encoder
+  limit = clip.ARCHS[text_encoder].context_length
+  if m.class_length + m.context_length > limit:
+    raise errors.ConfigError(
+        f"config.model.class_length={m.class_length} + config.model.context_length="
+        f"{m.context_length} exceeds the {limit} tokens of the {text_encoder} text encoder"
+    )
+  if m.get("attention_impl") == "cudnn":
+    if m.dtype != "bfloat16":
+      raise errors.ConfigError(
+          "config.model.attention_impl='cudnn' needs config.model.dtype='bfloat16' "
+          f"(cuDNN's fused attention), got {m.dtype!r}"
+      )
+    if jax.default_backend() != "gpu":
+      raise errors.ConfigError(
+          "config.model.attention_impl='cudnn' needs an NVIDIA GPU; this process runs "
+          f"on {jax.default_backend()!r} (use 'xla')"
+      )
+  splits = readers.ADE_SPLITS if c.data.name == "ade20k" else readers.CITYSCAPES_SPLITS
+  if c.eval.split not in splits:
+    raise errors.ConfigError(
+        f"config.eval.split={c.eval.split!r}: expected one of {sorted(splits)} for "
+        f"{c.data.name!r}"
+    )
+  micro = c.train.get("micro_batches", 1)
+  if c.data.batch_size % micro:
+    raise errors.ConfigError(
+        f"config.train.micro_batches={micro}: the batch of {c.data.batch_size} "
+        "(config.data.batch_size) must split into that many equal micro-batches"
+    )
+  g = c.data.get("generate")
+  if g is not None and g.enabled:
+    for key in ("train", "val"):
+      if g[key] < 1:
+        raise errors.ConfigError(
+            f"config.data.generate.{key}={g[key]}: a generated dataset needs at least "
+            "one image per split (or config.data.generate.enabled=False)"
+        )
+    if min(g.size) < 1:
+      raise errors.ConfigError(
+          f"config.data.generate.size={_show(g.size)}: expected a pair (h, w) of ints >= 1"
+      )
 
 
 def check_workdir(workdir: str) -> None:
@@ -78,6 +156,57 @@ def check_workdir(workdir: str) -> None:
     raise errors.WorkdirError(
         f"workdir {workdir!r} has only {free / 2**20:.0f} MiB free; "
         f"checkpoints need at least {MIN_FREE_BYTES / 2**30:.0f} GiB"
+    )
+
+
+def check_paths(config: ml_collections.ConfigDict, data: bool = True, init: bool = True) -> None:
+  """Every path a run will read, before anything is built or created: the dataset
+  (`data.root`, or `data.tfds_dir` for a TFDS source; a demo dataset that will be
+  generated is not there yet) and the converted weights of `config.init`."""
+  if data:
+    d = config.data
+    if d.get("source", "raw") == "tfds":
+      if not os.path.isdir(os.path.expanduser(d.tfds_dir)):
+        raise errors.ConfigError(
+            f"config.data.tfds_dir={d.tfds_dir!r}: no such folder (config.data.source="
+            "'tfds' reads the ArrayRecord shards there; docs/DATA.md)"
+        )
+    elif not (d.get("generate") and d.generate.enabled and not os.path.exists(d.root)):
+      try:
+        readers.dataset_dir(d.name, d.root)
+      except FileNotFoundError as e:
+        raise errors.ConfigError(str(e)) from e
+  if not init or "init" not in config:
+    return
+  for key in ("clip", "backbone"):
+    folder = config.init.get(key, "")
+    if folder and not os.path.isfile(os.path.join(os.path.expanduser(folder), clip_io.META)):
+      what = (
+          "no such folder"
+          if not os.path.isdir(os.path.expanduser(folder))
+          else f"no {clip_io.META} in it"
+      )
+      raise errors.ConfigError(
+          f"config.init.{key}={folder!r}: {what}; expected a folder written by "
+          "`python -m convert_weights --src WEIGHTS --out DIR`"
+      )
+  path = config.init.get("mask2former", "")
+  if path and not os.path.isfile(os.path.expanduser(path)):
+    raise errors.ConfigError(
+        f"config.init.mask2former={path!r}: no such file; expected a transformers "
+        "Mask2FormerForUniversalSegmentation state dict (.safetensors, .bin or .pth)"
+    )
+
+
+def check_checkpoints(workdir: str) -> None:
+  """`--mode eval`, predict and export read a checkpoint: refuse a workdir without
+  one before anything is built (and without creating anything in it)."""
+  directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+  steps = [n for n in os.listdir(directory) if n.isdigit()] if os.path.isdir(directory) else []
+  if not steps:
+    where = directory if os.path.isdir(workdir) else f"{workdir!r} (no such folder)"
+    raise errors.CheckpointError(
+        f"no checkpoint in {where}: --workdir must be the folder a training run wrote"
     )
 
 

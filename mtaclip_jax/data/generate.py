@@ -12,6 +12,7 @@ import argparse
 import colorsys
 import logging
 import os
+import sys
 
 import jax
 import numpy as np
@@ -198,6 +199,19 @@ def main(argv=None):
   p.add_argument("--num-classes", type=int, default=8)
   a = p.parse_args(argv)
   size = a.size or ((128, 160) if a.layout == "ade20k" else (128, 256))
+  full = len(classes.DATASETS[a.layout][0])
+  problem = (
+      f"--num-classes {a.num_classes}: expected 1..{full} for {a.layout}"
+      if not 1 <= a.num_classes <= full
+      else f"--train {a.train} / --val {a.val}: expected counts >= 0"
+      if min(a.train, a.val) < 0
+      else f"--size {size[0]}x{size[1]}: expected sides >= 1"
+      if min(size) < 1
+      else None
+  )
+  if problem:  # one line, as the other command lines print a bad argument
+    print(f"error: {problem}", file=sys.stderr)
+    sys.exit(2)
   base = write_dataset(
       a.layout, a.out, {"train": a.train, "val": a.val}, a.seed, size, a.num_classes
   )

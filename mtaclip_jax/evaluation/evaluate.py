@@ -3,8 +3,8 @@
 `evaluate(predict_fn, dataset, config.eval, num_classes, class_names)` runs
 `inference.predict_scores` on every image (one at a time, any size), accumulates
 the confusion matrix on device and returns mmseg's metrics (percent);
-`write_results` stores them as JSON (workdir/eval/step_N.json) and TensorBoard
-scalars (eval/mIoU, ...). `predict_fn` comes from `inference.make_predict_fn`.
+`write_results` stores them per checkpoint step, mode and head as JSON
+(workdir/eval/step_N_MODE_HEAD.json) and TensorBoard scalars (eval/MODE/HEAD/mIoU, ...). `predict_fn` comes from `inference.make_predict_fn`.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 import tqdm
 
+from mtaclip_jax.config import validate
 from mtaclip_jax.data import classes
 from mtaclip_jax.data import pipeline
 from mtaclip_jax.evaluation import inference
@@ -184,6 +185,7 @@ def evaluate_model(
       progress=progress,
   )
   results["head"] = head
+  results["step"] = int(step)
   if jax.process_index() == 0:
     print(report.format_table(results), flush=True)
   if workdir is not None:
@@ -193,6 +195,9 @@ def evaluate_model(
 
 def run(config, workdir: str) -> dict:
   """`--mode eval`: restore the latest (or config.eval.step) checkpoint, evaluate."""
+  validate.validate_config(config)
+  validate.check_paths(config, init=False)
+  validate.check_checkpoints(workdir)
   want = int(config.eval.get("step", -1))
   step, model, variables, tokens = restore.restore_variables(
       config, workdir, None if want < 0 else want

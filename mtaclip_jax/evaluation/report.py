@@ -1,15 +1,17 @@
-"""Evaluation results on disk: `workdir/eval/step_N.json` and TensorBoard scalars,
-and the per-class table printed at the end of a run."""
+"""Evaluation results on disk, one set per checkpoint step, mode and head:
+`workdir/eval/step_N_MODE_HEAD.json` and TensorBoard scalars tagged
+`eval/MODE/HEAD/mIoU` (...); and the per-class table printed at the end of a run.
+Evaluating the same step, mode and head again replaces that result only."""
 
 from __future__ import annotations
 
+import glob
 import json
 import math
 import os
 
 import jax
 import numpy as np
-import tensorboardX
 
 from mtaclip_jax import errors
 
@@ -28,8 +30,9 @@ def format_table(results: dict) -> str:
     row = results["per_class"][name]
     lines.append(f"| {name:<{width}} | {fmt(row['IoU'])} | {fmt(row['Acc'])} |")
   lines.append(rule)
+  step = f"step {results['step']}, " if "step" in results else ""
   lines.append(
-      f"{results['mode']}: mIoU {fmt(results['mIoU'])}  mAcc "
+      f"{step}{results['mode']}, {results.get('head', 'class')} head: mIoU {fmt(results['mIoU'])}  mAcc "
       f"{fmt(results['mAcc'])}  aAcc {fmt(results['aAcc'])}  "
       f"({results['num_images']} images, {results['seconds']:.1f} s)"
   )
@@ -50,19 +53,28 @@ def _jsonable(x):
   return x
 
 
-def results_path(workdir: str, step: int) -> str:
-  return os.path.join(workdir, "eval", f"step_{int(step)}.json")
+def result_name(step: int, mode: str, head: str) -> str:
+  """What names one evaluation: the checkpoint step, the mode and the head."""
+  return f"step_{int(step)}_{mode}_{head}"
+
+
+def results_path(workdir: str, step: int, mode: str, head: str) -> str:
+  return os.path.join(workdir, "eval", result_name(step, mode, head) + ".json")
 
 
 def write_results(results: dict, workdir: str, step: int) -> str | None:
-  """Writes workdir/eval/step_{step}.json and TensorBoard scalars in workdir/eval.
+  """Writes workdir/eval/step_{step}_{mode}_{head}.json and the TensorBoard scalars
+  eval/{mode}/{head}/... in an event file of that evaluation alone, in workdir/eval;
+  an earlier result of the same step, mode and head is replaced, others are kept.
 
   Only process 0 writes. nan values become null in the JSON. Returns the JSON path
   (None on other processes).
   """
   if jax.process_index() != 0:
     return None
-  path = results_path(workdir, step)
+  mode, head = results["mode"], results.get("head", "class")
+  name = result_name(step, mode, head)
+  path = results_path(workdir, step, mode, head)
   out_dir = os.path.dirname(path)
   try:
     os.makedirs(out_dir, exist_ok=True)
@@ -76,15 +88,27 @@ def write_results(results: dict, workdir: str, step: int) -> str | None:
         "and run the same command again (checkpoints already written are intact)"
     ) from e
 
-  writer = tensorboardX.SummaryWriter(out_dir)
+  # One event file per evaluation, named by its suffix: a rerun deletes its own
+  # earlier file, so TensorBoard shows each step, mode and head once.
+  suffix = "." + name
+  for old in glob.glob(os.path.join(out_dir, "events.out.tfevents.*" + suffix)):
+    os.remove(old)
+  import tensorboardX  # pylint: disable=g-import-not-at-top  (imports torch if installed: ~2 s)
+
+  writer = tensorboardX.SummaryWriter(out_dir, filename_suffix=suffix)
   try:
     for key in ("mIoU", "mAcc", "aAcc", "seconds"):
       if not math.isnan(results[key]):
-        writer.add_scalar(f"eval/{key}", results[key], int(step))
-    for name, row in results["per_class"].items():
+        writer.add_scalar(tag(mode, head, key), results[key], int(step))
+    for cls, row in results["per_class"].items():
       for key in ("IoU", "Acc"):
         if not math.isnan(row[key]):
-          writer.add_scalar(f"eval_per_class/{key}/{name}", row[key], int(step))
+          writer.add_scalar(f"eval_per_class/{mode}/{head}/{key}/{cls}", row[key], int(step))
   finally:
     writer.close()
   return path
+
+
+def tag(mode: str, head: str, key: str) -> str:
+  """The TensorBoard tag of one metric of an evaluation: eval/MODE/HEAD/KEY."""
+  return f"eval/{mode}/{head}/{key}"

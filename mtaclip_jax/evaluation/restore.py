@@ -3,9 +3,13 @@ restored into the config's shardings, without the optimizer state or data iterat
 
 from __future__ import annotations
 
+import os
+
 import jax
 import jax.numpy as jnp
+import ml_collections
 
+from mtaclip_jax import errors
 from mtaclip_jax.config import validate
 from mtaclip_jax.data import classes
 from mtaclip_jax.models import mtaclip
@@ -24,10 +28,40 @@ def abstract_variables(model, class_tokens) -> dict:
   )
 
 
+def run_config(config: ml_collections.ConfigDict | None, workdir: str) -> ml_collections.ConfigDict:
+  """The config to predict or export with: `config` (--config) if given, else the one
+  the checkpoint in `workdir` was saved with; checked either way."""
+  validate.check_checkpoints(workdir)
+  if config is None:
+    _, saved = checkpoint.saved_config(workdir)
+    config = ml_collections.ConfigDict(saved)
+  validate.validate_config(config)
+  return config
+
+
+def check_matches_checkpoint(config, workdir: str, step: int | None = None) -> None:
+  """Refuses `config` if the checkpoint was saved with other values of keys that shape
+  the model (before anything is built, and without orbax's reports of a failed
+  restore)."""
+  saved_step, saved = checkpoint.saved_config(workdir, step)
+  diffs = checkpoint.layout_differences(saved, checkpoint.config_json(config), both_only=True)
+  diffs = [d for d in diffs if not d.startswith("optim.")]  # no optimizer is restored
+  if diffs:
+    raise errors.CheckpointError(
+        f"the checkpoint {os.path.join(os.path.abspath(workdir), 'checkpoints')}/"
+        f"{saved_step} was saved with another model than --config: "
+        + "; ".join(diffs)
+        + ". Pass the config it was trained with, or (predict, export) omit --config to "
+        "use the checkpoint's own"
+    )
+
+
 def restore_variables(config, workdir: str, step: int | None = None):
   """(step, model, variables, class_tokens) from the checkpoint in `workdir`,
   restored straight into the shardings of the config's mesh."""
   validate.validate_config(config)
+  validate.check_checkpoints(workdir)
+  check_matches_checkpoint(config, workdir, step)
   model = mtaclip.build_model(config.model)
   tokens = classes.class_tokens(config.data, config.model.class_length)
   mesh = sharding.make_mesh(config.mesh)

@@ -37,18 +37,29 @@ def _config_json(config: ml_collections.ConfigDict) -> dict:
 
 
 # Config keys that shape the saved train state (its tree and array shapes): every
-# model key, the number of classes, and the rules that freeze parameters (a frozen
-# parameter has no optimizer state).
+# model key but those that only change how it computes or initialises, the number of
+# classes, and the rules that freeze parameters (a frozen parameter has no optimizer
+# state).
 _LAYOUT_KEYS = ("model.", "data.num_classes", "optim.lr_mult_rules")
+_COMPUTE_ONLY_KEYS = (
+    "model.deform_attn_impl",
+    "model.attention_impl",
+    "model.dtype",
+    "model.gamma_init",
+    "model.context_init",
+)
 
 
-def layout_differences(saved: dict, current: dict) -> list[str]:
+def layout_differences(saved: dict, current: dict, both_only: bool = False) -> list[str]:
   """'key: value in the checkpoint vs now' for each config key that shapes the train
   state and differs between a checkpoint's saved config and the current one (both
-  as JSON dicts)."""
+  as JSON dicts). `both_only`: only keys both configs have (a checkpoint written
+  before a key existed is not refused for lacking it)."""
   a, b = (traverse_util.flatten_dict(d, sep=".") for d in (saved, current))
   out = []
-  for key in sorted(set(a) | set(b)):
+  for key in sorted(set(a) & set(b) if both_only else set(a) | set(b)):
+    if key.startswith(_COMPUTE_ONLY_KEYS):
+      continue
     if key.startswith(_LAYOUT_KEYS) and a.get(key, "(unset)") != b.get(key, "(unset)"):
       out.append(
           f"{key}: {json.dumps(a.get(key, '(unset)'))} in the checkpoint, "
@@ -239,6 +250,58 @@ class Checkpointer:
     )
 
 
+@contextlib.contextmanager
+def _quiet_orbax():
+  """Orbax warns about every read-only CheckpointManager it opens (and the options
+  it adjusts for one); reading a checkpoint is what these are for."""
+  absl_logger = logging.getLogger("absl")
+  level = absl_logger.level
+  absl_logger.setLevel(logging.ERROR)
+  try:
+    yield
+  finally:
+    absl_logger.setLevel(level)
+
+
+def _read_only_manager(directory: str, item_handlers: dict) -> ocp.CheckpointManager:
+  options = ocp.CheckpointManagerOptions(
+      read_only=True, create=False, save_interval_steps=0, max_to_keep=None
+  )
+  with _quiet_orbax():
+    return ocp.CheckpointManager(directory, options=options, item_handlers=item_handlers)
+
+
+def config_json(config: ml_collections.ConfigDict) -> dict:
+  """A config as the JSON dict a checkpoint stores."""
+  return _config_json(config)
+
+
+def saved_config(workdir: str, step: int | None = None) -> tuple[int, dict]:
+  """(step, config dict) saved with the checkpoint `step` (default: the latest whose
+  config reads back) in `workdir`; nothing is restored but the JSON config."""
+  directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+  if not os.path.isdir(directory):
+    raise errors.CheckpointError(f"no checkpoint in {directory}")
+  manager = _read_only_manager(directory, {"config": ocp.JsonCheckpointHandler()})
+  try:
+    steps = sorted(manager.all_steps())
+    if step is not None and step not in steps:
+      raise errors.CheckpointError(
+          f"checkpoint step {step} not found in {directory}; available: {steps}"
+      )
+    for s in [step] if step is not None else steps[::-1]:
+      try:
+        restored = manager.restore(s, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
+      except Exception as e:  # pylint: disable=broad-except
+        log.warning("cannot read the config of checkpoint %s/%d: %s", directory, s, e)
+        continue
+      if restored["config"]:
+        return s, dict(restored["config"])
+    raise errors.CheckpointError(f"no checkpoint in {directory} with a readable config")
+  finally:
+    manager.close()
+
+
 def restore_variables(
     workdir: str,
     abstract_variables: dict,
@@ -255,10 +318,8 @@ def restore_variables(
   directory = os.path.join(os.path.abspath(workdir), "checkpoints")
   if not os.path.isdir(directory):
     raise errors.CheckpointError(f"no checkpoint in {directory}")
-  manager = ocp.CheckpointManager(
-      directory,
-      options=ocp.CheckpointManagerOptions(read_only=True),
-      item_handlers={"state": ocp.PyTreeCheckpointHandler(), "config": ocp.JsonCheckpointHandler()},
+  manager = _read_only_manager(
+      directory, {"state": ocp.PyTreeCheckpointHandler(), "config": ocp.JsonCheckpointHandler()}
   )
   try:
     steps = sorted(manager.all_steps())

@@ -47,7 +47,9 @@ def export_checkpoint(
     classes: Sequence[str] | None = None,
     platforms: Sequence[str] | None = None,
 ) -> dict:
-  """Writes `out` and `out + ".json"`; returns the sidecar dict."""
+  """Writes `out` and `out + ".json"`; returns the sidecar dict. `config` None: the
+  one saved in the checkpoint."""
+  config = restore.run_config(config, workdir)
   step, model, variables, tokens = restore.restore_variables(config, workdir)
   # jax.export cannot serialise custom calls: the portable gather, whatever the config.
   model = model.clone(deform_attn_impl="gather")

@@ -10,9 +10,9 @@ Per image NAME it writes NAME_label.png (palette PNG, pixel value = class index)
 NAME_overlay.png (image blended with the class colours, legend of the classes
 present on the right) and NAME.json (per-class pixel fractions, summing to 1).
 
-The config comes from `--config` (as in main.py, with the same overrides); the
-checkpoint's own saved config is not read back, so pass the config it was trained
-with. `--classes` switches to open vocabulary: the names (at most
+The config is the one saved in the checkpoint, or `--config` (as in `python -m
+mtaclip_jax.main`, with the same overrides; refused if it disagrees with the
+checkpoint on a key that shapes the model). `--classes` switches to open vocabulary: the names (at most
 config.model.num_classes; fewer are padded with the "none" name, and the padded
 slots are left out of the softmax) plus config.data.none_class_name are encoded with
 the trained contexts and the frozen text encoder, fed to the decoder as text
@@ -233,9 +233,10 @@ def run(
       )
     fn, names, palette, settings = artifact_predictor(artifact, mode)
   else:
-    if config is None or workdir is None:
-      raise ValueError("pass --config and --workdir (or --artifact)")
+    if workdir is None:
+      raise ValueError("pass --workdir (a training run's folder) or --artifact")
     names_arg = vocabulary.parse_classes(classes) if classes else None
+    config = restore.run_config(config, workdir)
     fn, names, palette, _ = checkpoint_predictor(config, workdir, names_arg)
     eval_config = config.eval.to_dict()
     if mode:

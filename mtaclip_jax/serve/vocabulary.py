@@ -14,8 +14,16 @@ from mtaclip_jax.models.clip import tokenizer
 
 
 def parse_classes(spec: str) -> list[str]:
-  """`"a,b,c"` or a .txt file (one name per line, or comma-separated)."""
+  """`"a,b,c"` or a .txt file (one name per line, or comma-separated). A spec that
+  looks like a file (one word ending in .txt, or with a "/") must be one: a mistyped
+  path is refused instead of becoming one class name."""
   text = spec
+  looks_like_path = "," not in spec and (spec.lower().endswith(".txt") or os.sep in spec)
+  if looks_like_path and not os.path.isfile(spec):
+    raise FileNotFoundError(
+        f"--classes {spec!r}: no such file; give a .txt file of class names (one per "
+        "line) or the names themselves, comma-separated ('wall,sky,person')"
+    )
   if os.path.isfile(spec):
     with open(spec) as f:
       text = f.read().replace("\n", ",")

@@ -61,6 +61,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Trains per `config`; returns the last logged metrics (and eval results)."""
   validate.validate_config(config)
   validate.check_pretrained(config)
+  validate.check_paths(config)  # before the workdir is created: nothing left behind
   validate.check_workdir(workdir)
   mesh = sharding.make_mesh(config.mesh)
   validate.check_batch(config, mesh)
@@ -75,7 +76,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   with jax.set_mesh(mesh):
     abstract = train_state.abstract_state(model, tx, config, class_tokens, rng)
     state_shard = train_state.state_shardings(abstract, config, mesh)
-    # The step compiles in a thread while the state initialises (compile_ahead.py).
+    # The step compiles in a thread while the state initialises (train/compile_ahead.py).
     step_fn = compile_ahead.AheadOfTimeStep(
         train_state.jit_train_step(model, tx, config, state_shard, mesh),
         abstract,

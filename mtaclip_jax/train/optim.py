@@ -64,13 +64,16 @@ def learning_rate_schedule(cfg: ml_collections.ConfigDict) -> optax.Schedule:
   """Linear warmup from lr * start_factor over warmup_steps, then poly to min_lr.
 
   Matches mmengine's LinearLR(start_factor, end=warmup) followed by
-  PolyLR(eta_min, power, begin=warmup, end=total_steps).
+  PolyLR(eta_min, power, begin=warmup, end=total_steps). `total_steps` -1 (the recipes'
+  default: follow config.train.steps) must be filled in first (validate_config).
   """
   warmup = int(cfg.warmup_steps)
   total = int(cfg.total_steps)
   lr, start = float(cfg.lr), float(cfg.warmup_start_factor)
 
   def schedule(step):
+    # -1 ("follow config.train.steps") is filled in by config/validate.py before a run.
+    assert total >= 1, f"config.optim.total_steps={total} was not filled in by validate_config"
     step = jnp.asarray(step, jnp.float32)
     warm = lr * (start + (1.0 - start) * jnp.minimum(step / max(warmup, 1), 1.0))
     frac = jnp.clip((step - warmup) / max(total - warmup, 1), 0.0, 1.0)

@@ -3,6 +3,7 @@ and periodic evaluation. Kept out of loop.py so the loop stays short."""
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 import sys
@@ -26,6 +27,7 @@ class Runtime:
   def __init__(self, config, workdir, mesh):
     self.config, self.workdir, self.mesh = config, workdir, mesh
     self.is_main = jax.process_index() == 0
+    self.evaluated = False  # whether this run wrote evaluation results
     generate.ensure_dataset(config.data)
 
   def class_tokens(self):
@@ -67,10 +69,14 @@ class Runtime:
         step=step,
         progress=self.is_main,
     )
-    writer.write(step, {f"eval/{k}": results[k] for k in ("mIoU", "mAcc", "aAcc")})
+    mode, head = results["mode"], results["head"]
+    writer.write(step, {report.tag(mode, head, k): results[k] for k in ("mIoU", "mAcc", "aAcc")})
+    self.evaluated = True
     log.info(
-        "step %d: mIoU %.2f mAcc %.2f aAcc %.2f",
+        "step %d, %s, %s head: mIoU %.2f mAcc %.2f aAcc %.2f",
         step,
+        mode,
+        head,
         results["mIoU"],
         results["mAcc"],
         results["aAcc"],
@@ -78,15 +84,26 @@ class Runtime:
     return {f"eval_{k}": results[k] for k in ("mIoU", "mAcc", "aAcc")}
 
   def has_eval_results(self, step) -> bool:
-    return os.path.exists(report.results_path(self.workdir, step))
+    e = self.config.eval
+    return os.path.exists(report.results_path(self.workdir, step, e.mode, e.get("head", "class")))
 
   def print_summary(self, seconds):
     if not self.is_main:
       return
     w = os.path.abspath(self.workdir)
-    print(
-        f"\ntraining finished in {seconds / 60:.1f} min\n"
-        f"  checkpoints: {w}/checkpoints\n  TensorBoard: tensorboard --logdir {w}/tb\n"
-        f"  metrics:     {w}/metrics.jsonl\n  evaluation:  {w}/eval/",
-        flush=True,
-    )
+    if importlib.util.find_spec("tensorboard") is not None:
+      board = f"tensorboard --logdir {w}"
+    else:  # tensorboardX writes the event files; the viewer is an optional extra
+      board = (
+          f"event files in {w}/tb and {w}/eval (to view them: "
+          f"pip install -e '.[tensorboard]', then tensorboard --logdir {w})"
+      )
+    lines = [
+        f"\ntraining finished in {seconds / 60:.1f} min",
+        f"  checkpoints: {w}/checkpoints",
+        f"  TensorBoard: {board}",
+        f"  metrics:     {w}/metrics.jsonl",
+    ]
+    if self.evaluated:
+      lines.append(f"  evaluation:  {w}/eval/")
+    print("\n".join(lines), flush=True)

@@ -40,8 +40,8 @@ def test_bad_override(tmp_path, args, message):
 @pytest.mark.parametrize(
     "args,message",
     [
-        (["--config.model.backbone=RN49"], "config.model.backbone must be one of"),
-        (["--config.model.attention_impl=flash"], "config.model.attention_impl must be one of"),
+        (["--config.model.backbone=RN49"], "config.model.backbone='RN49': expected one of"),
+        (["--config.model.attention_impl=flash"], "config.model.attention_impl='flash': expected"),
     ],
 )
 def test_bad_model_value(tmp_path, args, message):

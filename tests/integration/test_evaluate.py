@@ -139,7 +139,7 @@ def test_write_results_json_and_tensorboard(tmp_path):
   results = evaluate.evaluate(decode_fn, data, _config(), NUM_CLASSES, NAMES, progress=False)
   results["per_class"]["tree"]["Acc"] = float("nan")  # e.g. absent from the GT
   path = report.write_results(results, str(tmp_path), step=1234)
-  assert path == os.path.join(str(tmp_path), "eval", "step_1234.json")
+  assert path == os.path.join(str(tmp_path), "eval", "step_1234_whole_class.json")
   with open(path) as f:
     saved = json.load(f)
   assert saved["step"] == 1234 and saved["mode"] == "whole"
@@ -148,11 +148,11 @@ def test_write_results_json_and_tensorboard(tmp_path):
   assert np.asarray(saved["confusion_matrix"]).shape == (NUM_CLASSES, NUM_CLASSES)
   events = glob.glob(os.path.join(str(tmp_path), "eval", "events.out.tfevents.*"))
   scalars = _read_scalars(events[0])
-  assert scalars["eval/mIoU"] == (1234, pytest.approx(results["mIoU"], rel=1e-6))
-  assert scalars["eval_per_class/IoU/sky"][1] == pytest.approx(
+  assert scalars["eval/whole/class/mIoU"] == (1234, pytest.approx(results["mIoU"], rel=1e-6))
+  assert scalars["eval_per_class/whole/class/IoU/sky"][1] == pytest.approx(
       results["per_class"]["sky"]["IoU"], rel=1e-6
   )
-  assert "eval_per_class/Acc/tree" not in scalars  # nan is not logged
+  assert "eval_per_class/whole/class/Acc/tree" not in scalars  # nan is not logged
   table = report.format_table(results)
   assert "| tree" in table and "mIoU" in table and "nan" in table
 
@@ -191,4 +191,4 @@ def test_evaluate_model_with_a_contract_model(tmp_path, capsys):
   np.testing.assert_array_equal(results["confusion_matrix"], direct["confusion_matrix"])
   assert results["head"] == head and results["num_images"] == 2
   assert "| road" in capsys.readouterr().out
-  assert os.path.exists(os.path.join(str(tmp_path), "eval", "step_7.json"))
+  assert os.path.exists(os.path.join(str(tmp_path), "eval", "step_7_slide_similarity.json"))

@@ -120,7 +120,7 @@ def reference(reference_dir):
 
 
 def eval_results(workdir, step):
-  with open(os.path.join(workdir, "eval", f"step_{step}.json")) as f:
+  with open(os.path.join(workdir, "eval", f"step_{step}_whole_class.json")) as f:
     r = json.load(f)
   return {k: r[k] for k in ("mIoU", "mAcc", "aAcc", "IoU", "Acc", "confusion_matrix", "num_images")}
 
@@ -147,7 +147,7 @@ def test_three_kill9_then_resume_is_bit_exact(data_root, reference, reference_di
       break
   assert kills == 3, f"only {kills} kills landed before the run finished"
   assert steps_on_disk(workdir)[-1] < STEPS
-  assert not os.path.exists(os.path.join(workdir, "eval", f"step_{EVAL_STEP}.json"))
+  assert not os.path.exists(os.path.join(workdir, "eval", f"step_{EVAL_STEP}_whole_class.json"))
   run(command(data_root, workdir))  # the same command again
   assert_identical(final_state(workdir, STEPS), reference)
   assert eval_results(workdir, EVAL_STEP) == eval_results(reference_dir, EVAL_STEP)

@@ -74,7 +74,7 @@ def test_hungarian_no_leading_dims_and_nonfinite_costs():
 
 
 def test_hungarian_rejects_more_targets_than_queries():
-  with pytest.raises(ValueError, match="max_segments"):
+  with pytest.raises(AssertionError, match="exceed"):  # validate_config names the keys
     hungarian.hungarian_match(jnp.zeros((2, 3, 5)), jnp.ones((2, 5), bool))
 
 

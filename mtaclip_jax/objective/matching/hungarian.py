@@ -51,18 +51,11 @@ def hungarian_match(
       [..., B, T] int32: the query matched to each target, -1 for invalid targets.
   """
   *lead, b, q, t = cost.shape
-  if t > q:
-    raise ValueError(
-        f"hungarian_match: {t} target slots (config.data.max_segments) exceed "
-        f"{q} queries (config.model.num_queries); every target must get a query."
-    )
-  if valid.shape != (b, t):
-    raise ValueError(f"hungarian_match: valid has shape {valid.shape}, expected {(b, t)}.")
-  if matcher not in MATCHERS:
-    raise ValueError(
-        f"unknown matcher {matcher!r} (config.loss.matcher); expected one "
-        f"of {', '.join(MATCHERS)}."
-    )
+  # config/validate.py refuses config.data.max_segments > config.model.num_queries
+  # and an unknown config.loss.matcher before a run starts.
+  assert t <= q, f"{t} target slots exceed {q} queries: every target must get a query"
+  assert valid.shape == (b, t), (valid.shape, (b, t))
+  assert matcher in MATCHERS, matcher
   cost = jnp.reshape(jax.lax.stop_gradient(cost).astype(jnp.float32), (-1, b, q, t))
   valid = valid.astype(bool)
   mesh = data_mesh(mesh)

@@ -6,7 +6,9 @@ import os
 
 import pytest
 
+from mtaclip_jax import errors
 from mtaclip_jax.config import recipes
+from mtaclip_jax.config import validate
 from tests import train_fixtures
 
 ROOT = train_fixtures.ROOT
@@ -38,7 +40,7 @@ def test_there_are_configs_for_every_paper_row():
 def test_config_builds(path):
   c = load(path)
   assert c.model.num_classes == c.data.num_classes
-  assert c.optim.total_steps == c.train.steps
+  assert c.optim.total_steps == -1  # follows train.steps (test_validate.py)
 
 
 @pytest.mark.parametrize(
@@ -111,17 +113,22 @@ def test_ablation_variants(arg, expect):
     assert got[k] == v, (arg, k)
 
 
+def test_bad_variants_are_named():
+  with pytest.raises(ValueError, match="unknown config variant 'K3'"):
+    recipes.paper_config("ade20k", "RN50", "K3")
+
+
 @pytest.mark.parametrize(
     "arg,match",
     [
-        ("K3", "unknown config variant 'K3'"),
-        ("neg=both", "neg must be"),
-        ("baseline,sim=1", "similarity loss needs text queries"),
+        ("neg=both", "config.loss.neg='both'"),
+        ("baseline,sim=1", "config.loss.similarity=True needs config.model.text_queries=True"),
+        ("K=0", "config.model.num_contexts=0"),
     ],
 )
-def test_bad_variants_are_named(arg, match):
-  with pytest.raises(ValueError, match=match):
-    recipes.paper_config("ade20k", "RN50", arg)
+def test_bad_variant_values_are_named_by_validation(arg, match):
+  with pytest.raises(errors.ConfigError, match=match):
+    validate.validate_config(recipes.paper_config("ade20k", "RN50", arg))
 
 
 @pytest.mark.parametrize("name", ["ade20k_vits16", "ade20k_mitb4"])

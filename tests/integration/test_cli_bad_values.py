@@ -1,0 +1,98 @@
+"""Bad values typed on the command line: exactly one `error:` line naming the key or
+file, no traceback, nothing created, before any model is built (every key's value
+is walked in-process by tests/unit/config/test_validate.py; these run the CLIs)."""
+
+import subprocess
+import sys
+
+from tests import train_fixtures
+
+ROOT = train_fixtures.ROOT
+
+
+def run(module, *args):
+  proc = subprocess.run(
+      [sys.executable, "-m", module, *args],
+      capture_output=True,
+      text=True,
+      cwd=ROOT,
+      timeout=300,
+      check=False,
+  )
+  return proc.returncode, proc.stderr.strip().splitlines()
+
+
+def assert_one_error(err, *names):
+  errors = [line for line in err if line.startswith("error:")]
+  assert len(errors) == 1, err
+  assert all(n in errors[0] for n in names), err
+  assert not any("Traceback" in line for line in err), err
+
+
+def test_bad_values_of_main_are_one_line_and_create_nothing(tmp_path):
+  workdir = tmp_path / "run"
+  for args, names in [
+      (["--config", "configs/demo.py", "--config.data.crop_size=64"], ["config.data.crop_size"]),
+      (["--config", "configs/demo.py:K=0"], ["config.model.num_contexts=0"]),
+      (["--config", "configs/demo.py", "--config.init.clip=/no/clip_rn50"], ["/no/clip_rn50"]),
+  ]:
+    rc, err = run("mtaclip_jax.main", *args, "--workdir", str(workdir))
+    assert rc == 1, err
+    assert_one_error(err, *names)
+    assert not workdir.exists()
+
+
+def test_eval_and_predict_of_a_mistyped_workdir_create_nothing(tmp_path):
+  workdir, out = tmp_path / "typo", tmp_path / "out"
+  rc, err = run(
+      "mtaclip_jax.main", "--config", "configs/demo.py", "--workdir", str(workdir), "--mode=eval"
+  )
+  assert rc == 1
+  assert_one_error(err, "no checkpoint", str(workdir))
+  image = train_fixtures.make_dataset(tmp_path / "data", train=1, val=1)
+  images = f"{image}/images/validation"
+  rc, err = run(
+      "mtaclip_jax.predict", "--workdir", str(workdir), "--images", images, "--out", str(out)
+  )
+  assert rc == 1
+  assert_one_error(err, "no checkpoint", str(workdir))
+  # A mistyped --classes file is refused, not taken as one class name.
+  rc, err = run(
+      "mtaclip_jax.predict",
+      "--workdir",
+      str(workdir),
+      "--images",
+      images,
+      "--out",
+      str(out),
+      "--classes",
+      "nmes.txt",
+  )
+  assert rc == 1
+  assert_one_error(err, "--classes 'nmes.txt': no such file")
+  assert not workdir.exists() and not out.exists()
+
+
+def test_generate_and_summary(tmp_path):
+  rc, err = run(
+      "mtaclip_jax.data.generate",
+      "--layout",
+      "cityscapes",
+      "--out",
+      str(tmp_path / "d"),
+      "--num-classes",
+      "40",
+  )
+  assert rc == 2
+  assert_one_error(err, "--num-classes 40: expected 1..19 for cityscapes")
+  assert not (tmp_path / "d").exists()
+  proc = subprocess.run(
+      [sys.executable, "-m", "mtaclip_jax.summary", "--config", "configs/demo.py", "--params_only"],
+      capture_output=True,
+      text=True,
+      cwd=ROOT,
+      timeout=300,
+      check=True,
+  )
+  assert "Unable to initialize backend" not in proc.stderr, proc.stderr
+  assert proc.stdout.startswith("model: backbone=tiny"), proc.stdout
