@@ -11,10 +11,6 @@ class ConfigError(ValueError):
   """A config key has a value the run cannot use; the message names the key."""
 
 
-class ModelConfigError(ConfigError):
-  """A `config.model` key names no known model part (backbone, dtype, ...)."""
-
-
 class MeshConfigError(ConfigError):
   """`config.mesh` does not fit the devices or the parameters."""
 

@@ -94,8 +94,9 @@ class Runtime:
     if importlib.util.find_spec("tensorboard") is not None:
       board = f"tensorboard --logdir {w}"
     else:  # tensorboardX writes the event files; the viewer is an optional extra
+      where = f"{w}/tb and {w}/eval" if self.evaluated else f"{w}/tb"
       board = (
-          f"event files in {w}/tb and {w}/eval (to view them: "
+          f"event files in {where} (to view them: "
           f"pip install -e '.[tensorboard]', then tensorboard --logdir {w})"
       )
     lines = [

@@ -25,7 +25,7 @@ def _summary(tmp_path, capsys, evaluated, installed, monkeypatch):
 def test_without_evaluation_or_tensorboard(tmp_path, capsys, monkeypatch):
   out = _summary(tmp_path, capsys, evaluated=False, installed=False, monkeypatch=monkeypatch)
   assert "evaluation:" not in out
-  assert "pip install -e '.[tensorboard]'" in out and "/run/tb" in out
+  assert "pip install -e '.[tensorboard]'" in out and "/run/tb (" in out
 
 
 def test_with_evaluation_and_tensorboard(tmp_path, capsys, monkeypatch):
