@@ -18,6 +18,7 @@ Loading (`load`) needs only jax and numpy:
 from __future__ import annotations
 
 import json
+import os
 from typing import Sequence
 
 import jax
@@ -49,6 +50,9 @@ def export_checkpoint(
 ) -> dict:
   """Writes `out` and `out + ".json"`; returns the sidecar dict. `config` None: the
   one saved in the checkpoint."""
+  folder = os.path.dirname(os.path.abspath(out))
+  if not os.path.isdir(folder):  # before the model is restored and traced
+    raise FileNotFoundError(f"--out {out!r}: no folder {folder}")
   config = restore.run_config(config, workdir)
   step, model, variables, tokens = restore.restore_variables(config, workdir)
   # jax.export cannot serialise custom calls: the portable gather, whatever the config.

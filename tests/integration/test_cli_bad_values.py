@@ -70,6 +70,9 @@ def test_eval_and_predict_of_a_mistyped_workdir_create_nothing(tmp_path):
   )
   assert rc == 1
   assert_one_error(err, "--classes 'nmes.txt': no such file")
+  rc, err = run("mtaclip_jax.export", "--workdir", str(workdir), "--out", str(tmp_path / "m"))
+  assert rc == 1
+  assert_one_error(err, "no checkpoint", str(workdir))
   assert not workdir.exists() and not out.exists()
 
 

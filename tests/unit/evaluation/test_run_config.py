@@ -7,6 +7,7 @@ import pytest
 
 from mtaclip_jax import errors
 from mtaclip_jax.evaluation import restore
+from mtaclip_jax.serve import export
 from tests import train_fixtures
 from tests.golden import regenerate
 
@@ -37,3 +38,8 @@ def test_a_config_of_another_model_is_refused_with_the_keys(workdir, tmp_path):
   same = train_fixtures.tiny_config(str(tmp_path))
   same.model.deform_attn_impl = "gather"  # how it computes, not what it holds: accepted
   restore.check_matches_checkpoint(restore.run_config(same, workdir), workdir)
+
+
+def test_export_names_a_missing_out_folder_before_restoring(workdir, tmp_path):
+  with pytest.raises(FileNotFoundError, match="--out .*no folder"):
+    export.export_checkpoint(None, workdir, str(tmp_path / "missing" / "m.jaxexport"))
