@@ -236,7 +236,7 @@ RULES: dict[str, Rule] = {
     "eval.stride": pair(1),
     "eval.scales": ratios,
     "eval.test_scale": pair(1),
-    "eval.split": one_of("train", "val", "test"),
+    "eval.split": text(nonempty=True),  # the dataset's splits: validate.py
     "eval.every_steps": NON_NEGATIVE,
     "eval.max_images": NON_NEGATIVE,
     "eval.step": integer(0, also=(-1,)),
@@ -264,6 +264,7 @@ FREE = {
     "eval.flip": "bool",
     "eval.at_end": "bool",
     "mesh.fsdp": "bool",
+    "train.restart_data_order": "bool",
     "init.allow_random": "bool",
     "data.root": "path",
     "data.tfds_dir": "path",

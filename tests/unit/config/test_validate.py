@@ -234,3 +234,11 @@ def test_paths_are_checked_before_anything_is_created(tmp_path):
   with pytest.raises(errors.CheckpointError, match="no such folder"):
     validate.check_checkpoints(str(workdir))
   assert not workdir.exists()
+
+
+def test_every_split_name_of_the_readers_is_accepted():
+  for name, splits in (("demo", ("train", "val", "validation")), ("cityscapes_r50", ("test",))):
+    for split in splits:
+      c = train_fixtures.load_config(name)
+      c.eval.split = split
+      validate.validate_config(c)
