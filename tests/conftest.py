@@ -3,9 +3,14 @@ the subprocesses they start, so identical computations compile once per session,
 XLA:CPU's generated code at LLVM -O0 (compile time is most of the tests' time)."""
 
 import os
+import shutil
 import tempfile
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Where tests keep what they train once for the whole session (train_fixtures.py):
+# made by the first process that loads this file, inherited by pytest-xdist's workers
+# and by the subprocesses the tests start.
+os.environ.setdefault("MTACLIP_TEST_SHARED_DIR", tempfile.mkdtemp(prefix="mtaclip_tests_"))
 # A size limit (below) turns on the cache's file lock: pytest-xdist's workers share the
 # cache, and without the lock one could read an entry another is still writing. The
 # directory is new with that limit: JAX's size-limited cache keeps an "-atime" file
@@ -44,3 +49,9 @@ def pytest_xdist_auto_num_workers(config):  # pylint: disable=unused-argument
   it; each worker holds a few GB while compiling the tiny model's train step."""
   cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
   return max(1, min(cores or 1, 4))
+
+
+def pytest_sessionfinish(session, exitstatus):  # pylint: disable=unused-argument
+  """The process that made the shared folder removes it (xdist workers leave it)."""
+  if not hasattr(session.config, "workerinput"):
+    shutil.rmtree(os.environ["MTACLIP_TEST_SHARED_DIR"], ignore_errors=True)

@@ -1,7 +1,10 @@
 """A tiny training config on a generated dataset, shared by the train/eval tests."""
 
+import contextlib
+import fcntl
 import importlib.util
 import os
+import shutil
 
 import jax
 
@@ -116,10 +119,53 @@ def train_run(config, workdir):
 def restore_checkpoint(config, workdir, abstract):
   """(step, state, saved config dict, data iterator) of the latest checkpoint in
   `workdir`, as a resumed run restores them."""
-  data_iter = pipeline.make_train_iterator(config.data, config.data.seed)
   ckpt = checkpoint.Checkpointer(workdir, every=1, max_to_keep=10, async_save=False)
   try:
-    step, state, saved = ckpt.restore(abstract, data_iter, None, config)
+    step, state, saved = ckpt.restore(abstract, None, config)
   finally:
     ckpt.close()
+  # The data position follows from the step (data/pipeline.py).
+  data_iter = pipeline.make_train_iterator(config.data, config.data.seed, start_step=step)
   return step, state, saved, data_iter
+
+
+@contextlib.contextmanager
+def _locked(path):
+  with open(path, "a") as f:
+    fcntl.flock(f, fcntl.LOCK_EX)
+    try:
+      yield
+    finally:
+      fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def shared(name, make):
+  """A folder made once per test session by `make(folder)` and shared by every test
+  module and pytest-xdist worker (a file lock; tests/conftest.py makes the parent).
+  Tests read what is in it and write their outputs elsewhere."""
+  base = os.path.join(os.environ["MTACLIP_TEST_SHARED_DIR"], name)
+  with _locked(base + ".lock"):
+    if not os.path.exists(base + ".done"):
+      shutil.rmtree(base, ignore_errors=True)
+      os.makedirs(base)
+      make(base)
+      open(base + ".done", "w").close()
+  return base
+
+
+def trained_tiny(steps=2):
+  """(config, workdir, validation image paths) of the tiny model trained `steps` steps
+  on a small generated dataset, once per test session (`shared`)."""
+
+  def make(base):
+    make_dataset(os.path.join(base, "data"), train=4, val=2)
+    train_run(
+        tiny_config(os.path.join(base, "data", "ADEChallengeData2016"), steps=steps),
+        os.path.join(base, "work"),
+    )
+
+  base = shared(f"trained_tiny_{steps}", make)
+  root = os.path.join(base, "data", "ADEChallengeData2016")
+  val = os.path.join(root, "images", "validation")
+  images = sorted(os.path.join(val, f) for f in os.listdir(val))
+  return tiny_config(root, steps=steps), os.path.join(base, "work"), images

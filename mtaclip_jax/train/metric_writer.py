@@ -6,8 +6,6 @@ import json
 import os
 import time
 
-import tensorboardX
-
 from mtaclip_jax import errors
 
 
@@ -21,6 +19,8 @@ class MetricWriter:
     self.path = os.path.join(workdir, "metrics.jsonl")
     if enabled:
       self._jsonl = open(self.path, "a", encoding="utf-8")
+      import tensorboardX  # pylint: disable=g-import-not-at-top  (imports torch if installed: ~2 s)
+
       self._tb = tensorboardX.SummaryWriter(os.path.join(workdir, "tb"))
 
   def write(self, step: int, scalars: dict) -> None:

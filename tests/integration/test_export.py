@@ -11,12 +11,12 @@ import pytest
 
 from mtaclip_jax.serve import export
 from mtaclip_jax.serve import predict
-from tests import test_predict
+from tests import train_fixtures
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-  return test_predict.train_tiny(tmp_path_factory)
+def trained():
+  return train_fixtures.trained_tiny()
 
 
 SIZE = 64

@@ -12,28 +12,12 @@ from mtaclip_jax.evaluation import inference
 from mtaclip_jax.serve import image_io
 from mtaclip_jax.serve import outputs
 from mtaclip_jax.serve import predict
-from mtaclip_jax.train import loop
 from tests import train_fixtures
-
-_TRAINED = {}
-
-
-def train_tiny(tmp_path_factory):
-  """(config, workdir, image paths) of a tiny model trained 2 steps, trained once
-  per session and shared with test_export (no conftest fixture needed)."""
-  if not _TRAINED:
-    root = train_fixtures.make_dataset(tmp_path_factory.mktemp("pdata"), train=4, val=2)
-    config = train_fixtures.tiny_config(root, steps=2)
-    workdir = str(tmp_path_factory.mktemp("pwork"))
-    loop.run(config, workdir)
-    val = os.path.join(root, "images", "validation")
-    _TRAINED["value"] = (config, workdir, sorted(os.path.join(val, f) for f in os.listdir(val)))
-  return _TRAINED["value"]
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-  return train_tiny(tmp_path_factory)
+def trained():
+  return train_fixtures.trained_tiny()
 
 
 def _check_outputs(out, name, image_path, num_classes):
