@@ -3,8 +3,9 @@ checks a config against before anything is built (the cross-key checks are there
 
 A rule is a function of the value that returns None when the value is usable, else
 what was expected ("an int >= 1"). Keys absent from a config are not checked (older
-checkpoints' configs lack some); keys of a config that no rule names are free text or
-bools, listed in `FREE` so that a new key must be given a rule or a reason.
+checkpoints' configs lack some). A config key that is neither a bool nor in `FREE`
+(paths) needs a rule here: tests/unit/config/test_validate.py walks every key of
+every config with a bad value.
 """
 
 from __future__ import annotations
@@ -253,9 +254,9 @@ RULES: dict[str, Rule] = {
     "mesh.fsdp_min_size": NON_NEGATIVE,
 }
 
-# Bools (any bool is valid; ml_collections refuses other values of a bool key when it
-# parses the flags) and paths (checked by `validate.check_paths` where a run reads
-# them): keys with no rule here.
+# Keys with no rule here: bools (any bool is valid; ml_collections refuses other
+# values of a bool key when it parses the flags; a new bool key needs no entry) and
+# paths (checked by `validate.check_paths` where a run reads them).
 FREE = {
     "model.text_queries": "bool",
     "model.joint_self_attn": "bool",
