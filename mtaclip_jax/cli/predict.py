@@ -28,9 +28,11 @@ def main(argv):
       f.classes,
       f.artifact,
       batch=f.batch,
+      fail_fast=f["fail-fast"].value,
   )
   if failures:
-    print(f"{len(failures)} image(s) failed:\n  " + "\n  ".join(failures), file=sys.stderr)
+    # Each failure already printed its one `error:` line as it happened.
+    print(f"{len(failures)} image(s) failed (the error lines above)", file=sys.stderr)
     sys.exit(1)
 
 
@@ -61,6 +63,11 @@ def _define_flags():
       "same resized shape; slide mode: windows of one image).",
   )
   flags.DEFINE_string("classes", None, "Open vocabulary: 'a,b,c' or a .txt file.")
+  flags.DEFINE_bool(
+      "fail-fast",
+      False,
+      "Stop at the first image that fails (default: report it as one error line and go on).",
+  )
   flags.mark_flags_as_required(["images", "out"])
 
 

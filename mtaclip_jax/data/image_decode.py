@@ -78,7 +78,9 @@ def _too_large(path: str, detail: str) -> errors.ImageReadError:
 def _open(path: str):
   try:
     with warnings.catch_warnings():
-      # The size is checked against MAX_PIXELS below, with a clearer message.
+      # The size is checked against MAX_PIXELS below, with a clearer message. From
+      # reader threads catch_warnings may leave this filter set after the call:
+      # harmless, the check below still applies.
       warnings.simplefilter("ignore", Image.DecompressionBombWarning)
       return Image.open(path)
   except Image.DecompressionBombError as e:

@@ -1,4 +1,5 @@
-"""The images `predict` reads: files, folders and globs expanded, each decoded to RGB."""
+"""The images `predict` reads: files, folders and globs expanded (decoded by
+`data.image_decode`), and their output names."""
 
 from __future__ import annotations
 
@@ -6,10 +7,7 @@ import glob
 import os
 from typing import Sequence
 
-import numpy as np
-from PIL import Image
-
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif")
 
 
 def expand_images(specs: Sequence[str]) -> list[str]:
@@ -28,15 +26,6 @@ def expand_images(specs: Sequence[str]) -> list[str]:
         raise FileNotFoundError(f"--images {spec!r}: no such file, folder or matching glob")
       paths += [m for m in matches if not os.path.isdir(m)]
   return paths
-
-
-def read_image(path: str) -> np.ndarray:
-  """uint8 [H, W, 3]; raises ValueError naming the file if it cannot be decoded."""
-  try:
-    with Image.open(path) as im:
-      return np.asarray(im.convert("RGB"), np.uint8)
-  except Exception as e:  # pylint: disable=broad-except
-    raise ValueError(f"{path}: cannot read image ({type(e).__name__}: {e})") from e
 
 
 def output_names(paths: Sequence[str]) -> list[str]:

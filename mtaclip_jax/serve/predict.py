@@ -33,6 +33,7 @@ import numpy as np
 import tqdm
 
 from mtaclip_jax.data import classes as data_classes
+from mtaclip_jax.data import image_decode
 from mtaclip_jax.evaluation import inference
 from mtaclip_jax.evaluation import restore
 from mtaclip_jax.serve import export
@@ -96,6 +97,11 @@ def artifact_predictor(path: str, mode: str | None = None):
 # ------------------------------------------------------------------ the loop
 
 
+# Whole mode holds at most this many times `batch` decoded images waiting for a
+# batch of their shape.
+_MAX_PENDING = 4
+
+
 def _bucket(n: int, batch: int) -> int:
   """Batch shape for n images: the next power of two, at most `batch` (a few
   compiles instead of one per group size)."""
@@ -119,17 +125,10 @@ def _segment_batch(predict_fn: Callable, items: list, settings, batch: int) -> l
   scores = jnp.asarray(predict_fn(x), jnp.float32)
   if scores.shape[1:3] != x.shape[1:3]:  # stride-4 scores: to the input size
     scores = jax.image.resize(scores, x.shape[:3] + scores.shape[-1:], "bilinear")
-  labels = []
-  for i, (image, _, size, *_) in enumerate(items):
-    h, w = image.shape[:2]
-    out = inference.resize_region(
-        scores[i],
-        np.asarray(size, np.int32),
-        np.asarray((h, w), np.int32),
-        inference.round_up((h, w), settings.out_multiple),
-    )
-    labels.append(np.asarray(jnp.argmax(out, axis=-1)[:h, :w], np.int32))
-  return labels
+  return [
+      inference.pass_labels([(scores[i], size, False)], image.shape[:2], settings)
+      for i, (image, _, size, *_) in enumerate(items)
+  ]
 
 
 def _image_settings(image: np.ndarray, settings, batch: int):
@@ -142,6 +141,20 @@ def _image_settings(image: np.ndarray, settings, batch: int):
   return dataclasses.replace(settings, slide_batch=_bucket(n, batch))
 
 
+class _Stop(Exception):
+  """--fail-fast: the first image failed."""
+
+
+def failure_message(path: str, error: BaseException, what: str) -> str:
+  """One line naming the file, the stage (`what`) and the reason."""
+  text = " ".join(str(error).split()) or type(error).__name__
+  if text.startswith(path + ": "):
+    text = text[len(path) + 2 :]
+  if not isinstance(error, (ValueError, OSError)):
+    text = f"{type(error).__name__}: {text}"
+  return f"{path}: {what}: {text}" if what else f"{path}: {text}"
+
+
 def predict_images(
     predict_fn: Callable,
     settings,
@@ -151,13 +164,18 @@ def predict_images(
     palette,
     progress: bool = True,
     batch: int = 8,
+    fail_fast: bool = False,
 ) -> list[str]:
-  """Segments every image and writes its outputs; returns the failure messages
-  (unreadable images and per-image errors), one per failed image.
+  """Segments every image and writes its outputs; returns the failure messages, one
+  line per failed image naming the file and the reason.
 
-  Whole-image inference runs up to `batch` images of the same resized shape per
-  call; slide inference runs up to `batch` windows of one image per call; ms_flip
-  one image at a time. The labels do not depend on `batch`.
+  Any failure of one image (reading or decoding it, its size, inference, writing its
+  outputs) is reported and the others go on; with `fail_fast` the run stops at the
+  first. Images are decoded by `data.image_decode` with their EXIF orientation
+  applied. Whole-image inference runs up to `batch` images of the same resized
+  shape per call (a failed call is retried one image at a time, so one image cannot
+  fail the others); slide inference runs up to `batch` windows of one image per
+  call; ms_flip one image at a time. The labels do not depend on `batch`.
   """
   if batch < 1:
     raise ValueError(f"--batch {batch}: expected a positive number of images")
@@ -167,46 +185,91 @@ def predict_images(
       total=len(paths), desc="predict", unit="img", disable=not progress, file=sys.stderr
   )
 
-  def fail(message):
-    failures.append(message)
-    tqdm.tqdm.write(f"error: {message}", file=sys.stderr)
+  finished = []  # images written or failed
+  stopping = []  # fail_fast: set at the first failure
+
+  def fail(path, error, what=""):
+    failures.append(failure_message(path, error, what))
+    tqdm.tqdm.write(f"error: {failures[-1]}", file=sys.stderr)
+    finished.append(path)
     bar.update(1)
+    if fail_fast and not stopping:
+      stopping.append(path)
+      raise _Stop
 
   def done(image, label, path, name):
-    outputs.write_outputs(out_dir, name, image, label, names, palette, path)
+    try:
+      outputs.write_outputs(out_dir, name, image, label, names, palette, path)
+    except Exception as e:  # pylint: disable=broad-except
+      outputs.remove_outputs(out_dir, name)  # no partial outputs
+      fail(path, e, "cannot write its outputs")
+      return
+    finished.append(path)
     bar.update(1)
 
   def flush(group):
     try:
       labels = _segment_batch(predict_fn, group, settings, batch)
-    except ValueError as e:
-      for item in group:
-        fail(f"{item[3]}: {e}")
-      return
-    for (image, _, _, path, name), label in zip(group, labels):
-      done(image, label, path, name)
+    except Exception as e:  # pylint: disable=broad-except
+      if len(group) == 1:
+        h, w = group[0][0].shape[:2]
+        fail(group[0][3], e, f"inference failed ({w}x{h} WxH)")
+        return
+      labels = None  # each alone: one image cannot fail the others
+    stop = None
+    for i, item in enumerate(group):
+      try:  # a fail-fast stop finishes the group first: it was read before the stop
+        if labels is None:
+          flush([item])
+        else:
+          done(item[0], labels[i], item[3], item[4])
+      except _Stop as e:
+        stop = e
+    if stop is not None:
+      raise stop
 
   pending = {}  # whole mode: input shape -> [(image, input, size, path, name)]
-  for path, name in zip(paths, image_io.output_names(paths)):
-    try:
-      image = image_io.read_image(path)
-      if settings.mode == "whole":
-        inp, size = _whole_input(image, settings)
-      else:
-        label = inference.segment(predict_fn, image, _image_settings(image, settings, batch))
-    except ValueError as e:
-      fail(str(e))
-      continue
-    if settings.mode != "whole":
-      done(image, label, path, name)
-      continue
-    group = pending.setdefault(inp.shape, [])
-    group.append((image, inp, size, path, name))
-    if len(group) == batch:
-      flush(pending.pop(inp.shape))
-  for group in pending.values():
-    flush(group)
-  bar.close()
+
+  def flush_pending():
+    while pending:
+      flush(pending.pop(next(iter(pending))))
+
+  try:
+    for path, name in zip(paths, image_io.output_names(paths)):
+      try:
+        image = image_decode.read_rgb(path, apply_orientation=True)
+      except Exception as e:  # pylint: disable=broad-except
+        fail(path, e)
+        continue
+      try:
+        if settings.mode == "whole":
+          inp, size = _whole_input(image, settings)
+        else:
+          label = inference.segment(predict_fn, image, _image_settings(image, settings, batch))
+      except Exception as e:  # pylint: disable=broad-except
+        fail(path, e, f"inference failed ({image.shape[1]}x{image.shape[0]} WxH)")
+        continue
+      if settings.mode != "whole":
+        done(image, label, path, name)
+        continue
+      group = pending.setdefault(inp.shape, [])
+      group.append((image, inp, size, path, name))
+      if len(group) == batch:
+        flush(pending.pop(inp.shape))
+      elif sum(len(g) for g in pending.values()) > _MAX_PENDING * batch:
+        # Many shapes, few images each: the oldest group goes now, so the decoded
+        # images held stay bounded.
+        flush(pending.pop(next(iter(pending))))
+    flush_pending()
+  except _Stop:
+    flush_pending()  # the images before the failure that wait for a batch
+    tqdm.tqdm.write(
+        f"stopped at the first failure (--fail-fast): {len(paths) - len(finished)} "
+        "image(s) not processed",
+        file=sys.stderr,
+    )
+  finally:
+    bar.close()
   return failures
 
 
@@ -220,6 +283,7 @@ def run(
     artifact: str | None = None,
     progress: bool = True,
     batch: int = 8,
+    fail_fast: bool = False,
 ) -> list[str]:
   """The CLI without flags; returns the failure messages."""
   paths = image_io.expand_images(images)
@@ -242,4 +306,4 @@ def run(
     if mode:
       eval_config["mode"] = mode
     settings = inference.Settings.from_config(eval_config)
-  return predict_images(fn, settings, paths, out_dir, names, palette, progress, batch)
+  return predict_images(fn, settings, paths, out_dir, names, palette, progress, batch, fail_fast)
