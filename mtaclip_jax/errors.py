@@ -35,6 +35,11 @@ class BadSampleError(ValueError):
   """A dataset file cannot be read or does not match its layout; names the file."""
 
 
+class ClassListError(ValueError):
+  """The class list of a folder dataset (classes.txt) is missing or malformed: no
+  file, an empty or duplicated name, a bad colour; names the file and line."""
+
+
 class ImageReadError(ValueError):
   """An image file cannot be decoded (missing, empty, not an image, truncated, too
   large, an unsupported sample type); names the file and the reason."""
@@ -49,6 +54,7 @@ USER_ERRORS = (
     WorkdirError,
     CheckpointError,
     BadSampleError,
+    ClassListError,
     ImageReadError,
     NonFiniteLossError,
     FileNotFoundError,

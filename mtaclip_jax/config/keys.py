@@ -211,9 +211,12 @@ RULES: dict[str, Rule] = {
     "optim.lr_mult_rules": lr_rules,
     "optim.no_decay_rules": regexes,
     # data
-    "data.name": one_of(*sorted(data_classes.DATASETS)),
+    "data.name": one_of(*data_classes.NAMES),
     "data.source": one_of("raw", "tfds"),
+    # -1 for a folder dataset: validate_config fills in the names of its classes.txt
+    # (here and in model.num_classes) before this table is checked.
     "data.num_classes": POSITIVE,
+    "data.ignore_index": integer(0, 255),  # folder dataset: the unlabeled mask value
     "data.crop_size": pair(1, CROP_MULTIPLE),
     "data.test_scale": pair(1),
     "data.batch_size": POSITIVE,
@@ -269,6 +272,8 @@ FREE = {
     "init.allow_random": "bool",
     "data.root": "path",
     "data.tfds_dir": "path",
+    "data.classes_file": "path",  # folder dataset: "" is ROOT/classes.txt
+    "data.reduce_zero_label": "bool",
     "init.clip": "path",
     "init.backbone": "path",
     "init.mask2former": "path",

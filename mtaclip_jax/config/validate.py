@@ -15,6 +15,7 @@ from convert_weights import clip_io
 from mtaclip_jax import errors
 from mtaclip_jax.config import keys
 from mtaclip_jax.data import classes as data_classes
+from mtaclip_jax.data import folder
 from mtaclip_jax.data import readers
 from mtaclip_jax.data import transforms
 from mtaclip_jax.models import backbones
@@ -30,7 +31,9 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   """Every key with a constrained value (keys.py's table), then the checks across
   keys, before anything is built: the first problem is a `ConfigError` naming the key,
   its value and what was expected. Also fills the derived value
-  `optim.total_steps=-1` with `train.steps`."""
+  `optim.total_steps=-1` with `train.steps`, and a folder dataset's `num_classes=-1`
+  (data and model) with the number of names in its classes.txt."""
+  _fill_class_count(config)
   flat = _flatten(config)
   for key, value in flat.items():
     expected = keys.problem(key, value)
@@ -48,6 +51,18 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     )
 
 
+def _fill_class_count(config: ml_collections.ConfigDict) -> None:
+  """A folder dataset's class count from its classes.txt (read and checked here, so a
+  missing or malformed list is one error before anything is built)."""
+  if "data" not in config or config.data.get("name") != folder.NAME:
+    return
+  n = data_classes.num_classes(config.data)
+  if config.data.get("num_classes", -1) == -1:
+    config.data.num_classes = n
+  if "model" in config and config.model.get("num_classes", -1) == -1:
+    config.model.num_classes = n
+
+
 def _flatten(config) -> dict:
   out = {}
   for key, value in config.items():
@@ -63,7 +78,7 @@ def _show(value) -> str:
 
 
 def _check_across_keys(c: ml_collections.ConfigDict) -> None:
-  names, _ = data_classes.DATASETS[c.data.name]
+  names = data_classes.all_class_names(c.data)
   if c.data.num_classes > len(names):
     raise errors.ConfigError(
         f"config.data.num_classes={c.data.num_classes}: expected 1..{len(names)} for "
@@ -115,7 +130,9 @@ def _check_across_keys(c: ml_collections.ConfigDict) -> None:
           "config.model.attention_impl='cudnn' needs an NVIDIA GPU; this process runs "
           f"on {jax.default_backend()!r} (use 'xla')"
       )
-  splits = readers.ADE_SPLITS if c.data.name == "ade20k" else readers.CITYSCAPES_SPLITS
+  if c.data.name == folder.NAME:
+    _check_ignore_index(c.data, names)
+  splits = readers.split_table(c.data.name)
   if c.eval.split not in splits:
     raise errors.ConfigError(
         f"config.eval.split={c.eval.split!r}: expected one of {sorted(splits)} for "
@@ -139,6 +156,17 @@ def _check_across_keys(c: ml_collections.ConfigDict) -> None:
       raise errors.ConfigError(
           f"config.data.generate.size={_show(g.size)}: expected a pair (h, w) of ints >= 1"
       )
+
+
+def _check_ignore_index(d: ml_collections.ConfigDict, names) -> None:
+  ignore = d.get("ignore_index", folder.IGNORE)
+  shift = 1 if d.get("reduce_zero_label", False) else 0
+  if shift <= ignore < len(names) + shift:
+    raise errors.ConfigError(
+        f"config.data.ignore_index={ignore} is the mask value of class "
+        f"{names[ignore - shift]!r} (config.data.reduce_zero_label="
+        f"{bool(shift)}); expected a value no class uses, e.g. 255"
+    )
 
 
 def check_workdir(workdir: str) -> None:

@@ -24,15 +24,16 @@ def _define_flags():
   flags.DEFINE_list("splits", None, "splits to scan (default: all present)")
 
 
-def scan_split(name, root, split, num_classes):
-  """Returns {"count", "bad": [(path, why)], "min_hw", "max_hw", "pixels", "images"}."""
+def scan_split(name, root, split, num_classes, rules=None):
+  """Returns {"count", "bad": [(path, why)], "min_hw", "max_hw", "pixels", "images"}.
+  `rules`: a folder dataset's `readers.label_rules`."""
   samples = readers.list_samples(name, root, split)
   pixels = np.zeros(num_classes + 1, np.int64)  # last bin: ignore
   images = np.zeros(num_classes, np.int64)
   sizes, bad = [], []
   for s in samples:
     try:
-      ex = readers.load_sample(s, name, num_classes)
+      ex = readers.load_sample(s, name, num_classes, rules)
     except errors.BadSampleError as e:
       bad.append((s.image_path, str(e)))
       continue
@@ -56,13 +57,14 @@ def scan(data_config, splits=None):
   """{split: scan_split(...)}; splits default to those the layout has on disk."""
   num_classes = classes.num_classes(data_config)
   readers.dataset_dir(data_config.name, data_config.root)  # clear error if wrong
+  rules = readers.label_rules(data_config, num_classes)
   default = splits is None
   if default:
-    splits = ["train", "val"] + (["test"] if data_config.name == "cityscapes" else [])
+    splits = ["train", "val"] + (["test"] if data_config.name != "ade20k" else [])
   out = {}
   for split in splits:
     try:
-      out[split] = scan_split(data_config.name, data_config.root, split, num_classes)
+      out[split] = scan_split(data_config.name, data_config.root, split, num_classes, rules)
     except FileNotFoundError as e:
       if default:
         continue
@@ -106,7 +108,7 @@ def main(argv):
     raise app.UsageError("--config must name a config file with a .data section")
   try:
     result = scan(config.data, flags.FLAGS.splits)
-  except (FileNotFoundError, ValueError) as e:
+  except (FileNotFoundError, ValueError, errors.ClassListError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
   print(report(config.data, result))

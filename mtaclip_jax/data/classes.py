@@ -1,9 +1,12 @@
-"""Class names and palettes of ADE20k-150 and Cityscapes (mmsegmentation's order), and
-the token ids of the class prompts the text tower reads."""
+"""Class names and palettes of ADE20k-150 and Cityscapes (mmsegmentation's order) or of
+a folder dataset (its classes.txt, data/folder.py), and the token ids of the class
+prompts the text tower reads."""
 
 import jax
 import jax.numpy as jnp
 
+from mtaclip_jax import errors
+from mtaclip_jax.data import folder
 from mtaclip_jax.models.clip import tokenizer
 
 # mmsegmentation ADE20KDataset.METAINFO["classes"] (mmseg writes 'bed ' with a
@@ -363,20 +366,45 @@ DATASETS = {
     'ade20k': (ADE20K_CLASSES, ADE20K_PALETTE),
     'cityscapes': (CITYSCAPES_CLASSES, CITYSCAPES_PALETTE),
 }
+# Every `config.data.name`: the built-in datasets and the folder dataset, whose names
+# come from its classes.txt.
+NAMES = (*DATASETS, folder.NAME)
 
 IGNORE_LABEL = 255
 
 
-def _dataset(name):
+def _dataset(data_config):
+  """(names, palette) of the dataset: built in, or read from a folder's classes.txt
+  (names without a colour there take ADE20k's palette colour of their index)."""
+  name = data_config.name
+  if name == folder.NAME:
+    listed = folder.read_classes(folder.classes_path(data_config))
+    pal = tuple(
+        c if c is not None else ADE20K_PALETTE[i % len(ADE20K_PALETTE)]
+        for i, c in enumerate(listed.colours)
+    )
+    return listed.names, pal
   if name not in DATASETS:
-    raise ValueError(f'config.data.name={name!r}: expected one of {sorted(DATASETS)}')
+    raise ValueError(f'config.data.name={name!r}: expected one of {sorted(NAMES)}')
   return DATASETS[name]
 
 
 def num_classes(data_config):
-  """`data.num_classes`, checked against the dataset's full class list."""
-  names, _ = _dataset(data_config.name)
-  n = data_config.get('num_classes', None) or len(names)
+  """`data.num_classes`, checked against the dataset's full class list (a folder
+  dataset: -1 is the number of names in its classes.txt, any other value must be that
+  number)."""
+  names, _ = _dataset(data_config)
+  n = data_config.get('num_classes', None)
+  if data_config.name == folder.NAME:
+    if n in (None, -1):
+      return len(names)
+    if n != len(names):
+      raise errors.ConfigError(
+          f'config.data.num_classes={n}: {folder.classes_path(data_config)} lists '
+          f'{len(names)} class names (-1 follows the file)'
+      )
+    return int(n)
+  n = n or len(names)
   if not 1 <= n <= len(names):
     raise ValueError(
         f'config.data.num_classes={n}: expected 1..{len(names)} for ' f'{data_config.name!r}'
@@ -386,14 +414,24 @@ def num_classes(data_config):
 
 def class_names(data_config):
   """The first `data.num_classes` class names of `data.name`."""
-  names, _ = _dataset(data_config.name)
+  names, _ = _dataset(data_config)
   return list(names[: num_classes(data_config)])
 
 
 def palette(data_config):
   """uint8-valued RGB triples, one per class of `class_names(data_config)`."""
-  _, pal = _dataset(data_config.name)
+  _, pal = _dataset(data_config)
   return [tuple(c) for c in pal[: num_classes(data_config)]]
+
+
+def all_class_names(data_config):
+  """Every class name the dataset has (`data.num_classes` may take fewer)."""
+  return list(_dataset(data_config)[0])
+
+
+def full_palette(data_config):
+  """The palette of every class the dataset has (open-vocabulary overlays cycle it)."""
+  return [tuple(c) for c in _dataset(data_config)[1]]
 
 
 def class_tokens(data_config, length: int) -> jax.Array:

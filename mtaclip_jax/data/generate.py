@@ -1,7 +1,10 @@
-"""Writes a small synthetic dataset in the real ADE20k or Cityscapes layout.
+"""Writes a small synthetic dataset in the real ADE20k or Cityscapes layout, or in the
+folder layout (data/folder.py) with class names of your choice.
 
     python -m mtaclip_jax.data.generate --layout ade20k --out DIR --train 20 --val 8 \
         --seed 0 [--size 128x160] [--num-classes 8]
+    python -m mtaclip_jax.data.generate --layout folder --out DIR \
+        [--names surface,scratch,dent,rust,paint]
 
 Every class is a colour + texture family (class 0 is the textured background);
 an image holds a few shapes of other classes at random scale and position, and
@@ -20,6 +23,7 @@ from PIL import Image
 from PIL import ImageDraw
 
 from mtaclip_jax.data import classes
+from mtaclip_jax.data import folder
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +34,8 @@ CITIES = {
     "test": ("berlin", "bielefeld"),
 }
 TEXTURES = 8
+# The folder layout's made-up names (class 0 is the textured background).
+FOLDER_NAMES = ("surface", "scratch", "dent", "rust", "paint")
 
 
 def class_colour(c):
@@ -123,9 +129,38 @@ def _citys_label_ids():
   return np.array([table[t] for t in range(19)], np.uint8)
 
 
+def write_folder_dataset(out, splits, seed, size, names):
+  """The folder layout: classes.txt (names and their colours), images/<split>/*.jpg,
+  masks/<split>/*.png (class ids, 255 unlabeled). Returns `out`."""
+  names = list(names)
+  with open(os.path.join(_made(out), folder.CLASSES_FILE), "w") as f:
+    for c, name in enumerate(names):
+      f.write(f"{name} {' '.join(str(int(v)) for v in class_colour(c))}\n")
+  for split_index, (split, count) in enumerate(sorted(splits.items())):
+    for i in range(count):
+      rng = np.random.default_rng([seed, split_index, i])
+      image, label = render(rng, size[0], size[1], len(names))
+      stem = f"{split}_{i + 1:04d}"
+      Image.fromarray(image).save(
+          os.path.join(_made(out, "images", split), stem + ".jpg"), quality=95
+      )
+      mask = np.where(label < 0, folder.IGNORE, label).astype(np.uint8)
+      Image.fromarray(mask, mode="L").save(os.path.join(_made(out, "masks", split), stem + ".png"))
+  return out
+
+
+def _made(*parts):
+  path = os.path.join(*parts)
+  os.makedirs(path, exist_ok=True)
+  return path
+
+
 def write_dataset(layout, out, splits, seed, size, num_classes):
   """splits: {"train": n, "val": m}. Returns the dataset folder."""
   height, width = size
+  if layout == folder.NAME:
+    names = list(FOLDER_NAMES) + [f"class {c}" for c in range(len(FOLDER_NAMES), num_classes)]
+    return write_folder_dataset(out, splits, seed, size, names[:num_classes])
   full = len(classes.DATASETS[layout][0])
   if not 1 <= num_classes <= full:
     raise ValueError(f"--num-classes {num_classes}: expected 1..{full} for {layout}")
@@ -190,18 +225,29 @@ def _size(text):
 
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  p.add_argument("--layout", choices=("ade20k", "cityscapes"), required=True)
+  p.add_argument("--layout", choices=("ade20k", "cityscapes", folder.NAME), required=True)
   p.add_argument("--out", required=True)
   p.add_argument("--train", type=int, default=20)
   p.add_argument("--val", type=int, default=8)
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--size", type=_size, default=None, help="HxW (default 128x160 / 128x256)")
   p.add_argument("--num-classes", type=int, default=8)
+  p.add_argument(
+      "--names",
+      default=",".join(FOLDER_NAMES),
+      help="folder layout: the class names, comma-separated (class 0 is the background)",
+  )
   a = p.parse_args(argv)
-  size = a.size or ((128, 160) if a.layout == "ade20k" else (128, 256))
-  full = len(classes.DATASETS[a.layout][0])
+  size = a.size or ((128, 256) if a.layout == "cityscapes" else (128, 160))
+  names = [n.strip() for n in a.names.split(",")]
+  if a.layout == folder.NAME:
+    a.num_classes = len(names)
+  full = len(classes.DATASETS[a.layout][0]) if a.layout != folder.NAME else 255
   problem = (
-      f"--num-classes {a.num_classes}: expected 1..{full} for {a.layout}"
+      f"--names {a.names!r}: expected distinct non-empty names, comma-separated"
+      if a.layout == folder.NAME
+      and (not all(names) or len({n.lower() for n in names}) != len(names))
+      else f"--num-classes {a.num_classes}: expected 1..{full} for {a.layout}"
       if not 1 <= a.num_classes <= full
       else f"--train {a.train} / --val {a.val}: expected counts >= 0"
       if min(a.train, a.val) < 0
@@ -212,9 +258,11 @@ def main(argv=None):
   if problem:  # one line, as the other command lines print a bad argument
     print(f"error: {problem}", file=sys.stderr)
     sys.exit(2)
-  base = write_dataset(
-      a.layout, a.out, {"train": a.train, "val": a.val}, a.seed, size, a.num_classes
-  )
+  splits = {"train": a.train, "val": a.val}
+  if a.layout == folder.NAME:
+    base = write_folder_dataset(a.out, splits, a.seed, size, names)
+  else:
+    base = write_dataset(a.layout, a.out, splits, a.seed, size, a.num_classes)
   print(
       f"wrote {a.train} train + {a.val} val images ({size[0]}x{size[1]}, "
       f"{a.num_classes} classes) to {base}"

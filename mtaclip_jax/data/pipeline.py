@@ -34,6 +34,7 @@ def make_source(data_config, split):
         split,
         num_classes,
         data_config.get("on_bad_sample", "error"),
+        readers.label_rules(data_config, num_classes),
     )
   if kind == "tfds":
     return tfds_builder.TfdsSource(data_config, split, num_classes)

@@ -1,4 +1,5 @@
-"""Readers for the raw ADE20k and Cityscapes layouts, with checks of every file.
+"""Readers for the raw ADE20k, Cityscapes and folder (data/folder.py) layouts, with
+checks of every file.
 
 A sample is decoded into `{"image": uint8 [H, W, 3], "label": uint8 [H, W] (train
 ids, 255 = ignore), "name": str}`. Anything wrong with a file raises
@@ -17,6 +18,7 @@ from PIL import Image
 
 from mtaclip_jax import errors
 from mtaclip_jax.data import classes
+from mtaclip_jax.data import folder
 from mtaclip_jax.data import image_decode
 
 IGNORE = classes.IGNORE_LABEL
@@ -58,6 +60,8 @@ def dataset_dir(name, root):
   """The folder holding the dataset: `root` itself or its standard subfolder."""
   if not root:
     raise FileNotFoundError(f"config.data.root is empty: expected the {name} folder")
+  if name == folder.NAME:
+    return folder.dataset_dir(root)
   root = os.path.expanduser(root)
   if name == "ade20k":
     marks, sub = ("images", "annotations"), "ADEChallengeData2016"
@@ -68,22 +72,32 @@ def dataset_dir(name, root):
     marks, sub = ("leftImg8bit", "gtFine"), "cityscapes"
     expected = "{leftImg8bit,gtFine}/{train,val,test}/<city>/ (or cityscapes/...)"
   else:
-    raise ValueError(f"config.data.name={name!r}: expected 'ade20k' or 'cityscapes'")
+    raise ValueError(f"config.data.name={name!r}: expected one of {list(classes.NAMES)}")
   for cand in (root, os.path.join(root, sub)):
     if all(os.path.isdir(os.path.join(cand, m)) for m in marks):
       return cand
   raise FileNotFoundError(f"config.data.root={root!r} is not a {name} dataset: expected {expected}")
 
 
+def split_table(name):
+  """{split name a config may use: folder name on disk} of dataset `name`."""
+  if name == folder.NAME:
+    return folder.SPLITS
+  return ADE_SPLITS if name == "ade20k" else CITYSCAPES_SPLITS
+
+
 def split_dir_name(name, split):
-  table = ADE_SPLITS if name == "ade20k" else CITYSCAPES_SPLITS
+  table = split_table(name)
   if split not in table:
     raise ValueError(f"split {split!r} of {name}: expected one of {sorted(table)}")
   return table[split]
 
 
 def list_samples(name, root, split):
-  """Sorted samples of one split; a missing label is reported when it is read."""
+  """Sorted samples of one split; a missing label is reported when it is read (a
+  folder dataset's unpaired stems when the split is listed)."""
+  if name == folder.NAME:
+    return [Sample(i, m, s) for i, m, s in folder.list_pairs(root, split)]
   base = dataset_dir(name, root)
   sdir = split_dir_name(name, split)
   samples = []
@@ -189,9 +203,9 @@ def _decode_image(path):
   return decoded
 
 
-def read_label_raw(path):
+def read_label_raw(path, im=None):
   """uint8 [H, W] raw values; palette PNGs read as indices, 16-bit must fit in 8 bits."""
-  im = _open(path, "label")
+  im = im if im is not None else _open(path, "label")
   if im.mode in ("L", "P"):
     return np.asarray(im)
   if im.mode in ("I;16", "I;16B", "I;16L", "I"):
@@ -220,11 +234,33 @@ def map_label(raw, path, name, num_classes):
   return mapped.astype(np.uint8)
 
 
-def load_sample(sample, name, num_classes):
-  """Decode and check one sample: `{"image", "label", "name"}`."""
+def label_rules(data_config, num_classes):
+  """The folder dataset's mask rules (config + colours of classes.txt); None for the
+  datasets whose label values are fixed by their layout."""
+  if data_config.name != folder.NAME:
+    return None
+  listed = folder.read_classes(folder.classes_path(data_config))
+  return folder.rules(data_config, num_classes, listed.colours)
+
+
+def read_folder_mask(path, rules):
+  """A folder dataset's mask as train ids: class ids (L, palette, 16-bit) or an RGB
+  colour mask (alpha dropped)."""
+  im = _open(path, "mask")
+  if im.mode in ("RGB", "RGBA", "RGBX"):
+    return folder.map_colours(np.asarray(im.convert("RGB")), path, rules)
+  return folder.map_ids(read_label_raw(path, im), path, rules)
+
+
+def load_sample(sample, name, num_classes, rules=None):
+  """Decode and check one sample: `{"image", "label", "name"}`. `rules`: the folder
+  dataset's `label_rules` (default: class ids 0..num_classes-1, 255 ignore)."""
   decoded = _decode_image(sample.image_path)
   image = decoded.pixels
-  raw = read_label_raw(sample.label_path)
+  if name == folder.NAME:
+    raw = read_folder_mask(sample.label_path, rules or folder.LabelRules(num_classes))
+  else:
+    raw = read_label_raw(sample.label_path)
   if raw.shape != image.shape[:2]:
     hint = ""
     if (
@@ -240,7 +276,7 @@ def load_sample(sample, name, num_classes):
         f"{sample.label_path}: label size {raw.shape[1]}x{raw.shape[0]} (WxH) differs "
         f"from its image {sample.image_path} {image.shape[1]}x{image.shape[0]}{hint}"
     )
-  label = map_label(raw, sample.label_path, name, num_classes)
+  label = raw if name == folder.NAME else map_label(raw, sample.label_path, name, num_classes)
   return {"image": image, "label": label, "name": sample.name}
 
 
@@ -263,17 +299,18 @@ class RawSource:
   (index + 1, + 2, ... modulo the length), so the stream stays deterministic.
   """
 
-  def __init__(self, name, root, split, num_classes, on_bad_sample="error"):
+  def __init__(self, name, root, split, num_classes, on_bad_sample="error", rules=None):
     if on_bad_sample not in ("error", "skip"):
       raise ValueError(f"config.data.on_bad_sample={on_bad_sample!r}: expected 'error' or 'skip'")
     self.name, self.num_classes, self.on_bad_sample = name, num_classes, on_bad_sample
+    self.rules = rules
     self.samples = list_samples(name, root, split)
 
   def __len__(self):
     return len(self.samples)
 
   def load(self, index):
-    return load_sample(self.samples[index], self.name, self.num_classes)
+    return load_sample(self.samples[index], self.name, self.num_classes, self.rules)
 
   def __getitem__(self, index):
     return get_with_replacement(self, index)

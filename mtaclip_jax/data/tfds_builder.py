@@ -31,9 +31,10 @@ class _SegmentationBuilder(tfds.core.GeneratorBasedBuilder):
   SPLITS = ()
   MANUAL_DOWNLOAD_INSTRUCTIONS = "Point manual_dir at the raw dataset folder."
 
-  def __init__(self, *, num_classes, on_bad_sample="error", **kwargs):
+  def __init__(self, *, num_classes, on_bad_sample="error", label_rules=None, **kwargs):
     self._num_classes = num_classes
     self._on_bad_sample = on_bad_sample
+    self._label_rules = label_rules
     super().__init__(**kwargs)
 
   def _info(self):
@@ -65,7 +66,7 @@ class _SegmentationBuilder(tfds.core.GeneratorBasedBuilder):
   def _generate_examples(self, samples):
     for sample in samples:
       try:
-        ex = readers.load_sample(sample, self.DATASET, self._num_classes)
+        ex = readers.load_sample(sample, self.DATASET, self._num_classes, self._label_rules)
       except errors.BadSampleError as e:
         if self._on_bad_sample == "error":
           raise
@@ -89,7 +90,15 @@ class MtaclipCityscapes(_SegmentationBuilder):
   SPLITS = ("train", "val", "test")
 
 
-BUILDERS = {"ade20k": MtaclipAde20k, "cityscapes": MtaclipCityscapes}
+class MtaclipFolder(_SegmentationBuilder):
+  """A folder dataset (data/folder.py); its label rules come from the config and
+  classes.txt, so prepare it again (remove its tfds folder) after changing them."""
+
+  DATASET = "folder"
+  SPLITS = ("train", "val", "test")
+
+
+BUILDERS = {"ade20k": MtaclipAde20k, "cityscapes": MtaclipCityscapes, "folder": MtaclipFolder}
 
 
 def tfds_dir(data_config):
@@ -104,6 +113,7 @@ def prepare(data_config, num_classes):
       data_dir=tfds_dir(data_config),
       num_classes=num_classes,
       on_bad_sample=data_config.get("on_bad_sample", "error"),
+      label_rules=readers.label_rules(data_config, num_classes),
       file_format="array_record",
   )
   manual = readers.dataset_dir(data_config.name, data_config.root)
@@ -128,7 +138,11 @@ class TfdsSource:
         builder.name,
         split=tsplit,
         data_dir=tfds_dir(data_config),
-        builder_kwargs={"num_classes": num_classes, "file_format": "array_record"},
+        builder_kwargs={
+            "num_classes": num_classes,
+            "label_rules": readers.label_rules(data_config, num_classes),
+            "file_format": "array_record",
+        },
     )
     self.split = tsplit
 

@@ -35,6 +35,17 @@ def run_config(config: ml_collections.ConfigDict | None, workdir: str) -> ml_col
   if config is None:
     _, saved = checkpoint.saved_config(workdir)
     config = ml_collections.ConfigDict(saved)
+    try:
+      validate.validate_config(config)
+    except errors.ClassListError as e:
+      # A folder dataset's names are read from its classes.txt, where it was trained.
+      raise errors.ClassListError(
+          f"{e}. The checkpoint in {workdir} reads its class names from there "
+          f"(config.data.root={config.data.root!r}, saved at training); if the dataset "
+          "moved, pass --config with its new root, e.g. --config "
+          "configs/folder.py:root=NEW_ROOT,... as it was trained"
+      ) from e
+    return config
   validate.validate_config(config)
   return config
 

@@ -63,7 +63,7 @@ def export_checkpoint(
   if classes:
     tokens, columns = vocabulary.open_vocab_tokens(config, classes)
     names = list(classes)
-    palette = outputs.cycle_palette(data_classes.DATASETS[config.data.name][1], len(names))
+    palette = outputs.cycle_palette(data_classes.full_palette(config.data), len(names))
     head = "similarity"
     cols = np.asarray(columns, np.int32)
 

@@ -63,7 +63,7 @@ def checkpoint_predictor(
 
 
 def _full_palette(config):
-  return data_classes.DATASETS[config.data.name][1]
+  return data_classes.full_palette(config.data)
 
 
 def artifact_predictor(path: str, mode: str | None = None):

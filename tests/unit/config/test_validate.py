@@ -3,8 +3,12 @@ config, given a bad value, gives a `ConfigError` naming that key (the CLIs print
 as one `error:` line, tests/integration/test_cli_bad_values.py); the checks across
 keys; `optim.total_steps` following `train.steps`; paths checked up front."""
 
+import atexit
+import functools
 import glob
 import os
+import shutil
+import tempfile
 
 from flax import traverse_util
 import pytest
@@ -12,6 +16,7 @@ import pytest
 from mtaclip_jax import errors
 from mtaclip_jax.config import keys
 from mtaclip_jax.config import validate
+from mtaclip_jax.data import generate
 from tests import train_fixtures
 
 CONFIGS = sorted(
@@ -87,6 +92,7 @@ BAD = {
     "data.generate.val": -1,
     "data.generate.size": (-1, 64),
     "data.generate.seed": -1,
+    "data.ignore_index": 256,
     "eval.mode": "bogus",
     "eval.ms_mode": "ms_flip",
     "eval.head": "mask",
@@ -110,6 +116,7 @@ BAD = {
     # paths: checked by check_paths
     "data.root": "/nonexistent/ADE",
     "data.tfds_dir": "/nonexistent/tfds",
+    "data.classes_file": "/nonexistent/classes.txt",
     "init.clip": "/nonexistent/clip_rn50",
     "init.backbone": "/nonexistent/vits16",
     "init.mask2former": "/nonexistent/m2f.safetensors",
@@ -117,6 +124,21 @@ BAD = {
 # What makes a value bad in the first place (a missing dataset root is fine while the
 # demo dataset is still to be generated; the TFDS folder is read for a TFDS source).
 CONTEXT = {"data.root": {"data.generate.enabled": False}, "data.tfds_dir": {"data.source": "tfds"}}
+
+
+@functools.cache
+def _folder_root():
+  """A small folder dataset: the folder config reads its class count there."""
+  root = tempfile.mkdtemp(prefix="folder_config_")
+  atexit.register(shutil.rmtree, root, ignore_errors=True)
+  return generate.write_folder_dataset(root, {"train": 1, "val": 1}, 0, (32, 32), ("a", "b"))
+
+
+def _load(name, arg=None):
+  """configs/NAME.py[:arg]; the folder config on `_folder_root()`."""
+  if name == "folder":
+    arg = ",".join(filter(None, [f"root={_folder_root()}", arg]))
+  return train_fixtures.load_config(name, arg)
 
 
 def _bools(config):
@@ -140,7 +162,7 @@ def _keys(config):
 
 @pytest.mark.parametrize("name", CONFIGS)
 def test_every_key_of_every_config_names_itself_when_bad(name):
-  config = train_fixtures.load_config(name)
+  config = _load(name)
   bools = _bools(config)
   unknown = sorted(set(_keys(config)) - set(BAD) - bools)
   assert not unknown, f"give these keys a rule in config/keys.py and a bad value here: {unknown}"
@@ -165,7 +187,7 @@ def test_every_key_of_every_config_names_itself_when_bad(name):
 @pytest.mark.parametrize("name", CONFIGS)
 def test_every_config_and_its_variants_are_valid(name):
   for arg in (None, "baseline", "text_only", "K=1,neg=separate", "bf16"):
-    c = train_fixtures.load_config(name, arg)
+    c = _load(name, arg)
     validate.validate_config(c)
 
 
