@@ -14,6 +14,7 @@ from mtaclip_jax.data import check
 from mtaclip_jax.data import classes
 from mtaclip_jax.data import folder
 from mtaclip_jax.data import generate
+from mtaclip_jax.data import pipeline
 from mtaclip_jax.data import readers
 
 NAMES = ("scratch", "dent", "rust", "paint")
@@ -215,3 +216,19 @@ def test_recipe_arg():
     folder_recipe.folder_config("size=3")
   with pytest.raises(ValueError, match="crop='big': expected an integer"):
     folder_recipe.folder_config("crop=big")
+
+
+def test_tfds_source_equals_the_raw_folder(tmp_path):
+  root = generate.write_folder_dataset(
+      str(tmp_path / "data"), {"train": 2, "val": 1}, 0, (32, 40), NAMES
+  )
+  c = config(root)
+  raw = pipeline.make_source(c.data, "train")
+  c.data.update(dict(source="tfds", tfds_dir=str(tmp_path / "tfds")))
+  prepared = pipeline.make_source(c.data, "train")
+  assert len(prepared) == len(raw) == 2
+  for i in range(2):
+    a, b = prepared[i], raw[i]
+    assert a["name"] == b["name"]
+    np.testing.assert_array_equal(a["label"], b["label"])
+    np.testing.assert_array_equal(a["image"], b["image"])
