@@ -2,6 +2,7 @@
 
   python -m tests.golden.regenerate state_layout   # every config's train-state tree
   python -m tests.golden.regenerate checkpoint     # a small checkpoint of the tiny model
+  python -m tests.golden.regenerate model_outputs  # the tiny model's outputs, losses, gradient norm
 
 Run one only when a change is meant to move what it records, and say so in the commit:
 these files are what users' checkpoints and converted weights are held to.
@@ -18,6 +19,7 @@ import jax
 HERE = os.path.dirname(os.path.abspath(__file__))
 STATE_LAYOUT = os.path.join(HERE, "state_layout.json")
 CHECKPOINT = os.path.join(HERE, "checkpoint_tiny")
+MODEL_OUTPUTS = os.path.join(HERE, "model_outputs.json")
 
 # Every config file with its default variant, and the ablation variants that change
 # the state's tree (the others change values or losses only).
@@ -77,8 +79,24 @@ def write_checkpoint() -> None:
   print(f"wrote {CHECKPOINT}")
 
 
+def write_model_outputs() -> None:
+  """Summaries of the tiny model's forward outputs, loss terms and gradient norm on a
+  fixed batch (tests/golden/model_outputs.py)."""
+  # pylint: disable=g-import-not-at-top
+  from tests.golden import model_outputs
+
+  with open(MODEL_OUTPUTS, "w") as f:
+    json.dump(model_outputs.compute(), f, indent=1, sort_keys=True)
+    f.write("\n")
+  print(f"wrote {MODEL_OUTPUTS}")
+
+
 def main(argv):
-  jobs = {"state_layout": write_state_layout, "checkpoint": write_checkpoint}
+  jobs = {
+      "state_layout": write_state_layout,
+      "checkpoint": write_checkpoint,
+      "model_outputs": write_model_outputs,
+  }
   for what in argv[1:] or list(jobs):
     jobs[what]()
 

@@ -3,7 +3,13 @@
 A random-init, shrunk `Mask2FormerForUniversalSegmentation` (small ResNet, 2
 encoder layers, 3 decoder layers so the level cycling 32/16/8 is exercised) is
 converted with `convert_mask2former_hf`; both sides get the same backbone
-feature maps. Tolerance: fp32, 1e-4 relative to each output's max magnitude.
+feature maps. Every size differs from transformers' defaults (width 64, mask features
+48, 4 heads, FFNs 96 / 160, 12 queries, 7 classes), and every compared tensor is
+random: transformers initialises the biases, the norms and the deformable attention's
+sampling offsets and attention weights to constants (zeros or ones), where a
+conversion error would not show, so those are redrawn (and a test checks that no
+converted tensor is constant). Tolerance: fp32, 1e-4 relative to each output's max
+magnitude.
 """
 
 import os
@@ -16,18 +22,50 @@ from convert_weights.mask2former_hf import check_params
 from convert_weights.mask2former_hf import convert_mask2former_hf
 from mtaclip_jax.models.decoder import MaskTextDecoder
 from mtaclip_jax.models.pixel_decoder import PixelDecoder
+from mtaclip_jax.train import optim
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402  (a test dependency: never skipped)
 import transformers  # noqa: E402
 
-NUM_LABELS = 5
+NUM_LABELS = 7
+NUM_QUERIES = 12
+SIZES = dict(  # transformers' defaults: 256, 256, 256, 8, 1024, 2048, 100
+    feature_size=64,
+    hidden_dim=64,
+    mask_feature_size=48,
+    num_attention_heads=4,
+    encoder_feedforward_dim=96,
+    dim_feedforward=160,
+    num_queries=NUM_QUERIES,
+)
 TOL = 1e-4
 
 
 def _rel_err(a, b):
   a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
   return np.abs(a - b).max() / max(np.abs(b).max(), 1e-12)
+
+
+def _randomise(modules, seed):
+  """Norm scales ~1 +- 0.2, every bias (`in_proj_bias` included) and the deformable attention's sampling offsets
+  and attention weights (zeros at init) small and random."""
+  g = torch.Generator().manual_seed(seed)
+  with torch.no_grad():
+    for module in modules:
+      for name, p in module.named_parameters():
+        leaf = name.rsplit(".", 1)[-1]
+        norm = isinstance(_owner(module, name), (torch.nn.LayerNorm, torch.nn.GroupNorm))
+        if norm and leaf == "weight":
+          p.copy_(1 + 0.2 * torch.randn(p.shape, generator=g))
+        elif leaf.endswith("bias") or "sampling_offsets" in name or "attention_weights" in name:
+          p.copy_(0.1 * torch.randn(p.shape, generator=g))
+
+
+def _owner(module, name):
+  for part in name.split(".")[:-1]:
+    module = getattr(module, part)
+  return module
 
 
 @pytest.fixture(scope="module")
@@ -40,9 +78,21 @@ def reference():
       embedding_size=32,
   )
   cfg = transformers.Mask2FormerConfig(
-      backbone_config=backbone, num_labels=NUM_LABELS, encoder_layers=2, decoder_layers=4
+      backbone_config=backbone,
+      num_labels=NUM_LABELS,
+      encoder_layers=2,
+      decoder_layers=4,
+      **SIZES,
   )
   model = transformers.Mask2FormerForUniversalSegmentation(cfg).eval()
+  _randomise(
+      [
+          model.model.pixel_level_module.decoder,
+          model.model.transformer_module,
+          model.class_predictor,
+      ],
+      seed=1,
+  )
   pixels = torch.randn(2, 3, 64, 96)
   with torch.no_grad():
     feats = model.model.pixel_level_module.encoder(pixels).feature_maps
@@ -61,10 +111,30 @@ def reference():
 
 
 @pytest.fixture(scope="module")
-def ours(reference):
-  params = convert_mask2former_hf(reference["state_dict"])
-  pixel = PixelDecoder(enc_layers=2)
-  decoder = MaskTextDecoder(num_classes=NUM_LABELS, num_layers=3, text_queries=False)
+def converted(reference):
+  return convert_mask2former_hf(reference["state_dict"])
+
+
+@pytest.fixture(scope="module")
+def ours(reference, converted):
+  params = converted
+  pixel = PixelDecoder(
+      conv_dim=SIZES["feature_size"],
+      mask_dim=SIZES["mask_feature_size"],
+      enc_layers=2,
+      enc_ffn_dim=SIZES["encoder_feedforward_dim"],
+      enc_heads=SIZES["num_attention_heads"],
+  )
+  decoder = MaskTextDecoder(
+      num_classes=NUM_LABELS,
+      num_queries=NUM_QUERIES,
+      hidden_dim=SIZES["hidden_dim"],
+      mask_dim=SIZES["mask_feature_size"],
+      num_heads=SIZES["num_attention_heads"],
+      ffn_dim=SIZES["dim_feedforward"],
+      num_layers=3,
+      text_queries=False,
+  )
   feats = reference["features"]
   # The converted trees must have exactly the init's structure and shapes.
   shapes = jax.eval_shape(pixel.init, jax.random.PRNGKey(0), feats)["params"]
@@ -78,6 +148,18 @@ def ours(reference):
       params["decoder"], pix["multi_scale_features"], pix["mask_features"]
   )
   return pix, dec
+
+
+@pytest.mark.parity
+def test_every_compared_tensor_is_random(converted):
+  """No converted tensor is constant (all zeros, all ones, ...), so each one that is
+  swapped, transposed or dropped changes the outputs compared below."""
+  flat = {}
+  for root, tree in converted.items():
+    flat.update({f"{root}/{k}": v for k, v in optim.flatten(tree).items()})
+  constant = sorted(k for k, v in flat.items() if np.ptp(np.asarray(v)) == 0)
+  assert not constant, constant
+  assert len(flat) > 100, len(flat)
 
 
 @pytest.mark.parity
@@ -98,8 +180,8 @@ def test_pixel_decoder_matches(reference, ours):
 def test_decoder_layers_match(reference, ours):
   _, dec = ours
   # 3 layers + the prediction before the first layer.
-  assert dec["logits"].shape == (4, 2, 100, NUM_LABELS + 1)
-  assert dec["masks"].shape == (4, 2, 100, 16, 24)
+  assert dec["logits"].shape == (4, 2, NUM_QUERIES, NUM_LABELS + 1)
+  assert dec["masks"].shape == (4, 2, NUM_QUERIES, 16, 24)
   assert set(dec) == {"logits", "masks", "mask_embed", "mask_features"}
   for layer in range(4):
     print(
