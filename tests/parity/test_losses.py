@@ -341,7 +341,9 @@ def test_factored_masks_give_the_gradient_of_autodiff_through_the_masks():
 
 _SHARDED_SCRIPT = textwrap.dedent("""
     import jax, jax.numpy as jnp, numpy as np
+    from jax.sharding import NamedSharding, PartitionSpec as P
     from tests.parity.test_losses import make_problem, loss_config
+    from mtaclip_jax.objective import losses
     assert jax.device_count() == 8
     outputs, batch = make_problem(0, b=8)
     cfg = loss_config()

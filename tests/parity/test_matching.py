@@ -176,6 +176,8 @@ def test_matcher_equals_transformers(monkeypatch):
 
 _SHARDED_SCRIPT = textwrap.dedent("""
     import jax, jax.numpy as jnp, numpy as np
+    from jax.sharding import NamedSharding, PartitionSpec as P
+    from mtaclip_jax.objective.matching import hungarian
     assert jax.device_count() == 8, jax.devices()
     rng = np.random.default_rng(0)
     cost = rng.normal(size=(3, 8, 12, 6)).astype(np.float32)

@@ -13,7 +13,8 @@ from mtaclip_jax.train import optim
 
 
 def cfg(**kw):
-  c = recipes.optim_defaults(steps=1000)
+  c = recipes.optim_defaults()
+  c.total_steps = 1000
   c.warmup_steps = 100
   for k, v in kw.items():
     setattr(c, k, v)

@@ -21,6 +21,7 @@ from convert_weights import backbone_convert
 from convert_weights.__main__ import main as cli_main
 from mtaclip_jax import errors
 from mtaclip_jax.config import recipes
+from mtaclip_jax.config import validate
 from mtaclip_jax.data import classes as data_classes
 from mtaclip_jax.models import backbones
 from mtaclip_jax.models import mtaclip
@@ -128,7 +129,7 @@ def test_exactly_the_unreached_parameters_are_frozen(name):
   unreached = _unreached(features, variables["params"])
   if name != "MiT-B4":
     assert unreached, "the check must see the image-level head"
-  rules = recipes.optim_defaults(1).lr_mult_rules
+  rules = recipes.optim_defaults().lr_mult_rules
   frozen = {
       p
       for p in optim.flatten(variables["params"])
@@ -158,8 +159,8 @@ def test_full_model_and_baseline_build(backbone, tmp_path):
 def test_text_encoder_must_be_clip(tmp_path):
   config = train_fixtures.tiny_config(tmp_path)
   config.model.update(backbone="ViT-S/16", text_encoder="ViT-S/16")
-  with pytest.raises(ValueError, match="text_encoder must be a CLIP arch"):
-    mtaclip.build_model(config.model)
+  with pytest.raises(errors.ConfigError, match="config.model.text_encoder"):
+    validate.validate_config(config)
   config.model.text_encoder = ""  # empty: the registry's default
   assert mtaclip.build_model(config.model).text_encoder == "ViT-B/16"
 

@@ -6,8 +6,11 @@ import ml_collections
 import numpy as np
 import pytest
 
+from mtaclip_jax import errors
 from mtaclip_jax.cli import summary
+from mtaclip_jax.config import validate
 from mtaclip_jax.models import mtaclip
+from tests import train_fixtures
 
 
 def _config(**kw):
@@ -157,16 +160,22 @@ def test_paper_shapes(dataset, num_classes, backbone, queries):
 
 
 def test_config_errors():
-  with pytest.raises(ValueError, match="config.model.dtype"):
-    mtaclip.build_model(_config(dtype="float16"))
-  with pytest.raises(ValueError, match="config.model.backbone"):
-    mtaclip.build_model(_config(backbone="RN49"))
-  with pytest.raises(ValueError, match="config.model.attention_impl"):
-    mtaclip.build_model(_config(attention_impl="flash"))
-  with pytest.raises(ValueError, match="attention_impl='cudnn' needs config.model.dtype"):
-    mtaclip.build_model(_config(attention_impl="cudnn"))
-  with pytest.raises(ValueError, match="attention_impl='cudnn' needs an NVIDIA GPU"):
-    mtaclip.build_model(_config(attention_impl="cudnn", dtype="bfloat16"))
+  """The model's keys are checked by config/validate.py (one line naming the key)
+  before any entry point builds it; the model itself checks its inputs."""
+  for key, value, message in [
+      ("dtype", "float16", "config.model.dtype"),
+      ("backbone", "RN49", "config.model.backbone"),
+      ("attention_impl", "flash", "config.model.attention_impl"),
+      ("attention_impl", "cudnn", "attention_impl='cudnn' needs config.model.dtype"),
+  ]:
+    config = train_fixtures.load_config("demo")
+    config.model[key] = value
+    with pytest.raises(errors.ConfigError, match=message):
+      validate.validate_config(config)
+  config = train_fixtures.load_config("demo")
+  config.model.update(attention_impl="cudnn", dtype="bfloat16")
+  with pytest.raises(errors.ConfigError, match="attention_impl='cudnn' needs an NVIDIA GPU"):
+    validate.validate_config(config)
   model = mtaclip.build_model(_config())
   with pytest.raises(ValueError, match="class_tokens"):
     jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.ones((1, 64, 64, 3)), _tokens(3))
