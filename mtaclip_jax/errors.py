@@ -49,6 +49,10 @@ class NonFiniteLossError(FloatingPointError):
   """The loss became NaN or Inf (`config.train.on_nan="stop"`); names the step."""
 
 
+class DistributedError(RuntimeError):
+  """Another process of a multi-process run failed; names it and its error."""
+
+
 USER_ERRORS = (
     ConfigError,
     WorkdirError,
@@ -57,5 +61,6 @@ USER_ERRORS = (
     ClassListError,
     ImageReadError,
     NonFiniteLossError,
+    DistributedError,
     FileNotFoundError,
 )

@@ -34,6 +34,13 @@ def _define_flags():
   )
   flags.DEFINE_integer("num_processes", None, "Number of processes (multi-process runs).")
   flags.DEFINE_integer("process_id", None, "This process's index (multi-process runs).")
+  flags.DEFINE_integer(
+      "heartbeat_timeout",
+      distributed.HEARTBEAT_TIMEOUT_S,
+      "Multi-process runs: seconds after which a process that stopped answering (killed, "
+      "crashed, cut off) is declared dead and the others stop.",
+      lower_bound=1,
+  )
   flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -45,7 +52,10 @@ def main(argv):
   logging.getLogger("mtaclip_jax").setLevel(logging.INFO)
   logging.getLogger("convert_weights").setLevel(logging.INFO)
   distributed.initialize(
-      flags.FLAGS.coordinator_address, flags.FLAGS.num_processes, flags.FLAGS.process_id
+      flags.FLAGS.coordinator_address,
+      flags.FLAGS.num_processes,
+      flags.FLAGS.process_id,
+      flags.FLAGS.heartbeat_timeout,
   )
   xla_cpu.keep_freed_memory_on_cpu()
   config = flags.FLAGS.config

@@ -226,6 +226,9 @@ def paper_config(dataset: str, backbone: str, arg: str | None = None) -> ml_coll
           max_to_keep=3,
           on_nan="stop",
           micro_batches=1,  # gradient accumulation: micro-batches per step (train/accumulate.py)
+          # Resume a checkpoint of an earlier multi-process version (per-process data
+          # orders) with the global data order from its step (docs/SCALING.md).
+          restart_data_order=False,
       )
   )
   c.mesh = ml_collections.ConfigDict(

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import socket
 
 import jax
 import ml_collections
@@ -173,7 +174,9 @@ def check_workdir(workdir: str) -> None:
   """Fail before training if the workdir cannot be written or the disk is full."""
   try:
     os.makedirs(workdir, exist_ok=True)
-    probe = os.path.join(workdir, ".write_test")
+    # A name of this process's own: the processes of a multi-process run check a
+    # shared workdir at the same time.
+    probe = os.path.join(workdir, f".write_test.{socket.gethostname()}.{os.getpid()}")
     with open(probe, "w") as f:
       f.write("ok")
     os.remove(probe)

@@ -5,6 +5,11 @@
 the confusion matrix on device and returns mmseg's metrics (percent);
 `write_results` stores them per checkpoint step, mode and head as JSON
 (workdir/eval/step_N_MODE_HEAD.json) and TensorBoard scalars (eval/MODE/HEAD/mIoU, ...). `predict_fn` comes from `inference.make_predict_fn`.
+
+With several processes each image is evaluated by exactly one of them (image i by
+process i % process_count, on its first local device, with no collective per image)
+and the confusion matrices and image counts are summed once at the end: the totals
+are those of one process (docs/SCALING.md).
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from mtaclip_jax.evaluation import inference
 from mtaclip_jax.evaluation import metrics
 from mtaclip_jax.evaluation import report
 from mtaclip_jax.evaluation import restore
+from mtaclip_jax.runtime import distributed
 
 # Flush the int32 device confusion matrix to the host before it could overflow.
 _FLUSH_PIXELS = 2**30
@@ -42,11 +48,53 @@ def sum_over_processes(cm: np.ndarray, num_images: int) -> tuple[np.ndarray, int
   since jax without x64 would truncate int64."""
   if jax.process_count() == 1:
     return cm, num_images
+  # The processes finish their shares at different times; the gather below is their
+  # first collective of this kind (distributed.py).
+  distributed.barrier("evaluation done")
   cm = np.asarray(cm, np.int64)
   parts = np.stack([cm & (2**30 - 1), cm >> 30]).astype(np.int32)
   gathered = np.asarray(multihost_utils.process_allgather(parts), np.int64)
   counts = np.asarray(multihost_utils.process_allgather(np.int32(num_images)))
   return (gathered[:, 0] + (gathered[:, 1] << 30)).sum(axis=0), int(counts.sum())
+
+
+def this_process_share(dataset: Iterable[dict], max_images: int = 0) -> Iterable[dict]:
+  """The images of `dataset` this process evaluates: i % process_count ==
+  process_index among the first `max_images` (0: all); all of them with one process."""
+  count, index = jax.process_count(), jax.process_index()
+  if count == 1:
+    return dataset
+  if hasattr(dataset, "__len__") and hasattr(dataset, "__getitem__"):
+    n = min(len(dataset), max_images) if max_images else len(dataset)
+    return (dataset[i] for i in range(index, n, count))
+  return (
+      x for i, x in enumerate(dataset) if i % count == index and (not max_images or i < max_images)
+  )
+
+
+def local_copy(tree):
+  """The arrays of `tree` (global arrays: sharded, replicated, over any processes)
+  whole on this process's first device, so that it can run the model alone. Arrays
+  split over processes are gathered first (every process calls this together)."""
+  leaves, treedef = jax.tree.flatten(tree)
+  spread = [
+      i
+      for i, x in enumerate(leaves)
+      if isinstance(x, jax.Array) and not (x.is_fully_addressable or x.is_fully_replicated)
+  ]
+  if spread:
+    distributed.barrier("gather variables")
+    whole = jax.sharding.NamedSharding(
+        leaves[spread[0]].sharding.mesh, jax.sharding.PartitionSpec()
+    )
+    gathered = jax.jit(lambda xs: xs, out_shardings=whole)([leaves[i] for i in spread])
+    for i, x in zip(spread, gathered):
+      leaves[i] = x
+  leaves = [
+      x.addressable_data(0) if isinstance(x, jax.Array) and not x.is_fully_addressable else x
+      for x in leaves
+  ]
+  return treedef.unflatten(jax.device_put(leaves, jax.local_devices()[0]))
 
 
 def _settings(eval_config) -> inference.Settings:
@@ -67,10 +115,12 @@ def evaluate(
   """mIoU of `predict_fn` on `dataset`.
 
   Args:
-    predict_fn: normalised images [1, H, W, 3] -> scores [1, h, w, C].
+    predict_fn: normalised images [1, H, W, 3] -> scores [1, h, w, C], on this
+      process's devices alone (`local_copy` of the variables).
     dataset: iterable of {"image": uint8 [H, W, 3], "label": int [H, W] (255 =
-      ignore), "name": str} (CONTRACT.md); with several processes, this process's
-      shard (the confusion matrices are summed over processes).
+      ignore), "name": str} (CONTRACT.md), the whole set: with several processes
+      each evaluates its share (`this_process_share`) and the confusion matrices
+      and image counts are summed over processes.
     eval_config: `config.eval` (mode, test_scale, crop_size, stride, scales, flip,
       optional pad_size, pad_multiple, out_multiple, ms_mode, tta_softmax,
       max_images) or an `inference.Settings`.
@@ -94,6 +144,11 @@ def evaluate(
   elif max_images:
     total = max_images
 
+  if jax.process_count() > 1:
+    dataset = this_process_share(dataset, max_images)
+    max_images = 0
+    if total is not None:  # this process's share
+      total = len(range(jax.process_index(), total, jax.process_count()))
   cm_host = np.zeros((num_classes, num_classes), np.int64)
   cm = metrics.new_confusion_matrix(num_classes)
   pending = 0
@@ -175,7 +230,10 @@ def evaluate_model(
   """
   head = config.eval.get("head", "class")
   tau = float(config.loss.get("tau", 1.0)) if "loss" in config else 1.0
-  predict_fn = inference.make_predict_fn(model, variables, class_tokens, head=head, tau=tau)
+  # Each process runs the model on its own images (this_process_share), alone.
+  predict_fn = inference.make_predict_fn(
+      model, local_copy(variables), class_tokens, head=head, tau=tau
+  )
   results = evaluate(
       predict_fn,
       dataset,
@@ -195,9 +253,10 @@ def evaluate_model(
 
 def run(config, workdir: str) -> dict:
   """`--mode eval`: restore the latest (or config.eval.step) checkpoint, evaluate."""
-  validate.validate_config(config)
-  validate.check_paths(config, init=False)
-  validate.check_checkpoints(workdir)
+  with distributed.agreed("start-up checks"):  # all processes stop if one fails
+    validate.validate_config(config)
+    validate.check_paths(config, init=False)
+    validate.check_checkpoints(workdir)
   want = int(config.eval.get("step", -1))
   step, model, variables, tokens = restore.restore_variables(
       config, workdir, None if want < 0 else want

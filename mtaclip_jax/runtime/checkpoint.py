@@ -1,6 +1,11 @@
-"""One orbax CheckpointManager for train state + data iterator + config.
+"""One orbax CheckpointManager for train state + data position + config.
 
-Layout: `WORKDIR/checkpoints/<step>/{state,data,config}`. Orbax writes each step to a
+Layout: `WORKDIR/checkpoints/<step>/{state,data_position,config}`. The state is saved
+sharded by every process and restored into any mesh (other process and device
+counts, FSDP on or off); `data_position` records where the run stands in the global
+data order (data/pipeline.py), which follows from the step. Checkpoints of earlier
+versions hold a `data` item instead: grain's iterator state per process
+(`data/process_I-of-N.json`), see `data_position`. Orbax writes each step to a
 temporary directory and renames it when complete, so a kill mid-save never leaves a
 half checkpoint that looks finished. Restore takes the latest step whose parts all
 read back; a damaged one is reported by name and the previous one is used. A save
@@ -18,8 +23,9 @@ import os
 import time
 from typing import Any
 
+from absl import flags
 from flax import traverse_util
-import grain
+import jax
 import ml_collections
 import orbax.checkpoint as ocp
 
@@ -69,12 +75,16 @@ def layout_differences(saved: dict, current: dict, both_only: bool = False) -> l
 
 
 class Checkpointer:
-  """Saves/restores {state, data iterator, config} together, every N steps."""
+  """Saves/restores {state, data position, config} together, every N steps."""
 
   def __init__(self, workdir: str, *, every: int, max_to_keep: int, async_save: bool = True):
     self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
     self.every = int(every)
     self._saving = None  # step of the save that may still be in flight
+    if jax.process_count() > 1:
+      # Orbax's barriers through jax's coordination service, not device collectives
+      # (on CPU a collective's first call gives the processes only 30 s; distributed.py).
+      flags.FLAGS.experimental_orbax_use_distributed_barrier = True
     options = ocp.CheckpointManagerOptions(
         max_to_keep=max_to_keep,
         create=True,
@@ -87,7 +97,7 @@ class Checkpointer:
         item_handlers={
             "state": ocp.StandardCheckpointHandler(),
             "config": ocp.JsonCheckpointHandler(),
-            "data": grain.checkpoint.CheckpointHandler(),
+            "data_position": ocp.JsonCheckpointHandler(),
         },
     )
 
@@ -102,7 +112,7 @@ class Checkpointer:
       self,
       step: int,
       state: Any,
-      data_iter: Any,
+      data_position: dict | None,
       config: ml_collections.ConfigDict,
       force: bool = False,
   ) -> bool:
@@ -112,8 +122,8 @@ class Checkpointer:
         "state": ocp.args.StandardSave(state),
         "config": ocp.args.JsonSave(_config_json(config)),
     }
-    if data_iter is not None:
-      args["data"] = grain.checkpoint.CheckpointSave(data_iter)
+    if data_position is not None:
+      args["data_position"] = ocp.args.JsonSave(dict(data_position))
     try:
       # Orbax waits for the previous save first and re-raises its error here.
       self.manager.wait_until_finished()
@@ -182,16 +192,16 @@ class Checkpointer:
   def restore(
       self,
       abstract_state: Any,
-      data_iter: Any = None,
       step: int | None = None,
       config: ml_collections.ConfigDict | None = None,
   ) -> tuple[int, Any, dict]:
-    """Restores (step, state, config dict) into the shardings of `abstract_state`.
+    """Restores (step, state, config dict) into the shardings of `abstract_state`
+    (any mesh: the arrays are resharded as they are read).
 
     `step=None` takes the latest readable checkpoint, falling back to older ones
-    with a warning naming what was wrong. `data_iter` (if given) is set in place.
-    `config` (the run's) lets the error when nothing can be restored name the config
-    keys that differ from the checkpoint's.
+    with a warning naming what was wrong. `config` (the run's) lets the error when
+    nothing can be restored name the config keys that differ from the checkpoint's.
+    The data position is read separately (`data_position`).
     """
     steps = self.all_steps()
     if not steps:
@@ -208,8 +218,6 @@ class Checkpointer:
     for s in candidates:
       try:
         args = {"state": ocp.args.StandardRestore(abstract_state), "config": ocp.args.JsonRestore()}
-        if data_iter is not None:
-          args["data"] = grain.checkpoint.CheckpointRestore(data_iter)
         restored = self.manager.restore(s, args=ocp.args.Composite(**args))
       except Exception as e:  # pylint: disable=broad-except
         msg = f"{self.directory}/{s}: {type(e).__name__}: {str(e)[:400]}"
@@ -227,6 +235,23 @@ class Checkpointer:
         "number of classes or optimizer than this config)"
         f"{self._layout_hint(candidates[0], config)}: " + " | ".join(problems)
     )
+
+  def data_position(self, step: int) -> dict | None:
+    """What step `step` recorded of the data order: this version's `data_position`
+    ({"order": "global", "step", "seed", "batch_size", "num_samples"}); for a
+    checkpoint of an earlier version, {"order": "per-process", "processes": N} (N
+    files `data/process_I-of-N.json` of grain's iterator state); None if neither."""
+    folder = os.path.join(self.directory, str(step))
+    if os.path.isdir(os.path.join(folder, "data_position")):
+      restored = self.manager.restore(
+          step, args=ocp.args.Composite(data_position=ocp.args.JsonRestore())
+      )
+      return dict(restored["data_position"] or {})
+    names = os.listdir(os.path.join(folder, "data")) if os.path.isdir(folder + "/data") else []
+    counts = {n.rsplit("-of-", 1)[1][: -len(".json")] for n in names if "-of-" in n}
+    if len(counts) == 1:
+      return {"order": "per-process", "processes": int(counts.pop())}
+    return None
 
   def _layout_hint(self, step: int, config: ml_collections.ConfigDict | None) -> str:
     """'; step N was saved with ...' naming the differing layout keys, or ''."""

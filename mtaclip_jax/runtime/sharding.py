@@ -131,11 +131,28 @@ def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
 
-def global_batch(local: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
-  """Per-process numpy batch -> global arrays sharded over "data" (multi-host safe)."""
+def process_rows(mesh: Mesh, batch_size: int) -> list[int]:
+  """The rows of a global batch of `batch_size` that this process's devices hold: the
+  rows its data pipeline loads (data/pipeline.py), in order."""
+  index = batch_sharding(mesh).addressable_devices_indices_map((batch_size,))
+  rows = set()
+  for (rows_slice,) in index.values():
+    rows.update(range(*rows_slice.indices(batch_size)))
+  return sorted(rows)
+
+
+def global_batch(
+    local: dict[str, np.ndarray], mesh: Mesh, batch_size: int | None = None
+) -> dict[str, jax.Array]:
+  """This process's rows of a batch (`process_rows`) -> global arrays sharded over
+  "data" (multi-host safe). `batch_size`: the global batch (else inferred from the
+  rows of one process and the mesh)."""
   sharding = batch_sharding(mesh)
-  return {
-      k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
-      for k, v in local.items()
-      if not isinstance(v, (str, bytes)) and np.asarray(v).dtype != object
-  }
+  out = {}
+  for k, v in local.items():
+    v = np.asarray(v) if not isinstance(v, (str, bytes)) else None
+    if v is None or v.dtype == object:
+      continue
+    shape = None if batch_size is None else (int(batch_size),) + v.shape[1:]
+    out[k] = jax.make_array_from_process_local_data(sharding, v, shape)
+  return out

@@ -1,14 +1,15 @@
 """The training loop: data -> sharded train step -> logs, checkpoints, evaluation.
 
-`run(config, workdir)` is what `python -m mtaclip_jax.main --mode train` calls. A
-restart with the same command resumes from the latest checkpoint (state, data
-iterator and RNG), bit-exact on CPU.
+`run(config, workdir)` is what `python -m mtaclip_jax.main --mode train` calls, in
+each process of a multi-process run alike. A restart with the same command resumes
+from the latest checkpoint (state, RNG, and the data position, which follows from the
+step), bit-exact on CPU; also on another number of processes or devices
+(docs/SCALING.md).
 """
 
 from __future__ import annotations
 
 import logging
-import signal
 import time
 
 import jax
@@ -19,6 +20,7 @@ from mtaclip_jax import errors
 from mtaclip_jax.config import validate
 from mtaclip_jax.models import mtaclip
 from mtaclip_jax.runtime import checkpoint
+from mtaclip_jax.runtime import distributed
 from mtaclip_jax.runtime import sharding
 from mtaclip_jax.train import compile_ahead
 from mtaclip_jax.train import optim
@@ -29,50 +31,30 @@ from mtaclip_jax.train import train_state
 log = logging.getLogger(__name__)
 
 
-class _Preemption:
-  """SIGTERM (a preemption notice) asks the loop to save and exit cleanly."""
-
-  def __init__(self):
-    self.requested = False
-    self._previous = None
-
-  def __enter__(self):
-    try:
-      self._previous = signal.signal(signal.SIGTERM, self._handle)
-    except ValueError:  # not the main thread
-      self._previous = None
-    return self
-
-  def _handle(self, signum, frame):
-    del signum, frame
-    log.warning("SIGTERM received: saving a checkpoint and exiting")
-    self.requested = True
-
-  def __exit__(self, *exc):
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
-
-
 def _host_metrics(metrics: dict) -> dict:
   return {k: float(np.asarray(v)) for k, v in jax.device_get(metrics).items()}
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Trains per `config`; returns the last logged metrics (and eval results)."""
-  validate.validate_config(config)
-  validate.check_pretrained(config)
-  validate.check_paths(config)  # before the workdir is created: nothing left behind
-  validate.check_workdir(workdir)
-  mesh = sharding.make_mesh(config.mesh)
-  validate.check_batch(config, mesh)
-  rt = services.Runtime(config, workdir, mesh)
-  validate.check_crop(config)
+  # Every process makes the checks; when one fails anywhere, all stop with its error.
+  with distributed.agreed("start-up checks"):
+    validate.validate_config(config)
+    validate.check_pretrained(config)
+    validate.check_paths(config)  # before the workdir is created: nothing left behind
+  with distributed.agreed("workdir checks"):
+    validate.check_workdir(workdir)
+    mesh = sharding.make_mesh(config.mesh)
+    validate.check_batch(config, mesh)
+    rt = services.Runtime(config, workdir, mesh)  # process 0 generates a demo dataset
+  with distributed.agreed("dataset checks"):
+    validate.check_crop(config)
+    class_tokens = rt.class_tokens()
+    data_iter = rt.train_iterator()  # a bad dataset is named before anything compiles
 
   model = mtaclip.build_model(config.model)
   tx = optim.make_optimizer(config.optim)
-  class_tokens = rt.class_tokens()
   rng = jax.random.key(config.seed)
-  data_iter = rt.train_iterator()  # a bad dataset is named before anything compiles
   with jax.set_mesh(mesh):
     abstract = train_state.abstract_state(model, tx, config, class_tokens, rng)
     state_shard = train_state.state_shardings(abstract, config, mesh)
@@ -108,7 +90,8 @@ def _train(
   start = 0
   if ckpt.latest_step() is not None:
     try:
-      start, state, _ = ckpt.restore(state, data_iter, config=config)
+      start, state, _ = ckpt.restore(state, config=config)
+      rt.resume_data(ckpt, start, data_iter)
     except errors.CheckpointError:
       ckpt.close()  # let orbax's threads finish before the error ends the process
       raise
@@ -117,31 +100,37 @@ def _train(
   writer = rt.metric_writer()
   last: dict = {}
   pending = None  # metrics of the step before, fetched while this one runs
+  # The first step's collectives start together: on CPU (gloo) their first call
+  # fails if a process arrives 30 s after another, e.g. one still compiling.
+  step_fn.wait()
+  distributed.barrier("train step compiled")
   t0, t_last = time.time(), time.time()
-  with _Preemption() as preempt, jax.set_mesh(mesh), ckpt.abandon_on_save_error():
+  batch_size = config.data.batch_size
+  with distributed.Preemption() as preempt, jax.set_mesh(mesh), ckpt.abandon_on_save_error():
     if start and _eval_due(config, start) and not rt.has_eval_results(start):
       # The run was killed while evaluating this checkpoint's step: evaluate it now.
       rt.evaluate(model, state, class_tokens, start, writer)
     bar = rt.progress(start, total)
     step = start
     while step < total:
-      batch = sharding.global_batch(next(data_iter), mesh)
+      batch = sharding.global_batch(next(data_iter), mesh, batch_size)
       state, metrics = step_fn(state, batch, class_tokens)
       step += 1
+      stop = preempt.stop(step)  # the same step on every process
       if pending is not None:
         last = _check_and_log(pending, rt, writer, bar, config, ckpt, t_last)
         t_last = time.time()
       pending = (step, metrics)
-      if step % config.train.checkpoint_every == 0 or step == total or preempt.requested:
+      if step % config.train.checkpoint_every == 0 or step == total or stop:
         last = _check_and_log(pending, rt, writer, bar, config, ckpt, t_last)
         pending = None
-        ckpt.save(step, state, data_iter, config, force=True)
+        ckpt.save(step, state, rt.data_position(step, data_iter), config, force=True)
       if _eval_due(config, step):
         # The step's checkpoint is complete before its evaluation starts, so a run
         # killed mid-evaluation resumes at this step and evaluates it again.
         ckpt.wait()
         rt.evaluate(model, state, class_tokens, step, writer)
-      if preempt.requested:
+      if stop:
         ckpt.close()
         bar.close()
         log.warning("stopped at step %d after SIGTERM; restart to resume", step)

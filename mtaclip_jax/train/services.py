@@ -11,11 +11,13 @@ import sys
 import jax
 import tqdm
 
+from mtaclip_jax import errors
 from mtaclip_jax.data import classes as data_classes
 from mtaclip_jax.data import generate
 from mtaclip_jax.data import pipeline
 from mtaclip_jax.evaluation import evaluate as evaluate_lib
 from mtaclip_jax.evaluation import report
+from mtaclip_jax.runtime import sharding
 from mtaclip_jax.train import metric_writer
 
 log = logging.getLogger(__name__)
@@ -34,7 +36,52 @@ class Runtime:
     return data_classes.class_tokens(self.config.data, self.config.model.class_length)
 
   def train_iterator(self):
-    return pipeline.make_train_iterator(self.config.data, self.config.data.seed)
+    """This process's rows of the global batches (`pipeline.TrainBatches`), from step
+    0 until `resume_data` moves it to a restored step."""
+    d = self.config.data
+    return pipeline.TrainBatches(d, d.seed, sharding.process_rows(self.mesh, d.batch_size))
+
+  def data_position(self, step, data_iter) -> dict:
+    """What a checkpoint records of the data order at `step` (checkpoint.py)."""
+    d = self.config.data
+    return {
+        "order": "global",
+        "step": int(step),
+        "seed": int(d.seed),
+        "batch_size": int(d.batch_size),
+        "num_samples": int(data_iter.num_samples),
+    }
+
+  def resume_data(self, ckpt, step, data_iter) -> None:
+    """Moves `data_iter` to restored step `step`: the global order's position follows
+    from the step, whatever topology saved it. A checkpoint of an earlier version
+    saved per-process iterators: with one process its order was the global order
+    (resumed exactly); with several it cannot be continued, unless
+    `train.restart_data_order` says to go on with the global order from `step`."""
+    saved = ckpt.data_position(step) or {}
+    if saved.get("order") == "per-process" and saved["processes"] > 1:
+      if not self.config.train.get("restart_data_order", False):
+        raise errors.CheckpointError(
+            f"checkpoint step {step} in {ckpt.directory} was written by an earlier "
+            f"version by {saved['processes']} processes, each with its own data order "
+            "(data/process_I-of-N.json): that order cannot be continued, on any number "
+            "of processes. Its model and optimizer state are intact: to resume them "
+            f"with this version's global data order from step {step} (the batches a "
+            "run of this config reads from that step), run the same command with "
+            "--config.train.restart_data_order=True"
+        )
+      log.warning("step %d: the data order restarts as the global order", step)
+    d = self.config.data
+    now = {"seed": d.seed, "batch_size": d.batch_size, "num_samples": data_iter.num_samples}
+    changed = [f"{k} {saved[k]} -> {v}" for k, v in now.items() if k in saved and saved[k] != v]
+    if changed:
+      log.warning(
+          "checkpoint step %d was saved with another data order (%s): from here on "
+          "the batches differ from those the saved run would have read",
+          step,
+          ", ".join(changed),
+      )
+    data_iter.start_at(step)
 
   def metric_writer(self):
     return metric_writer.MetricWriter(self.workdir, enabled=self.is_main)
