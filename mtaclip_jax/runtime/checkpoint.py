@@ -74,6 +74,14 @@ def layout_differences(saved: dict, current: dict, both_only: bool = False) -> l
   return out
 
 
+def _coordination_barriers() -> None:
+  """Orbax's barriers through jax's coordination service, not device collectives, in
+  multi-process runs (on CPU a collective's first call gives the processes only 30 s
+  to arrive; runtime/distributed.py)."""
+  if jax.process_count() > 1 and "experimental_orbax_use_distributed_barrier" in flags.FLAGS:
+    flags.FLAGS.experimental_orbax_use_distributed_barrier = True
+
+
 class Checkpointer:
   """Saves/restores {state, data position, config} together, every N steps."""
 
@@ -81,10 +89,7 @@ class Checkpointer:
     self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
     self.every = int(every)
     self._saving = None  # step of the save that may still be in flight
-    if jax.process_count() > 1:
-      # Orbax's barriers through jax's coordination service, not device collectives
-      # (on CPU a collective's first call gives the processes only 30 s; distributed.py).
-      flags.FLAGS.experimental_orbax_use_distributed_barrier = True
+    _coordination_barriers()
     options = ocp.CheckpointManagerOptions(
         max_to_keep=max_to_keep,
         create=True,
@@ -292,6 +297,7 @@ def _read_only_manager(directory: str, item_handlers: dict) -> ocp.CheckpointMan
   options = ocp.CheckpointManagerOptions(
       read_only=True, create=False, save_interval_steps=0, max_to_keep=None
   )
+  _coordination_barriers()
   with _quiet_orbax():
     return ocp.CheckpointManager(directory, options=options, item_handlers=item_handlers)
 

@@ -8,8 +8,9 @@ tiny model with the global batch of 8:
 - 2 processes x 2 devices train from scratch until process 1 alone gets SIGTERM:
   both save the same step k and exit 0 (launch/local_multiprocess.sh);
 - 1 process x 4 devices resumes that to k + 1 (launch/gpu_single_node.sh);
-- 2 processes x 2 devices resume that to the end and evaluate, each image once
-  (launch/gpu_slurm.sbatch -> srun -> launch/gpu_multinode.sh);
+- 2 processes x 2 devices with FSDP resume that to the end and evaluate, each image
+  once (launch/gpu_slurm.sbatch -> srun -> launch/gpu_multinode.sh), and again with
+  `--mode eval` (launch/local_multiprocess.sh), equal to one process's evaluation;
 - 8 devices with FSDP resume the reference's step 2 to 4 (launch/tpu_pod.sh), then
   1 device without FSDP resumes that to the end (in this process);
 each checkpoint equal to the reference's of the same step within TOLERANCE.
@@ -209,11 +210,11 @@ def assert_losses_close(workdir, reference):
 
 @pytest.fixture(scope="module")
 def reference(data_root, env, tmp_path_factory):
-  """1 process x 4 devices, uninterrupted, a checkpoint every step, evaluated at the
-  end (launch/tpu_pod.sh through a fake gcloud: a one-worker slice)."""
+  """1 process x 4 devices, uninterrupted, a checkpoint every step
+  (launch/tpu_pod.sh through a fake gcloud: a one-worker slice)."""
   cwd = str(tmp_path_factory.mktemp("reference"))
   cmd = [os.path.join(ROOT, "launch", "tpu_pod.sh"), "tpu", "zone", config_arg(data_root), "ref"]
-  run(cmd + overrides(eval_at_end=True), _devices(env, 4), cwd)
+  run(cmd + overrides(), _devices(env, 4), cwd)
   return os.path.join(cwd, "ref")
 
 
@@ -294,10 +295,14 @@ def test_resume_two_processes_on_one(resumed_on_one, reference):
   assert_close(workdir, reference, step)
 
 
+FSDP = ["--config.mesh.fsdp=True", "--config.mesh.fsdp_min_size=1024"]
+
+
 @pytest.fixture(scope="module")
 def resumed_on_two(resumed_on_one, data_root, env, tmp_path_factory):
-  """That resumed by 2 processes x 2 devices to the end, evaluated at the end
-  (launch/gpu_slurm.sbatch -> srun -> launch/gpu_multinode.sh, SLURM faked)."""
+  """That resumed by 2 processes x 2 devices with FSDP (parameters split over both
+  processes) to the end, evaluated at the end (launch/gpu_slurm.sbatch -> srun ->
+  launch/gpu_multinode.sh, SLURM faked)."""
   workdir, step = resumed_on_one
   cwd = str(tmp_path_factory.mktemp("slurm"))
   shutil.copytree(workdir, os.path.join(cwd, "run"))
@@ -310,7 +315,7 @@ def resumed_on_two(resumed_on_one, data_root, env, tmp_path_factory):
       MTACLIP_PORT=str(portpicker.pick_unused_port()),
   )
   cmd = ["bash", os.path.join(ROOT, "launch", "gpu_slurm.sbatch"), config_arg(data_root), "run"]
-  proc = run(cmd + overrides(every=1000, eval_at_end=True), slurm, cwd)
+  proc = run(cmd + overrides(every=1000, eval_at_end=True) + FSDP, slurm, cwd)
   assert f"at step {step}" in proc.stderr, proc.stderr[-3000:]
   return os.path.join(cwd, "run")
 
@@ -322,17 +327,22 @@ def eval_results(workdir):
 
 
 def test_resume_one_process_on_two_and_evaluate_each_image_once(
-    resumed_on_two, reference, data_root
+    resumed_on_two, reference, data_root, env
 ):
   assert_close(resumed_on_two, reference, STEPS)
-  two = eval_results(resumed_on_two)
-  assert two["num_images"] == 3  # not 3 per process
-  assert eval_results(reference)["num_images"] == 3
+  trained = eval_results(resumed_on_two)  # by the 2 processes at the end of training
+  assert trained["num_images"] == 3  # not 3 per process
+  # `--mode eval` by 2 processes (launch/local_multiprocess.sh): the same result.
+  cmd = [os.path.join(ROOT, "launch", "local_multiprocess.sh"), "2", config_arg(data_root)]
+  cmd += [resumed_on_two, "--mode=eval"] + overrides() + FSDP
+  run(cmd, dict(env, DEVICES_PER_PROCESS="2"), ROOT)
+  again = eval_results(resumed_on_two)
+  assert again["confusion_matrix"] == trained["confusion_matrix"]
   # The same checkpoint evaluated here by one process: the same totals exactly.
   config = train_fixtures.tiny_config(data_root, steps=STEPS, batch=BATCH)
   one = evaluate.run(config, resumed_on_two)
-  np.testing.assert_array_equal(np.asarray(one["confusion_matrix"]), two["confusion_matrix"])
-  assert one["num_images"] == 3 and one["mIoU"] == pytest.approx(two["mIoU"], abs=1e-9)
+  np.testing.assert_array_equal(np.asarray(one["confusion_matrix"]), trained["confusion_matrix"])
+  assert one["num_images"] == 3 and one["mIoU"] == pytest.approx(trained["mIoU"], abs=1e-9)
 
 
 def test_eight_devices_fsdp_resume_on_one_device_without(reference, data_root, env, tmp_path):
