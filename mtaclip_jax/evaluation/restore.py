@@ -1,5 +1,5 @@
 """The model of a checkpoint for evaluation, prediction and export: its variables
-restored into the config's shardings, without the optimizer state or data iterator."""
+restored into the config's shardings, without the optimizer state or data position."""
 
 from __future__ import annotations
 

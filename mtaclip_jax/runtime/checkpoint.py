@@ -343,7 +343,7 @@ def restore_variables(
 
   Reads only the model variables (`{"params", "batch_stats"}` of the saved train
   state, into the shardings of `abstract_variables`), not the optimizer state or the
-  data iterator, so the caller needs no optimizer. `step=None` takes the latest step
+  data position, so the caller needs no optimizer. `step=None` takes the latest step
   that reads back; nothing on disk is changed.
   """
   directory = os.path.join(os.path.abspath(workdir), "checkpoints")

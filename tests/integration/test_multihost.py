@@ -273,6 +273,11 @@ def test_two_processes_train_like_one_and_stop_together_on_sigterm(stopped, refe
   workdir, k = stopped
   assert_close(workdir, reference, k)
   assert_losses_close(workdir, reference)
+  # Only process 0 wrote the metrics and TensorBoard files: each step once, one file.
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    steps = [json.loads(line)["step"] for line in f]
+  assert steps == sorted(set(steps)), steps
+  assert len(glob.glob(os.path.join(workdir, "tb", "**", "events.*"), recursive=True)) == 1
 
 
 @pytest.fixture(scope="module")
