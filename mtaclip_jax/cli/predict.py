@@ -45,7 +45,7 @@ def _define_flags():
       lock_config=True,
   )
   flags.DEFINE_string("workdir", None, "Workdir of the checkpoint (latest step).")
-  flags.DEFINE_string("artifact", None, "An export.py artifact instead of a checkpoint.")
+  flags.DEFINE_string("artifact", None, "An exported artifact instead of a checkpoint.")
   flags.DEFINE_list("images", None, "Image files, folders or glob patterns.")
   flags.DEFINE_string("out", None, "Output folder.")
   flags.DEFINE_enum(

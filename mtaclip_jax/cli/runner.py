@@ -122,8 +122,9 @@ def run_app(
 ) -> None:
   """absl `app.run(main)` for the CLIs: a user error (`errors.USER_ERRORS` and
   `also_user_errors`) prints one `error: ...` line and exits 1; Ctrl-C exits 130.
-  XLA:CPU gets this project's settings before jax starts its backend (xla_cpu.py),
-  and libraries' background-thread tracebacks stay off the console (console.py)."""
+  XLA:CPU gets this project's settings before jax starts its backend
+  (runtime/xla_cpu.py), and libraries' background-thread tracebacks stay off the
+  console (runtime/console.py)."""
   xla_cpu.apply()
   console.install()
   try:

@@ -67,7 +67,7 @@ def _full_palette(config):
 
 
 def artifact_predictor(path: str, mode: str | None = None):
-  """(predict_fn, names, palette, settings) of an exported artifact (export.py).
+  """(predict_fn, names, palette, settings) of an exported artifact (serve/export.py).
 
   The artifact takes S x S inputs (any batch). mode "whole" (default) resizes each
   image to fit S x S and pads it; "slide" resizes by the test_scale recorded at export
