@@ -1,4 +1,4 @@
-"""Every config builds, and its recipe equals DESIGN §5."""
+"""Every config builds, and its recipe equals docs/RECIPES.md."""
 
 import glob
 import importlib.util
@@ -58,7 +58,7 @@ def test_config_builds(path):
 def test_paper_recipe(name, dataset, backbone):
   c = load(os.path.join(ROOT, "configs", name + ".py"))
   assert c.model.backbone == backbone and c.data.name == dataset
-  # ImageNet backbones pair with CLIP ViT-B/16's text tower (DESIGN §5).
+  # ImageNet backbones pair with CLIP ViT-B/16's text tower (docs/RECIPES.md).
   imagenet = backbone in ("ViT-S/16", "MiT-B4")
   assert c.model.text_encoder == ("ViT-B/16" if imagenet else backbone)
   assert c.init.clip == "" and c.init.backbone == ""

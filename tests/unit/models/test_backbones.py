@@ -116,7 +116,7 @@ def test_exactly_the_unreached_parameters_are_frozen(name):
   """The default rules freeze a backbone parameter iff no gradient of res2..res5
   reaches it (CLIP's attention pool / ln_post / proj, the ImageNet ViT's final norm):
   such a parameter would otherwise carry AdamW state and weight decay for nothing,
-  and XLA spends seconds constant-folding its zero gradient's norm (session 9)."""
+  and XLA spends seconds constant-folding its zero gradient's norm."""
   module = backbones.get(name).build(name="backbone")
   images = jnp.zeros((1, 64, 64, 3))
   shapes = jax.eval_shape(module.init, jax.random.key(0), images)

@@ -79,7 +79,7 @@ def test_restore_under_another_config_names_the_keys_and_keeps_the_checkpoint(tm
 
 @pytest.mark.slow
 def test_checkpoint_from_before_the_heads_were_frozen_resumes_with_its_rules(tmp_path):
-  """Checkpoints written before session 9 hold optimizer state for the backbone heads
+  """Checkpoints written before the backbone heads were frozen (commit d7c17d4) hold optimizer state for the backbone heads
   the default rules now freeze: the error names optim.lr_mult_rules; the checkpoint's
   own rules restore it, nothing lost."""
   root = train_fixtures.make_dataset(tmp_path / "data")
