@@ -34,8 +34,8 @@ sys.exit(int(os.environ.get("FAKE_EXIT_" + pid, "0")))
 
 FAKE_SRUN = """#!/usr/bin/env bash
 while [[ $1 == -* ]]; do shift; done
-for ((i = 0; i < SLURM_NTASKS; i++)); do SLURM_PROCID=$i "$@" & done
-wait
+# One task after the other: their JSON lines never interleave on the shared stdout.
+for ((i = 0; i < SLURM_NTASKS; i++)); do SLURM_PROCID=$i "$@"; done
 """
 
 FAKE_SCONTROL = """#!/usr/bin/env bash
