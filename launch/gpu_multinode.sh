@@ -25,7 +25,9 @@ if [ -z "${JAX_PROCESS_ID:-}" ] && [ -n "${SLURM_PROCID:-}" ]; then
   export JAX_PROCESS_ID=$SLURM_PROCID
   export JAX_NUM_PROCESSES=${JAX_NUM_PROCESSES:-$SLURM_NTASKS}
   if [ -z "${JAX_COORDINATOR_ADDRESS:-}" ]; then
-    first=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+    # sed reads every line: `head -n 1` would close the pipe early, and under pipefail
+    # scontrol's SIGPIPE (status 141) would end the script.
+    first=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | sed -n 1p)
     export JAX_COORDINATOR_ADDRESS=$first:${MTACLIP_PORT:-12355}
   fi
 fi

@@ -38,9 +38,11 @@ while [[ $1 == -* ]]; do shift; done
 for ((i = 0; i < SLURM_NTASKS; i++)); do SLURM_PROCID=$i "$@"; done
 """
 
+# A large allocation's host list: a reader that stops after the first line would leave
+# scontrol writing into a closed pipe (SIGPIPE, status 141 under pipefail).
 FAKE_SCONTROL = """#!/usr/bin/env bash
 case "$1 $2" in
-  "show hostnames") printf 'node7\\nnode8\\n' ;;
+  "show hostnames") printf 'node7\\nnode8\\n'; seq -f 'node%g' 9 50000 ;;
   "show job") echo "   Command=$FAKE_SBATCH_PATH" ;;
 esac
 """
