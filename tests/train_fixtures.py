@@ -30,6 +30,13 @@ def load_config(name="demo", arg=None):
   return mod.get_config(arg)
 
 
+def fake_devices_env(n, **extra):
+  """The environment of a subprocess with `n` fake CPU devices: this session's XLA
+  flags (tests/conftest.py: fast compilation) kept, the device count added."""
+  flags = os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={n}"
+  return dict(os.environ, XLA_FLAGS=flags.strip(), JAX_PLATFORMS="cpu", PYTHONPATH=ROOT, **extra)
+
+
 def make_dataset(out, num_classes=4, train=8, val=2, size=(64, 80), seed=0):
   return generate.write_dataset(
       "ade20k", str(out), {"train": train, "val": val}, seed, size, num_classes

@@ -1,5 +1,6 @@
 """Your own data: a generated folder dataset with made-up class names trains the tiny
-model until it clearly learns, and predict labels its outputs with those names."""
+model until it clearly learns; evaluation in every mode, predict, open vocabulary,
+export and resume then work on it as on ADE20k, with its names."""
 
 import json
 import os
@@ -11,7 +12,9 @@ import pytest
 from mtaclip_jax import errors
 from mtaclip_jax.config import recipes
 from mtaclip_jax.data import generate
+from mtaclip_jax.evaluation import evaluate
 from mtaclip_jax.evaluation import report
+from mtaclip_jax.serve import export
 from mtaclip_jax.serve import outputs
 from mtaclip_jax.serve import predict
 from tests import train_fixtures
@@ -75,6 +78,38 @@ def test_folder_dataset_trains_and_predicts_with_its_names(tmp_path):
     # The overlay is the one drawn with the folder's names in its legend.
     expected = outputs.overlay(image, label, NAMES, [tuple(p) for p in palette])
     np.testing.assert_array_equal(np.asarray(Image.open(overlay_path)), np.asarray(expected))
+
+  # Every evaluation mode, and the results carry the names.
+  for mode in ("slide", "ms_flip"):
+    c = folder_tiny_config(root)
+    c.eval.update(dict(mode=mode, ms_mode="whole", scales=(0.75, 1.0), crop_size=(64, 64)))
+    c.eval.stride = (43, 43)
+    r = evaluate.run(c, workdir)
+    assert r["step"] == STEPS and r["mIoU"] > CHANCE, (mode, r["mIoU"])
+    with open(report.results_path(workdir, STEPS, mode, "class")) as f:
+      assert sorted(json.load(f)["per_class"]) == sorted(NAMES), mode
+
+  # Open vocabulary: a subset of the names, in another order, label the outputs.
+  ov = str(tmp_path / "ov")
+  assert predict.run(None, workdir, images[:1], ov, classes="rust,dent", progress=False) == []
+  with open(os.path.join(ov, os.path.basename(images[0])[:-4] + ".json")) as f:
+    assert json.load(f)["classes"] == ["rust", "dent"]
+
+  # Export: the sidecar carries the names, and predict through the artifact uses them.
+  artifact = str(tmp_path / "folder.jaxexport")
+  assert export.export_checkpoint(None, workdir, artifact, size=64)["class_names"] == list(NAMES)
+  art = str(tmp_path / "art")
+  assert predict.run(None, None, images[:1], art, artifact=artifact, progress=False) == []
+  with open(os.path.join(art, os.path.basename(images[0])[:-4] + ".json")) as f:
+    assert json.load(f)["classes"] == list(NAMES)
+
+  # Resume: the same run with two more steps continues from the checkpoint, its data
+  # position restored (tests/unit/data/test_folder.py: the batches after a resume).
+  more = folder_tiny_config(root, steps=STEPS + 2)
+  more.optim.total_steps = STEPS
+  more.eval.at_end = False
+  train_fixtures.train_run(more, workdir)
+  assert str(STEPS + 2) in os.listdir(os.path.join(workdir, "checkpoints"))
 
   # The checkpoint reads its names from the dataset it was trained on: moved, it is
   # named before anything is restored.

@@ -71,16 +71,16 @@ def _host(tree):
 
 @pytest.mark.slow
 def test_resume_is_bit_exact(data_root, tmp_path):
-  """Through loop.run with the default (host) matcher; test_faults resumes real CLI
-  runs with the device matcher."""
+  """In this process through loop.run: a run stopped at its `train.steps` and started
+  again with more steps (test_faults_*.py resume killed CLI runs). The device matcher
+  (tiny_config), so the three runs load their programs from the compilation cache;
+  the host matcher's results do not depend on the step they run at."""
   full = train_fixtures.tiny_config(data_root, steps=4)
   full.train.checkpoint_every = 2
-  full.loss.matcher = "host"
   loop.run(full, str(tmp_path / "a"))
 
   first = train_fixtures.tiny_config(data_root, steps=4)
   first.train.checkpoint_every = 2
-  first.loss.matcher = "host"
   first.train.steps = 2  # stop half way; the schedule still ends at 4
   loop.run(first, str(tmp_path / "b"))
   loop.run(full, str(tmp_path / "b"))  # the same command again resumes

@@ -382,12 +382,7 @@ def test_sharded_loss_equals_unsharded_on_8_fake_devices():
   # C=150, D=1024) ran by hand on 8 fake devices: 21 s, finite gradients (needs
   # matching's chunked callbacks on CPU, see host._CPU_CALLBACK_BYTES).
   root = train_fixtures.ROOT
-  env = dict(
-      os.environ,
-      XLA_FLAGS="--xla_force_host_platform_device_count=8",
-      JAX_PLATFORMS="cpu",
-      PYTHONPATH=root,
-  )
+  env = train_fixtures.fake_devices_env(8)
   proc = subprocess.run(
       [sys.executable, "-c", _SHARDED_SCRIPT],
       env=env,

@@ -13,6 +13,7 @@ from scipy.optimize import linear_sum_assignment
 
 from mtaclip_jax.objective.matching import costs
 from mtaclip_jax.objective.matching import hungarian
+from tests import train_fixtures
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -226,7 +227,7 @@ _SHARDED_SCRIPT = textwrap.dedent("""
 
 @pytest.mark.slow
 def test_sharded_equals_unsharded_on_8_fake_devices():
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+  env = train_fixtures.fake_devices_env(8)
   proc = subprocess.run(
       [sys.executable, "-c", _SHARDED_SCRIPT], env=env, capture_output=True, text=True, timeout=300
   )

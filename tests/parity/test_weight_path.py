@@ -6,7 +6,7 @@ trained one step and evaluated (`train.loop.run`, what `python -m mtaclip_jax.ma
 runs; its evaluation at the end is the one `--mode eval` makes).
 
 The recipe is kept except where a 2-core CPU needs less: 64x64 crops, batch 1, one
-step, 1 pixel-decoder and 3 decoder layers, the evaluation's test scale and window
+step, 1 pixel-decoder and 3 decoder layers, the device matcher, the evaluation's test scale and window
 (slide mode as the recipe, window 64 at stride 43, the recipe's 2/3 overlap) on one
 image. Each test takes 85-130 s on the shared 2-core machine with an empty compilation
 cache (about 140 s of CPU time; 2026-12). The towers the run loaded are
@@ -73,6 +73,9 @@ def reduced(name, root, **init):
   # decoder layers (of 6 and 9) cut the CPU time of initialising, compiling and
   # running the first step from about 130 to 95 s.
   c.model.update(dict(enc_layers=1, dec_layers=3))
+  # The device matcher: a train step without host callbacks, which the test session's
+  # compilation cache keeps (the matchers agree: tests/parity/test_matching.py).
+  c.loss.matcher = "device"
   c.init.update(init)
   return c
 

@@ -2,7 +2,6 @@
 fake CPU devices each device compiles 1/8 of the sequences' FLOPs (plus the small part
 shared by all sequences of a context), with the same outputs and context gradients."""
 
-import os
 import re
 import subprocess
 import sys
@@ -16,7 +15,7 @@ ROOT = train_fixtures.ROOT
 
 @pytest.mark.slow
 def test_text_tower_cost_falls_with_devices():
-  env = dict(os.environ, PYTHONPATH=ROOT, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+  env = train_fixtures.fake_devices_env(8)
   proc = subprocess.run(
       [sys.executable, "-m", "benchmarks.text_sharding", "--arch", "tiny", "--classes", "20"],
       capture_output=True,
