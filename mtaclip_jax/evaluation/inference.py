@@ -119,7 +119,19 @@ def make_predict_fn(
   """
   if head not in ("class", "similarity"):
     raise ValueError(f"config.eval.head: expected 'class' or 'similarity', got {head!r}")
+  jitted = _cached(_jitted_scores, model, head, float(tau), bool(upsample))
+  class_tokens = jnp.asarray(class_tokens, jnp.int32)
+  t0 = text_embeddings(model, variables, class_tokens)
+  return lambda images: jitted(variables, class_tokens, t0, jnp.asarray(images, jnp.float32))
 
+
+# One jitted function per (model, head, tau, upsample), kept across calls: a training
+# run evaluates every few thousand steps, and a new jax.jit each time would trace and
+# lower the whole model again (seconds on a paper model) before the cache finds the
+# compiled program. Flax modules compare and hash by their fields, so equal configs
+# share one function; jax.jit still traces once per input shape.
+@functools.lru_cache(maxsize=16)
+def _jitted_scores(model, head: str, tau: float, upsample: bool):
   def apply(variables, class_tokens, t0, images):
     out = apply_model(model, variables, images, class_tokens, t0)
     masks = out["masks"][-1]
@@ -135,10 +147,12 @@ def make_predict_fn(
       )
     return similarity_scores(out["m_proj"][-1], out["t_proj"][-1], masks, tau)
 
-  jitted = jax.jit(apply)
-  class_tokens = jnp.asarray(class_tokens, jnp.int32)
-  t0 = text_embeddings(model, variables, class_tokens)
-  return lambda images: jitted(variables, class_tokens, t0, jnp.asarray(images, jnp.float32))
+  return jax.jit(apply)
+
+
+@functools.lru_cache(maxsize=16)
+def _jitted_text(model):
+  return jax.jit(lambda v, ct: mtaclip.encode_classes(model, v, ct))
 
 
 def text_embeddings(model, variables, class_tokens):
@@ -147,9 +161,17 @@ def text_embeddings(model, variables, class_tokens):
   baseline and for other modules that follow the call contract."""
   if not (isinstance(model, mtaclip.MTACLIP) and model.text_queries):
     return None
-  return jax.jit(lambda v, ct: mtaclip.encode_classes(model, v, ct))(
-      variables, jnp.asarray(class_tokens, jnp.int32)
-  )
+  return _cached(_jitted_text, model)(variables, jnp.asarray(class_tokens, jnp.int32))
+
+
+def _cached(make, *key):
+  """make(*key) through its lru_cache, or a fresh one for a module that cannot be
+  hashed (a field holding a list or dict)."""
+  try:
+    hash(key)
+  except TypeError:
+    return make.__wrapped__(*key)
+  return make(*key)
 
 
 def apply_model(model, variables, images, class_tokens, t0):

@@ -4,9 +4,28 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 
 from mtaclip_jax import errors
+
+
+def _tensorboardx():
+  """tensorboardX, imported without torch. It imports torch when torch is installed
+  (2 s of every run's start on a CPU) only to accept torch tensors, inside a
+  `try/except ImportError`; this writer passes floats. torch already imported by the
+  process is used as is, and a later `import torch` works."""
+  if "tensorboardX" in sys.modules or "torch" in sys.modules:
+    import tensorboardX  # pylint: disable=g-import-not-at-top  (optional, heavy)
+
+    return tensorboardX
+  sys.modules["torch"] = None  # `import torch` raises ImportError while this is set
+  try:
+    import tensorboardX  # pylint: disable=g-import-not-at-top
+
+    return tensorboardX
+  finally:
+    del sys.modules["torch"]
 
 
 class MetricWriter:
@@ -19,9 +38,7 @@ class MetricWriter:
     self.path = os.path.join(workdir, "metrics.jsonl")
     if enabled:
       self._jsonl = open(self.path, "a", encoding="utf-8")
-      import tensorboardX  # pylint: disable=g-import-not-at-top  (imports torch if installed: ~2 s)
-
-      self._tb = tensorboardX.SummaryWriter(os.path.join(workdir, "tb"))
+      self._tb = _tensorboardx().SummaryWriter(os.path.join(workdir, "tb"))
 
   def write(self, step: int, scalars: dict) -> None:
     if not self.enabled:

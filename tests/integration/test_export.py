@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -22,10 +23,18 @@ def trained():
 SIZE = 64
 
 
-def test_export_round_trip_equals_in_process(trained, tmp_path):
+@pytest.fixture(scope="module")
+def exported(trained, tmp_path_factory):
+  """(path, sidecar) of the trained checkpoint exported once for the module's tests;
+  a test that changes the files works on a copy."""
+  config, workdir, _ = trained
+  path = str(tmp_path_factory.mktemp("export") / "model.jaxexport")
+  return path, export.export_checkpoint(config, workdir, path, size=SIZE)
+
+
+def test_export_round_trip_equals_in_process(trained, exported, tmp_path):
   config, workdir, images = trained
-  path = str(tmp_path / "model.jaxexport")
-  meta = export.export_checkpoint(config, workdir, path, size=SIZE)
+  path, meta = exported
   assert meta["size"] == [SIZE, SIZE] and len(meta["class_names"]) == 4
   call, meta2 = export.load(path)
   assert meta2 == meta
@@ -66,11 +75,10 @@ def test_load_names_a_bad_file(tmp_path):
     raise AssertionError("expected ValueError")
 
 
-def test_artifact_runs_with_jax_alone(trained, tmp_path):
+def test_artifact_runs_with_jax_alone(trained, exported, tmp_path):
   """A fresh interpreter with only jax + numpy imported runs the artifact."""
   config, workdir, _ = trained
-  path = str(tmp_path / "m.jaxexport")
-  export.export_checkpoint(config, workdir, path, size=SIZE)
+  path, _ = exported
   x = np.random.default_rng(1).normal(size=(2, SIZE, SIZE, 3)).astype(np.float32)
   np.save(tmp_path / "x.npy", x)
   code = (
@@ -85,10 +93,12 @@ def test_artifact_runs_with_jax_alone(trained, tmp_path):
   np.testing.assert_allclose(np.load(tmp_path / "y.npy"), np.asarray(fn(x)), rtol=1e-5, atol=1e-5)
 
 
-def test_artifact_slide_mode_runs_windows_of_its_size(trained, tmp_path):
+def test_artifact_slide_mode_runs_windows_of_its_size(trained, exported, tmp_path):
   config, workdir, images = trained
   path = str(tmp_path / "m.jaxexport")
-  meta = export.export_checkpoint(config, workdir, path, size=SIZE)
+  for suffix in ("", ".json"):  # a copy: its sidecar is changed below
+    shutil.copyfile(exported[0] + suffix, path + suffix)
+  meta = dict(exported[1])
   assert meta["test_scale"] == list(config.eval.test_scale)
   assert meta["stride"] == list(config.eval.stride)  # the config's crop is SIZE
   call, names, palette, settings = predict.artifact_predictor(path, "slide")

@@ -96,14 +96,15 @@ def test_tiny_forward_under_jit_and_gradients(tiny):
 def test_cached_text_embeddings_give_the_same_outputs(tiny):
   # Inference encodes the prompts once (encode_classes) and passes them in.
   model, variables, images, tokens = tiny
-  want = model.apply(variables, images, tokens)
-  t0 = mtaclip.encode_classes(model, variables, tokens)
+  # Jitted: one program each (op by op, every operation would compile on its own).
+  want = jax.jit(model.apply)(variables, images, tokens)
+  t0 = jax.jit(lambda v, t: mtaclip.encode_classes(model, v, t))(variables, tokens)
   assert t0.shape == (2, 5, 64) and t0.dtype == jnp.float32
-  got = model.apply(variables, images, None, text_embeddings=t0)
+  got = jax.jit(lambda v, i, e: model.apply(v, i, None, text_embeddings=e))(variables, images, t0)
   for k in want:
     np.testing.assert_allclose(np.asarray(got[k]), np.asarray(want[k]), atol=1e-6, err_msg=k)
   with pytest.raises(ValueError, match=r"text_embeddings must be \[K, C\+1, D\]"):
-    model.apply(variables, images, None, text_embeddings=t0[:, :4])
+    jax.eval_shape(lambda: model.apply(variables, images, None, text_embeddings=t0[:, :4]))
   baseline = mtaclip.build_model(_config(text_queries=False))
   assert mtaclip.encode_classes(baseline, variables, tokens) is None
 

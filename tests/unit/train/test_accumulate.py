@@ -102,7 +102,7 @@ def test_accumulated_gradient_is_the_whole_batch_gradient(tmp_path):
   config, model, tokens = _tiny(tmp_path)
   b, t = 4, config.data.max_segments
   batch = _fake_batch(b, 64, t)
-  variables = model.init(jax.random.key(0), batch["image"][:1], tokens)
+  variables = jax.jit(model.init)(jax.random.key(0), batch["image"][:1], tokens)
   params = optim.flatten(variables["params"])
   stats = variables["batch_stats"]
   text = {k: v for k, v in params.items() if k == "contexts" or k.startswith("text_encoder/")}
