@@ -102,6 +102,7 @@ def folder_config(arg: str | None = None) -> ml_collections.ConfigDict:
   c.data.classes_file = ""  # "": ROOT/classes.txt
   c.data.ignore_index = folder.IGNORE
   c.data.reduce_zero_label = False
+  c.data.ignore_colour = ""  # RGB masks: the colour of unlabeled pixels, e.g. "#000000"
   # A small dataset: a shorter schedule with a shorter warm-up, evaluated and saved
   # more often.
   c.train.update(dict(steps=steps, checkpoint_every=max(1, min(1000, steps // 4)), log_every=50))

@@ -16,6 +16,7 @@ import re
 from typing import Any, Callable
 
 from mtaclip_jax.data import classes as data_classes
+from mtaclip_jax.data import folder
 from mtaclip_jax.data import transforms
 from mtaclip_jax.models import backbones
 from mtaclip_jax.models import clip
@@ -143,6 +144,12 @@ def lr_rules(v):
   return None if ok else "a list of (regex, learning-rate multiplier >= 0) pairs"
 
 
+def colour_or_none(v):
+  if v == "" or (isinstance(v, str) and folder.parse_colour(v) is not None):
+    return None
+  return "'#rrggbb' or 'r g b' (0..255), or '' for none"
+
+
 def transform_specs(v):
   if not isinstance(v, (tuple, list)) or not all(isinstance(s, str) for s in v):
     return "a list of transform calls, e.g. ['random_flip(prob=0.5)', 'normalize()']"
@@ -217,6 +224,7 @@ RULES: dict[str, Rule] = {
     # (here and in model.num_classes) before this table is checked.
     "data.num_classes": POSITIVE,
     "data.ignore_index": integer(0, 255),  # folder dataset: the unlabeled mask value
+    "data.ignore_colour": colour_or_none,  # folder dataset, RGB masks: unlabeled pixels
     "data.crop_size": pair(1, CROP_MULTIPLE),
     "data.test_scale": pair(1),
     "data.batch_size": POSITIVE,

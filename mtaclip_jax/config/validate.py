@@ -133,6 +133,7 @@ def _check_across_keys(c: ml_collections.ConfigDict) -> None:
       )
   if c.data.name == folder.NAME:
     _check_ignore_index(c.data, names)
+    _check_ignore_colour(c.data)
   splits = readers.split_table(c.data.name)
   if c.eval.split not in splits:
     raise errors.ConfigError(
@@ -167,6 +168,25 @@ def _check_ignore_index(d: ml_collections.ConfigDict, names) -> None:
         f"config.data.ignore_index={ignore} is the mask value of class "
         f"{names[ignore - shift]!r} (config.data.reduce_zero_label="
         f"{bool(shift)}); expected a value no class uses, e.g. 255"
+    )
+
+
+def _check_ignore_colour(d: ml_collections.ConfigDict) -> None:
+  given = d.get("ignore_colour", "") or ""
+  if not given:
+    return
+  colour = folder.parse_colour(str(given))
+  if colour is None:
+    raise errors.ConfigError(
+        f"config.data.ignore_colour={given!r}: expected '#rrggbb' or 'r g b' (0..255), "
+        "or '' for none"
+    )
+  listed = folder.read_classes(folder.classes_path(d))
+  if colour in listed.colours:
+    name = listed.names[listed.colours.index(colour)]
+    raise errors.ConfigError(
+        f"config.data.ignore_colour={given!r} is the colour of class {name!r} in "
+        f"{listed.path}; expected a colour no class uses"
     )
 
 

@@ -9,7 +9,8 @@ names (docs/DATA.md, "Your own data").
 A mask is either single-channel (L, palette read as indices, 16-bit) holding class
 ids, where `data.ignore_index` (default 255) is unlabeled and `data.reduce_zero_label`
 makes 0 unlabeled and v the class v - 1; or an RGB image whose colours are the ones
-classes.txt lists. A line of classes.txt is `name`, `name r g b` or `name #rrggbb`.
+classes.txt lists, and `data.ignore_colour` (e.g. "#000000") the unlabeled pixels. A
+line of classes.txt is `name`, `name r g b` or `name #rrggbb`.
 """
 
 from __future__ import annotations
@@ -60,6 +61,7 @@ class LabelRules:
   ignore_index: int = IGNORE
   reduce_zero_label: bool = False
   colours: tuple[tuple[int, int, int] | None, ...] = ()
+  ignore_colour: tuple[int, int, int] | None = None  # unlabeled pixels of RGB masks
 
 
 # ---------------------------------------------------------------- classes.txt
@@ -125,6 +127,17 @@ def parse_classes(text: str, path: str = CLASSES_FILE) -> ClassList:
         )
       given[colour] = i
   return ClassList(tuple(names), tuple(colours), path)
+
+
+def parse_colour(text: str) -> tuple[int, int, int] | None:
+  """`#rrggbb`, `r g b` or `r,g,b` -> (r, g, b); None if `text` is none of these."""
+  text = text.strip()
+  if _HEX.match(text):
+    return (int(text[1:3], 16), int(text[3:5], 16), int(text[5:7], 16))
+  words = text.replace(",", " ").split()
+  if len(words) == 3 and all(_INT.match(w) and 0 <= int(w) <= 255 for w in words):
+    return tuple(int(w) for w in words)
+  return None
 
 
 def _parse_line(line: str, where: str):
@@ -240,11 +253,13 @@ def _some(paths, limit=5) -> str:
 
 
 def rules(data_config, num_classes: int, colours=()) -> LabelRules:
+  ignore_colour = data_config.get("ignore_colour", "") or ""
   return LabelRules(
       num_classes=int(num_classes),
       ignore_index=int(data_config.get("ignore_index", IGNORE)),
       reduce_zero_label=bool(data_config.get("reduce_zero_label", False)),
       colours=tuple(colours),
+      ignore_colour=parse_colour(ignore_colour) if ignore_colour else None,
   )
 
 
@@ -283,7 +298,9 @@ def map_ids(raw: np.ndarray, path: str, r: LabelRules) -> np.ndarray:
 def map_colours(rgb: np.ndarray, path: str, r: LabelRules) -> np.ndarray:
   """uint8 [H, W, 3] colour mask -> train ids through the colours of classes.txt."""
   listed = {c: i for i, c in enumerate(r.colours) if c is not None}
-  if not listed:
+  if r.ignore_colour is not None:
+    listed.setdefault(r.ignore_colour, IGNORE)  # config check: no class has it
+  if len(listed) == (r.ignore_colour is not None):
     raise errors.BadSampleError(
         f"{path}: an RGB colour mask, but {CLASSES_FILE} gives no colours; add one per "
         "line ('name r g b' or 'name #rrggbb') or store class ids in a single-channel PNG"
@@ -294,9 +311,15 @@ def map_colours(rgb: np.ndarray, path: str, r: LabelRules) -> np.ndarray:
   for k, v in enumerate(values.tolist()):
     colour = (v >> 16, (v >> 8) & 255, v & 255)
     if colour not in listed:
+      unlabeled = (
+          f" or {r.ignore_colour} (data.ignore_colour)"
+          if r.ignore_colour is not None
+          else "; set data.ignore_colour if it marks unlabeled pixels"
+      )
+      shown = sorted(c for c in listed if c != r.ignore_colour)
       raise errors.BadSampleError(
           f"{path}: colour {colour} (#{v:06x}) is not in {CLASSES_FILE}; expected one of "
-          f"the listed colours {sorted(listed)[:8]}{' ...' if len(listed) > 8 else ''}"
+          f"the listed colours {shown[:8]}{' ...' if len(shown) > 8 else ''}{unlabeled}"
       )
     ids[k] = listed[colour]
   return ids[inverse].reshape(rgb.shape[:2])

@@ -15,7 +15,9 @@ import pytest
 
 from mtaclip_jax import errors
 from mtaclip_jax.runtime import checkpoint
+from mtaclip_jax.train import loop
 from mtaclip_jax.train import metric_writer
+from tests import train_fixtures
 from tests.integration.faults import EVAL_STEP
 from tests.integration.faults import ROOT
 from tests.integration.faults import STEPS
@@ -53,6 +55,7 @@ def test_damaged_latest_checkpoint_falls_back_and_is_kept(
 
 
 def test_wrong_checkpoint_for_the_config_is_named(data_root, reference_dir, tmp_path):
+  """In this process (the CLI prints the error as its one `error:` line, exit 1)."""
   workdir = str(tmp_path / "other_model")
   # The latest checkpoint of a finished run (one candidate to try and refuse).
   shutil.copytree(
@@ -60,16 +63,12 @@ def test_wrong_checkpoint_for_the_config_is_named(data_root, reference_dir, tmp_
       os.path.join(workdir, "checkpoints", str(STEPS)),
   )
   saved = steps_on_disk(workdir)
-  cmd = command(data_root, workdir, steps=STEPS + 2) + [
-      "--config.model.num_classes=3",
-      "--config.data.num_classes=3",
-  ]
-  proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600, check=False)
-  assert proc.returncode == 1, proc.stderr[-3000:]
-  errors = [l for l in proc.stderr.splitlines() if l.startswith("error: ")]
-  assert errors and "no checkpoint could be restored" in errors[0], proc.stderr[-3000:]
+  config = train_fixtures.tiny_config(data_root, steps=STEPS + 2, num_classes=3)
+  with pytest.raises(errors.CheckpointError, match="no checkpoint could be restored") as e:
+    loop.run(config, workdir)
   # ... and names the config keys that differ from the checkpoint's.
-  assert "model.num_classes: 4 in the checkpoint, 3 now" in errors[0], errors[0]
+  assert "model.num_classes: 4 in the checkpoint, 3 now" in str(e.value), str(e.value)
+  assert isinstance(e.value, errors.USER_ERRORS)  # printed as one line, no traceback
   assert steps_on_disk(workdir) == saved  # nothing already saved is lost
   shutil.rmtree(workdir)
 

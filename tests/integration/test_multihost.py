@@ -3,22 +3,21 @@ started by the launch scripts with SLURM and TPU tools faked): the same training
 any topology, resume on any topology, one evaluation split over processes, SIGTERM
 to one process, start-up errors and a killed process.
 
-One uninterrupted run (1 process x 4 CPU devices) is the reference. Then, on the
-tiny model with the global batch of 8:
+One uninterrupted run (1 process x 8 CPU devices with FSDP, launch/tpu_pod.sh) is the
+reference. Then, on the tiny model with the global batch of 8:
 - 2 processes x 2 devices train from scratch until process 1 alone gets SIGTERM:
   both save the same step k and exit 0 (launch/local_multiprocess.sh);
 - 1 process x 4 devices resumes that to k + 1 (launch/gpu_single_node.sh);
 - 2 processes x 2 devices with FSDP resume that to the end and evaluate, each image
   once (launch/gpu_slurm.sbatch -> srun -> launch/gpu_multinode.sh), and again with
   `--mode eval` (launch/local_multiprocess.sh), equal to one process's evaluation;
-- 8 devices with FSDP resume the reference's step 2 to 4 (launch/tpu_pod.sh), then
-  1 device without FSDP resumes that to the end (in this process);
+- 1 device without FSDP resumes the reference's step 4 to the end (in this process);
 each checkpoint equal to the reference's of the same step within TOLERANCE.
 
 TOLERANCE: the same batches reach the model bit for bit (tests/unit/data/
 test_global_order.py), but the gradient's cross-device sum adds the per-device
 partial sums in an order that depends on the topology (inside one process or over
-gloo between processes; 4 or 8 or 1 device), so fp32 results differ in the last
+gloo between processes; 8, 4, 2 or 1 devices), so fp32 results differ in the last
 bits (about 1e-7 relative per step) and Adam carries that forward. With eps = 1e-3
 (as tests/multidevice_train_check.py; the recipe's 1e-8 amplifies the rounding noise
 of parameters whose exact gradient is zero) and uniformly sampled loss points (the
@@ -132,6 +131,9 @@ def overrides(steps=STEPS, every=1, eval_at_end=False):
   ]
 
 
+FSDP = ["--config.mesh.fsdp=True", "--config.mesh.fsdp_min_size=1024"]
+
+
 def config_arg(data_root):
   return f"{os.path.join(ROOT, 'tests', 'configs', 'tiny.py')}:{data_root}"
 
@@ -210,11 +212,11 @@ def assert_losses_close(workdir, reference):
 
 @pytest.fixture(scope="module")
 def reference(data_root, env, tmp_path_factory):
-  """1 process x 4 devices, uninterrupted, a checkpoint every step
+  """1 process x 8 devices with FSDP, uninterrupted, a checkpoint every step
   (launch/tpu_pod.sh through a fake gcloud: a one-worker slice)."""
   cwd = str(tmp_path_factory.mktemp("reference"))
   cmd = [os.path.join(ROOT, "launch", "tpu_pod.sh"), "tpu", "zone", config_arg(data_root), "ref"]
-  run(cmd + overrides(), _devices(env, 4), cwd)
+  run(cmd + overrides() + FSDP, _devices(env, 8), cwd)
   return os.path.join(cwd, "ref")
 
 
@@ -300,9 +302,6 @@ def test_resume_two_processes_on_one(resumed_on_one, reference):
   assert_close(workdir, reference, step)
 
 
-FSDP = ["--config.mesh.fsdp=True", "--config.mesh.fsdp_min_size=1024"]
-
-
 @pytest.fixture(scope="module")
 def resumed_on_two(resumed_on_one, data_root, env, tmp_path_factory):
   """That resumed by 2 processes x 2 devices with FSDP (parameters split over both
@@ -350,28 +349,22 @@ def test_resume_one_process_on_two_and_evaluate_each_image_once(
   assert one["num_images"] == 3 and one["mIoU"] == pytest.approx(trained["mIoU"], abs=1e-9)
 
 
-def test_eight_devices_fsdp_resume_on_one_device_without(reference, data_root, env, tmp_path):
-  """8 devices with FSDP resume the reference's step 2 to 4 (launch/tpu_pod.sh); one
-  device without FSDP (this process) resumes that to the end."""
-  cwd = str(tmp_path)
-  os.makedirs(os.path.join(cwd, "run", "checkpoints"))
+def test_eight_devices_fsdp_resumed_on_one_device_without(reference, data_root, tmp_path):
+  """The reference's step 4 (8 devices, FSDP) resumed to the end by one device without
+  FSDP (this process)."""
+  run_dir = os.path.join(str(tmp_path), "run")
+  os.makedirs(os.path.join(run_dir, "checkpoints"))
   shutil.copytree(
-      os.path.join(reference, "checkpoints", "2"), os.path.join(cwd, "run", "checkpoints", "2")
+      os.path.join(reference, "checkpoints", "4"), os.path.join(run_dir, "checkpoints", "4")
   )
-  cmd = [os.path.join(ROOT, "launch", "tpu_pod.sh"), "tpu", "zone", config_arg(data_root), "run"]
-  cmd += overrides(steps=4, every=1000)
-  cmd += ["--config.mesh.fsdp=True", "--config.mesh.fsdp_min_size=1024"]
-  run(cmd, _devices(env, 8), cwd)
-  assert steps_on_disk(os.path.join(cwd, "run")) == [2, 4]
-  assert_close(os.path.join(cwd, "run"), reference, 4)
-
   assert len(jax.devices()) == 1
   config = train_fixtures.tiny_config(data_root, steps=STEPS, batch=BATCH)
   config.optim.eps = 1e-3
   config.loss.importance_sample_ratio = 0.0
   config.train.update(checkpoint_every=1000, max_to_keep=20)
-  loop.run(config, os.path.join(cwd, "run"))
-  assert_close(os.path.join(cwd, "run"), reference, STEPS)
+  loop.run(config, run_dir)
+  assert steps_on_disk(run_dir) == [4, STEPS]
+  assert_close(run_dir, reference, STEPS)
 
 
 def _start(data_root, workdir, port, process_id, env, extra=()):

@@ -93,6 +93,7 @@ BAD = {
     "data.generate.size": (-1, 64),
     "data.generate.seed": -1,
     "data.ignore_index": 256,
+    "data.ignore_colour": "black",
     "eval.mode": "bogus",
     "eval.ms_mode": "ms_flip",
     "eval.head": "mask",

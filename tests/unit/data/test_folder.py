@@ -146,6 +146,30 @@ def test_rgb_colour_masks(tmp_path):
     source[0]
 
 
+def test_rgb_unlabeled_colour(tmp_path):
+  """data.ignore_colour: pixels of that colour are unlabeled (255); it is checked with
+  the config (a form no colour has, or a class's colour)."""
+  rgb = np.zeros((2, 3, 3), np.uint8)
+  rgb[0, :] = (10, 20, 30)
+  root = write(tmp_path, "scratch 10 20 30\ndent #ff8000\n", masks={"a": rgb})
+  c = config(root)
+  rules = readers.label_rules(c.data, 2)
+  with pytest.raises(errors.BadSampleError, match="set data.ignore_colour if it marks unlabeled"):
+    readers.RawSource("folder", root, "train", 2, rules=rules)[0]
+  c.data.ignore_colour = "0 0 0"
+  rules = readers.label_rules(c.data, 2)
+  source = readers.RawSource("folder", root, "train", 2, rules=rules)
+  np.testing.assert_array_equal(source[0]["label"], [[0, 0, 0], [255, 255, 255]])
+  assert folder.parse_colour("#0a141e") == folder.parse_colour("10,20,30") == (10, 20, 30)
+  for bad, message in [
+      ("black", "expected '#rrggbb' or 'r g b'"),
+      ("#ff8000", "is the colour of class 'dent'"),
+  ]:
+    c.data.ignore_colour = bad
+    with pytest.raises(errors.ConfigError, match=message):
+      validate._check_ignore_colour(c.data)
+
+
 def test_rgb_mask_without_colours_in_the_list(tmp_path):
   root = write(tmp_path, masks={"a": np.zeros((2, 2, 3), np.uint8)})
   rules = readers.label_rules(config(root).data, 4)
