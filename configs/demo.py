@@ -18,23 +18,7 @@ from mtaclip_jax.config import variants
 def get_config(arg=None):
   c = recipes.paper_config("ade20k", "tiny")
   num_classes, crop = 8, (128, 128)
-  c.model.update(
-      dict(
-          num_classes=num_classes,
-          num_queries=16,
-          hidden_dim=64,
-          mask_dim=64,
-          enc_layers=2,
-          enc_ffn_dim=128,
-          enc_heads=4,
-          enc_points=4,
-          dec_layers=3,
-          dec_ffn_dim=128,
-          dec_heads=4,
-          num_contexts=2,
-          context_init="normal",
-      )
-  )
+  c.model.update(dict(num_classes=num_classes, **recipes.DEMO_MODEL))
   c.loss.num_points = 1024
   c.data.update(
       dict(

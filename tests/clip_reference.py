@@ -76,3 +76,38 @@ def state_dict_numpy(model):
 def rel_err(a, b) -> float:
   a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
   return float(np.abs(a - b).max() / np.abs(b).max())
+
+
+def randomise(model, seed):
+  """A torch model with norm scales ~1 and every bias non-zero (random), so that a
+  swapped or dropped tensor shows in a parity test."""
+  import torch  # pylint: disable=g-import-not-at-top  (torch only where a test needs it)
+
+  g = torch.Generator().manual_seed(seed)
+  with torch.no_grad():
+    for name, p in model.named_parameters():
+      if "norm" in name and name.endswith("weight"):
+        p.copy_(1 + 0.2 * torch.randn(p.shape, generator=g))
+      elif name.endswith("bias") or "norm" in name:
+        p.copy_(0.05 * torch.randn(p.shape, generator=g))
+  return model
+
+
+def reference_vit_s16(pooler=True):
+  """A random transformers ViTModel of ViT-S/16's shape (`randomise`d), in eval mode."""
+  import torch  # pylint: disable=g-import-not-at-top
+  import transformers  # pylint: disable=g-import-not-at-top
+
+  from mtaclip_jax.models.backbones import vit_imagenet  # pylint: disable=g-import-not-at-top
+
+  torch.manual_seed(0)
+  cfg = transformers.ViTConfig(
+      hidden_size=384,
+      num_hidden_layers=12,
+      num_attention_heads=6,
+      intermediate_size=1536,
+      image_size=224,
+      patch_size=16,
+      layer_norm_eps=vit_imagenet.ARCHS["ViT-S/16"].layer_norm_eps,
+  )
+  return randomise(transformers.ViTModel(cfg, add_pooling_layer=pooler).eval(), 1)

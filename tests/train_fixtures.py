@@ -5,6 +5,7 @@ import fcntl
 import importlib.util
 import os
 import shutil
+import struct
 
 import jax
 
@@ -176,3 +177,21 @@ def trained_tiny(steps=2):
   val = os.path.join(root, "images", "validation")
   images = sorted(os.path.join(val, f) for f in os.listdir(val))
   return tiny_config(root, steps=steps), os.path.join(base, "work"), images
+
+
+def tensorboard_scalars(path):
+  """{tag: (step, value)} of a TensorBoard event file (TFRecord framing: length,
+  its CRC, the event, its CRC)."""
+  from tensorboardX.proto import event_pb2  # pylint: disable=g-import-not-at-top
+
+  out = {}
+  with open(path, "rb") as f:
+    data = f.read()
+  pos = 0
+  while pos < len(data):
+    (length,) = struct.unpack("<Q", data[pos : pos + 8])
+    event = event_pb2.Event.FromString(data[pos + 12 : pos + 12 + length])
+    pos += 16 + length
+    for value in event.summary.value:
+      out[value.tag] = (event.step, value.simple_value)
+  return out

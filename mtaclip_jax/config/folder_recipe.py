@@ -27,22 +27,6 @@ from mtaclip_jax.data import folder
 FOLDER_KEYS = ("root", "backbone", "crop", "steps", "batch")
 DEFAULTS = dict(root="data/mine", backbone="RN50", crop="512", steps="20000", batch="8")
 
-# The demo's model (configs/demo.py): what `backbone=tiny` trains.
-TINY_MODEL = dict(
-    num_queries=16,
-    hidden_dim=64,
-    mask_dim=64,
-    enc_layers=2,
-    enc_ffn_dim=128,
-    enc_heads=4,
-    enc_points=4,
-    dec_layers=3,
-    dec_ffn_dim=128,
-    dec_heads=4,
-    num_contexts=2,
-    context_init="normal",
-)
-
 
 def split_arg(arg: str | None) -> tuple[dict[str, str], str]:
   """({folder key: value}, the rest as a variant string)."""
@@ -118,8 +102,8 @@ def folder_config(arg: str | None = None) -> ml_collections.ConfigDict:
   if backbone == "tiny":
     # The demo's model and optimiser (configs/demo.py): nothing to load, one pass per
     # image at evaluation.
-    c.model.update(TINY_MODEL)
-    c.data.max_segments = TINY_MODEL["num_queries"]
+    c.model.update(recipes.DEMO_MODEL)
+    c.data.max_segments = recipes.DEMO_MODEL["num_queries"]
     c.loss.num_points = 1024
     c.optim.update(dict(lr=1e-3, warmup_start_factor=1e-6, clip_norm=1.0))
     c.data.num_workers = 0

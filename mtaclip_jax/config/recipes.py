@@ -104,6 +104,25 @@ def data_config(name, root, **overrides):
   return cfg
 
 
+# The demo's model (configs/demo.py), also what a folder config with `backbone=tiny`
+# trains: a tiny backbone and text tower with a small pixel decoder and decoder, for a
+# CPU in minutes.
+DEMO_MODEL = dict(
+    num_queries=16,
+    hidden_dim=64,
+    mask_dim=64,
+    enc_layers=2,
+    enc_ffn_dim=128,
+    enc_heads=4,
+    enc_points=4,
+    dec_layers=3,
+    dec_ffn_dim=128,
+    dec_heads=4,
+    num_contexts=2,
+    context_init="normal",
+)
+
+
 def model_defaults(backbone: str, num_classes: int) -> ml_collections.ConfigDict:
   """`backbone`: a name in the models/backbones registry. The text encoder is a CLIP
   arch: the backbone's own for CLIP backbones, ViT-B/16's for ImageNet ones

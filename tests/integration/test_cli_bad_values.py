@@ -1,24 +1,16 @@
 """Bad values typed on the command line: exactly one `error:` line naming the key or
 file, no traceback, nothing created, before any model is built (every key's value
-is walked in-process by tests/unit/config/test_validate.py; these run the CLIs)."""
+is walked in-process by tests/unit/config/test_validate.py; these run the CLIs, each
+in a process of its own: tests/cli_process.py)."""
 
-import subprocess
-import sys
-
+from tests import cli_process
 from tests import train_fixtures
 
 ROOT = train_fixtures.ROOT
 
 
 def run(module, *args):
-  proc = subprocess.run(
-      [sys.executable, "-m", module, *args],
-      capture_output=True,
-      text=True,
-      cwd=ROOT,
-      timeout=300,
-      check=False,
-  )
+  proc = cli_process.run(module, *args)
   return proc.returncode, proc.stderr.strip().splitlines()
 
 
@@ -89,13 +81,7 @@ def test_generate_and_summary(tmp_path):
   assert rc == 2
   assert_one_error(err, "--num-classes 40: expected 1..19 for cityscapes")
   assert not (tmp_path / "d").exists()
-  proc = subprocess.run(
-      [sys.executable, "-m", "mtaclip_jax.summary", "--config", "configs/demo.py", "--params_only"],
-      capture_output=True,
-      text=True,
-      cwd=ROOT,
-      timeout=300,
-      check=True,
-  )
+  proc = cli_process.run("mtaclip_jax.summary", "--config", "configs/demo.py", "--params_only")
+  assert proc.returncode == 0, proc.stderr
   assert "Unable to initialize backend" not in proc.stderr, proc.stderr
   assert proc.stdout.startswith("model: backbone=tiny"), proc.stdout

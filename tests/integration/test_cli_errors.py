@@ -1,24 +1,15 @@
 """Mistakes on the command line give one line naming the key or file, exit code 2."""
 
-import subprocess
-import sys
-
 import pytest
 
+from tests import cli_process
 from tests import train_fixtures
 
 ROOT = train_fixtures.ROOT
 
 
 def run_main(*args):
-  proc = subprocess.run(
-      [sys.executable, "-m", "mtaclip_jax.main", *args],
-      capture_output=True,
-      text=True,
-      cwd=ROOT,
-      timeout=300,
-      check=False,
-  )
+  proc = cli_process.run("mtaclip_jax.main", *args)
   return proc.returncode, proc.stderr.strip().splitlines()
 
 

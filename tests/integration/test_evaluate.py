@@ -3,7 +3,6 @@
 import glob
 import json
 import os
-import struct
 
 import jax
 from jax.experimental import multihost_utils
@@ -11,12 +10,12 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
-from tensorboardX.proto import event_pb2
 
 from mtaclip_jax.evaluation import evaluate
 from mtaclip_jax.evaluation import inference
 from mtaclip_jax.evaluation import metrics
 from mtaclip_jax.evaluation import report
+from tests import train_fixtures
 
 NUM_CLASSES = 4
 NAMES = ["wall", "sky", "road", "tree"]
@@ -119,21 +118,6 @@ def test_confusion_matrix_flush(monkeypatch):
   np.testing.assert_array_equal(flushed["confusion_matrix"], direct["confusion_matrix"])
 
 
-def _read_scalars(path):
-  """{tag: (step, value)} from a TensorBoard event file (TFRecord framing)."""
-  out = {}
-  with open(path, "rb") as f:
-    data = f.read()
-  pos = 0
-  while pos < len(data):
-    (length,) = struct.unpack("<Q", data[pos : pos + 8])
-    event = event_pb2.Event.FromString(data[pos + 12 : pos + 12 + length])
-    pos += 16 + length
-    for value in event.summary.value:
-      out[value.tag] = (event.step, value.simple_value)
-  return out
-
-
 def test_write_results_json_and_tensorboard(tmp_path):
   data = _dataset([(16, 20)])
   results = evaluate.evaluate(decode_fn, data, _config(), NUM_CLASSES, NAMES, progress=False)
@@ -147,7 +131,7 @@ def test_write_results_json_and_tensorboard(tmp_path):
   assert saved["per_class"]["tree"]["Acc"] is None
   assert np.asarray(saved["confusion_matrix"]).shape == (NUM_CLASSES, NUM_CLASSES)
   events = glob.glob(os.path.join(str(tmp_path), "eval", "events.out.tfevents.*"))
-  scalars = _read_scalars(events[0])
+  scalars = train_fixtures.tensorboard_scalars(events[0])
   assert scalars["eval/whole/class/mIoU"] == (1234, pytest.approx(results["mIoU"], rel=1e-6))
   assert scalars["eval_per_class/whole/class/IoU/sky"][1] == pytest.approx(
       results["per_class"]["sky"]["IoU"], rel=1e-6

@@ -14,8 +14,6 @@ import builtins
 import io
 import os
 import struct
-import subprocess
-import sys
 import zlib
 
 import cv2
@@ -27,6 +25,7 @@ import pytest
 from mtaclip_jax.data import image_decode
 from mtaclip_jax.evaluation import inference
 from mtaclip_jax.serve import predict
+from tests import cli_process
 from tests import train_fixtures
 
 NUM_CLASSES = 4
@@ -269,11 +268,9 @@ def test_cli_fail_fast_exit_code_and_one_error_line(trained, corpus, tmp_path):
   folder, _, _ = corpus
   images = [str(folder / n) for n in ("rgb.png", "truncated.png", "grey.png")]
   tiny = os.path.join(train_fixtures.ROOT, "tests", "configs", "tiny.py")
-  proc = subprocess.run(
-      [
-          sys.executable,
-          "-m",
-          "mtaclip_jax.predict",
+  proc = cli_process.run(
+      "mtaclip_jax.predict",
+      *[
           f"--config={tiny}:{config.data.root}",
           f"--workdir={workdir}",
           f"--out={tmp_path}",
@@ -283,10 +280,6 @@ def test_cli_fail_fast_exit_code_and_one_error_line(trained, corpus, tmp_path):
           *images,
           "--fail-fast",
       ],
-      capture_output=True,
-      text=True,
-      timeout=300,
-      cwd=train_fixtures.ROOT,
   )
   assert proc.returncode == 1, proc.stderr
   errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]

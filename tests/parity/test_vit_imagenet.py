@@ -16,6 +16,7 @@ from convert_weights import convert_any
 from convert_weights import convert_vit
 from mtaclip_jax.models import backbones
 from mtaclip_jax.models.backbones import vit_imagenet
+from tests import clip_reference
 from tests.clip_reference import reference_clip
 from tests.clip_reference import rel_err
 from tests.clip_reference import state_dict_numpy
@@ -24,31 +25,9 @@ ARCH = vit_imagenet.ARCHS["ViT-S/16"]
 TOL = 1e-5
 
 
-def _randomise(model, seed):
-  """Norm scales ~1 and every bias non-zero, so that a swapped or dropped tensor shows."""
-  g = torch.Generator().manual_seed(seed)
-  with torch.no_grad():
-    for name, p in model.named_parameters():
-      if "norm" in name and name.endswith("weight"):
-        p.copy_(1 + 0.2 * torch.randn(p.shape, generator=g))
-      elif name.endswith("bias") or "norm" in name:
-        p.copy_(0.05 * torch.randn(p.shape, generator=g))
-  return model
-
-
 @pytest.fixture(scope="module")
 def hf():
-  torch.manual_seed(0)
-  cfg = transformers.ViTConfig(
-      hidden_size=384,
-      num_hidden_layers=12,
-      num_attention_heads=6,
-      intermediate_size=1536,
-      image_size=224,
-      patch_size=16,
-      layer_norm_eps=ARCH.layer_norm_eps,
-  )
-  return _randomise(transformers.ViTModel(cfg).eval(), 1)
+  return clip_reference.reference_vit_s16()
 
 
 @pytest.fixture(scope="module")
@@ -222,7 +201,7 @@ def test_timm_state_dict_converts(backbone):
   """timm names (packed qkv split in thirds) give the same blocks as timm's code."""
   _, init, apply = backbone
   torch.manual_seed(3)
-  timm = _randomise(_TimmViT().eval(), 4)
+  timm = clip_reference.randomise(_TimmViT().eval(), 4)
   state = timm.state_dict()
   assert {"cls_token", "pos_embed", "blocks.0.attn.qkv.weight", "head.weight"} <= set(state)
   images = np.random.default_rng(1).standard_normal((1, 224, 224, 3)).astype(np.float32)

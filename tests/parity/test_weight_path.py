@@ -157,39 +157,13 @@ def test_clip_rn50_file_to_a_trained_and_evaluated_paper_config(tmp_path, monkey
   print(f"RN50 weight path: {time.time() - t0:.1f} s")
 
 
-def _vit_small():
-  """A random transformers ViTModel of ViT-S/16's shape, every bias and norm random."""
-  import transformers
-
-  torch.manual_seed(0)
-  arch = backbones.vit_imagenet.ARCHS["ViT-S/16"]
-  cfg = transformers.ViTConfig(
-      hidden_size=384,
-      num_hidden_layers=12,
-      num_attention_heads=6,
-      intermediate_size=1536,
-      image_size=224,
-      patch_size=16,
-      layer_norm_eps=arch.layer_norm_eps,
-  )
-  model = transformers.ViTModel(cfg, add_pooling_layer=False).eval()
-  g = torch.Generator().manual_seed(1)
-  with torch.no_grad():
-    for name, p in model.named_parameters():
-      if "norm" in name and name.endswith("weight"):
-        p.copy_(1 + 0.2 * torch.randn(p.shape, generator=g))
-      elif name.endswith("bias") or "norm" in name:
-        p.copy_(0.05 * torch.randn(p.shape, generator=g))
-  return model
-
-
 def test_vit_s16_file_to_a_trained_and_evaluated_paper_config(tmp_path, monkeypatch):
   """ade20k_vits16: the ViT-S/16 image tower from a ViTModel file, the text tower from
   a CLIP ViT-B/16 file (as the released code pairs them)."""
   from safetensors.torch import save_file
 
   t0 = time.time()
-  vit = _vit_small()
+  vit = clip_reference.reference_vit_s16(pooler=False)
   vit_src = tmp_path / "vit_small.safetensors"
   save_file({k: v.contiguous() for k, v in vit.state_dict().items()}, str(vit_src))
   vits_folder = convert_cli(vit_src, tmp_path / "vits16")

@@ -5,11 +5,9 @@ evaluation again replaces that result alone; the printed line names both."""
 import glob
 import json
 import os
-import struct
-
-from tensorboardX.proto import event_pb2
 
 from mtaclip_jax.evaluation import report
+from tests import train_fixtures
 
 
 def _results(miou, mode, head):
@@ -28,25 +26,11 @@ def _results(miou, mode, head):
   }
 
 
-def _scalars(path):
-  out = {}
-  with open(path, "rb") as f:
-    data = f.read()
-  pos = 0
-  while pos < len(data):
-    (length,) = struct.unpack("<Q", data[pos : pos + 8])
-    event = event_pb2.Event.FromString(data[pos + 12 : pos + 12 + length])
-    pos += 16 + length
-    for value in event.summary.value:
-      out[value.tag] = (event.step, value.simple_value)
-  return out
-
-
 def _board(workdir):
   """{tag: [(step, value)]} over every event file of workdir/eval."""
   out = {}
   for path in glob.glob(os.path.join(workdir, "eval", "events.out.tfevents.*")):
-    for tag, point in _scalars(path).items():
+    for tag, point in train_fixtures.tensorboard_scalars(path).items():
       out.setdefault(tag, []).append(point)
   return out
 
