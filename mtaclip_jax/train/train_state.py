@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Any
 
 import flax
 import jax
+from jax.extend import core as jax_core
 import jax.numpy as jnp
 import ml_collections
 import optax
@@ -59,6 +61,32 @@ def abstract_state(model, tx, config, class_tokens, rng) -> TrainState:
   return jax.eval_shape(functools.partial(create_state, model, tx, config), class_tokens, rng)
 
 
+@dataclasses.dataclass(frozen=True)
+class TracedInit:
+  """`create_state` traced once: its abstract result (shapes and dtypes, from which the
+  shardings follow) and the initialisation into those shardings, compiled from the
+  same trace. Tracing the model's init costs 1-2 s of start-up; this does it once
+  instead of once for the shapes and again for the computation."""
+
+  abstract: TrainState
+  jaxpr: jax_core.ClosedJaxpr
+
+  def init(self, class_tokens, rng, shardings) -> TrainState:
+    tree = jax.tree.structure(self.abstract)
+
+    def create_state_traced(class_tokens, rng):
+      return jax.tree.unflatten(tree, jax_core.jaxpr_as_fun(self.jaxpr)(class_tokens, rng))
+
+    return jax.jit(create_state_traced, out_shardings=shardings)(class_tokens, rng)
+
+
+def trace_init(model, tx, config, class_tokens, rng) -> TracedInit:
+  jaxpr, abstract = jax.make_jaxpr(
+      functools.partial(create_state, model, tx, config), return_shape=True
+  )(class_tokens, rng)
+  return TracedInit(abstract, jaxpr)
+
+
 def state_shardings(abstract: TrainState, config, mesh) -> TrainState:
   return sharding.tree_shardings(abstract, config.mesh, mesh)
 
@@ -72,9 +100,9 @@ def init_state(model, tx, config, class_tokens, rng, shardings) -> TrainState:
 
 def init_state_sharded(model, tx, config, class_tokens, rng, mesh):
   """`init_state` into the config's shardings -> (state, shardings)."""
-  abstract = abstract_state(model, tx, config, class_tokens, rng)
-  shardings = state_shardings(abstract, config, mesh)
-  return init_state(model, tx, config, class_tokens, rng, shardings), shardings
+  traced = trace_init(model, tx, config, class_tokens, rng)
+  shardings = state_shardings(traced.abstract, config, mesh)
+  return traced.init(class_tokens, rng, shardings), shardings
 
 
 def _loss(
