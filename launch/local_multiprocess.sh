@@ -31,6 +31,13 @@ if [ -n "${DEVICES_PER_PROCESS:-}" ]; then
 fi
 GRACE=${GRACE:-10}
 
+# Each line whole, in one write: `sed -u` writes a line and its newline separately, so
+# two processes' lines could run together on the terminal.
+prefix() {
+  local line
+  while IFS= read -r line || [ -n "$line" ]; do printf '%s%s\n' "$1" "$line"; done
+}
+
 pids=()
 for ((i = 0; i < N; i++)); do
   cmd=("$PY" -m mtaclip_jax.main --config "$CONFIG" --workdir "$WORKDIR"
@@ -38,7 +45,7 @@ for ((i = 0; i < N; i++)); do
   if ((i == 0)); then
     "${cmd[@]}" &
   else
-    "${cmd[@]}" > >(sed -u "s/^/[process $i] /") 2> >(sed -u "s/^/[process $i] /" >&2) &
+    "${cmd[@]}" > >(prefix "[process $i] ") 2> >(prefix "[process $i] " >&2) &
   fi
   pids+=($!)
 done
