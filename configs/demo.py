@@ -32,6 +32,7 @@ def get_config(arg=None):
       )
   )
   c.data.transforms = recipes.train_transforms(crop, (160, 128), ratio_range=(0.75, 1.5))
+  c.data.none_class_name = "background"  # the "none" class's text the demo was tuned with
   c.data.generate = ml_collections.ConfigDict(
       dict(enabled=True, train=64, val=16, size=(128, 160), seed=0)
   )

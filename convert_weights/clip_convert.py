@@ -144,7 +144,7 @@ def torch_to_flax_layout(value: np.ndarray, path) -> np.ndarray:
 
 
 # ViT FPN adapters are new modules, initialised by the model, not by CLIP weights.
-_NEW_MODULES = {"fpn1", "fpn2"}
+_NEW_MODULES = set(clip.vit.ADAPTERS)
 
 
 def convert_state_dict(

@@ -23,7 +23,7 @@ Sources, detected from the keys:
 Classifier heads (`classifier.`, `pooler.`, `head.`, `head_dist.`, `fc_norm.`) and the
 masked-image-modelling `embeddings.mask_token` are ignored. The final `layernorm` may be
 absent (timm models pooled by `fc_norm`): it only feeds the unused "embedding". The FPN
-adapters (`fpn1`, `fpn2`) are new modules and keep their initialisation.
+adapters (`fpn1`..`fpn4`) are new modules and keep their initialisation.
 """
 
 import logging
@@ -36,6 +36,7 @@ from convert_weights import keymap
 from convert_weights.clip_sources import CheckpointError
 from convert_weights.clip_sources import read_state_dict
 from mtaclip_jax.models.backbones import vit_imagenet
+from mtaclip_jax.models.clip import vit
 
 log = logging.getLogger(__name__)
 
@@ -132,7 +133,7 @@ def infer_arch(state: Mapping[str, Any]) -> Optional[str]:
 
 
 def _optional(path) -> bool:
-  return path[0] in ("fpn1", "fpn2", "layernorm")
+  return path[0] in vit.ADAPTERS or path[0] == "layernorm"
 
 
 def convert_vit(src, arch: Optional[str] = None) -> Dict:

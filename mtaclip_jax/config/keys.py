@@ -170,6 +170,7 @@ RULES: dict[str, Rule] = {
     "model.backbone": one_of(*sorted(backbones.REGISTRY)),
     "model.text_encoder": one_of("", *sorted(clip.ARCHS)),
     "model.backbone_norm": one_of(*clip.NORMS),
+    "model.adapter_norm": one_of(*clip.ADAPTER_NORMS),
     "model.num_classes": POSITIVE,
     "model.num_queries": POSITIVE,
     "model.hidden_dim": POSITIVE,
@@ -270,6 +271,7 @@ RULES: dict[str, Rule] = {
 # paths (checked by `validate.check_paths` where a run reads them).
 FREE = {
     "model.text_queries": "bool",
+    "model.similarity_heads": "bool",
     "model.joint_self_attn": "bool",
     "loss.similarity": "bool",
     "data.generate.enabled": "bool",

@@ -108,6 +108,9 @@ def data_config(name, root, **overrides):
 # trains: a tiny backbone and text tower with a small pixel decoder and decoder, for a
 # CPU in minutes.
 DEMO_MODEL = dict(
+    # Running statistics, as the demo was tuned with (the paper recipes normalise the
+    # CLIP ResNets with batch statistics, as the released code does).
+    backbone_norm="frozen_bn",
     num_queries=16,
     hidden_dim=64,
     mask_dim=64,
@@ -132,7 +135,13 @@ def model_defaults(backbone: str, num_classes: int) -> ml_collections.ConfigDict
       dict(
           backbone=backbone,
           text_encoder=text_encoder,
-          backbone_norm="frozen_bn",
+          # CLIP ResNets' BatchNorm in training: "bn" = batch statistics (synchronised
+          # over the data axis) with running statistics updated, as the released code
+          # trains; "frozen_bn" = the checkpoint's running statistics.
+          backbone_norm="bn",
+          # ViT adapters (fpn1..fpn4): "group" = the released code's GroupNorm(1, C)
+          # at the start of each; "none" = without it.
+          adapter_norm="group",
           num_classes=num_classes,
           num_queries=100,
           hidden_dim=256,
@@ -146,6 +155,9 @@ def model_defaults(backbone: str, num_classes: int) -> ml_collections.ConfigDict
           dec_ffn_dim=2048,
           dec_heads=8,
           text_queries=True,
+          # The similarity loss's heads (the text_only variant, trained without that
+          # loss, leaves them out; config.loss.similarity needs them).
+          similarity_heads=True,
           joint_self_attn=True,
           num_contexts=3,
           context_length=8,
@@ -214,7 +226,8 @@ def paper_config(dataset: str, backbone: str, arg: str | None = None) -> ml_coll
   c.optim = optim_defaults()
   root = "data/" + ("ADEChallengeData2016" if dataset == "ade20k" else "cityscapes")
   c.data = data_config(dataset, root, max_segments=r["max_segments"], num_workers=4)
-  c.data.none_class_name = "background"  # text of the extra "none" class
+  # The text of the extra "none" class: "none", as the released code names it.
+  c.data.none_class_name = "none"
   c.data.generate = ml_collections.ConfigDict(
       dict(enabled=False, train=0, val=0, size=(0, 0), seed=0)
   )

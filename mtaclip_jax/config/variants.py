@@ -22,19 +22,21 @@ VARIANT_KEYS = (
 # follow, trains with 1e-4; docs/REPRODUCE.md).
 PAPER_LR = 2e-4
 
-# The released config's weight-decay exemptions (`norm_decay_mult=0.0` and
-# `custom_keys` query_feat / query_embed / level_embed with `decay_mult=0.0`) in this
-# project's parameter names: norm layers (batch, group and layer norms) and the
-# decoder's query features, query positions and level embeddings. Everything else,
-# embeddings, prompt contexts and `gamma` included, is decayed (the pixel decoder's
-# level embedding too: mmdet's pixel decoder names it `level_encoding`, which none of
-# the custom keys matches).
+# The released config's weight-decay exemptions in this project's parameter names.
+# mmengine's DefaultOptimWrapperConstructor gives a parameter that matches a
+# `custom_keys` entry that entry's multipliers and no other rule: every backbone
+# parameter matches 'backbone' (decay_mult 1.0), so `norm_decay_mult=0.0` exempts the
+# norm layers (batch, group and layer norms) outside the backbone only; the custom keys
+# query_feat / query_embed / level_embed (decay_mult 0.0) exempt the decoder's query
+# features, its query positions (the release's `query_embed_decoder` holds the mask and
+# the text queries' positions) and its level embedding. Everything else, the backbone's
+# norms and embeddings, the prompt contexts and `gamma` included, is decayed (the pixel
+# decoder's level embedding too: mmdet's pixel decoder names it `level_encoding`, which
+# none of the custom keys matches).
 RELEASE_NO_DECAY_RULES = (
-    r"(^|/)(ln|bn|norm|gn|layernorm|layer_norm)[^/]*/(scale|bias)$",
-    r"(^|/)[^/]*norm[^/]*/(scale|bias)$",
-    r"^backbone/fpn1/1/(scale|bias)$",
-    r"/downsample/1/(scale|bias)$",
-    r"^decoder/(queries_features|queries_embedder|level_embed)$",
+    r"^(?!backbone/)(.*/)?(ln|bn|norm|gn|layernorm|layer_norm)[^/]*/(scale|bias)$",
+    r"^(?!backbone/)(.*/)?[^/]*norm[^/]*/(scale|bias)$",
+    r"^decoder/(queries_features|queries_embedder|text_pos_embed|level_embed)$",
 )
 
 
@@ -68,10 +70,10 @@ def apply_variant(c: ml_collections.ConfigDict, arg: str | None) -> None:
   """The paper's ablation rows (docs/RECIPES.md, "Ablation rows") as `arg` switches.
 
   baseline: Mask2Former + CLIP backbone (no text queries, no similarity loss).
-  text_only: text queries from one prompt (K=1), no similarity loss: Table 3's
-    "+ Text-Enhanced", which comes before the similarity loss (MTCL) and the
-    multiple prompts (MTPL); `text_only,K=k` keeps k prompts.
-  sim / K=k / neg=mix|separate / tau=t: similarity loss with K prompts.
+  text_only: text queries from one prompt (K=1), no similarity loss and so none of its
+    heads: Table 3's "+ Text-Enhanced", which comes before the similarity loss (MTCL)
+    and the multiple prompts (MTPL); `text_only,K=k` keeps k prompts.
+  sim / K=k / neg=mix|separate / tau=t: similarity loss (and its heads) with K prompts.
   joint=0: separate self-attention for text and mask queries.
   paper_lr: the paper's learning rate, 2e-4, instead of the released config's 1e-4.
   release_no_decay: the released config's narrower weight-decay exemptions.
@@ -88,8 +90,10 @@ def apply_variant(c: ml_collections.ConfigDict, arg: str | None) -> None:
     c.model.text_queries = True
     c.model.num_contexts = 1
     c.loss.similarity = False
+    c.model.similarity_heads = False
   if "sim" in v:
     c.loss.similarity = _bool(v["sim"])
+    c.model.similarity_heads = c.loss.similarity
   if "K" in v:
     c.model.num_contexts = int(v["K"])
   if "neg" in v:

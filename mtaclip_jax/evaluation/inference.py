@@ -142,8 +142,9 @@ def _jitted_scores(model, head: str, tau: float, upsample: bool):
       return semantic_scores(out["logits"][-1], masks)
     if "m_proj" not in out:
       raise ValueError(
-          "config.eval.head='similarity' needs a model with text queries "
-          "(config.model.text_queries=True): the outputs have no m_proj"
+          "config.eval.head='similarity' needs a model with text queries and the "
+          "similarity heads (config.model.text_queries=True, "
+          "config.model.similarity_heads=True): the outputs have no m_proj"
       )
     return similarity_scores(out["m_proj"][-1], out["t_proj"][-1], masks, tau)
 

@@ -147,7 +147,8 @@ class MaskTextDecoder(nn.Module):
   `mask_features` [B, h, w, mask_dim] and, with text queries, `text_embeddings`
   t0 [K, C+1, embed_dim]. Returns outputs stacked over the supervised layers:
   `logits` [L, B, Q, C+1] and `masks` [L, B, Q, h, w] (fp32) and, with text
-  queries, `m_proj` [L, B, Q, D] and `t_proj` [L, B, K, C+1, D] (L2-normalised);
+  queries and `similarity_heads`, `m_proj` [L, B, Q, D] and `t_proj` [L, B, K, C+1, D]
+  (L2-normalised: what the similarity loss and the similarity head compare);
   and the factors of the masks, `mask_embed` [L, B, Q, mask_dim] and (not stacked)
   `mask_features` [B, h, w, mask_dim]: masks = einsum(mask_embed, mask_features),
   through which the losses differentiate the matched masks only (objective/point_loss.py).
@@ -162,6 +163,9 @@ class MaskTextDecoder(nn.Module):
   num_layers: int = 9
   num_feature_levels: int = 3
   text_queries: bool = True
+  # The similarity loss's projections (mask_clip_proj, text_clip_proj, text_clip_norm,
+  # gamma); a model trained without that loss (Table 3's "+ Text-Enhanced") has none.
+  similarity_heads: bool = True
   joint_self_attn: bool = True
   embed_dim: int = 1024
   num_contexts: int = 3
@@ -208,10 +212,15 @@ class MaskTextDecoder(nn.Module):
       self.text_pos_embed = self.param(
           "text_pos_embed", emb, (self.num_text_queries, self.hidden_dim)
       )
+    if self.has_similarity_heads:
       self.mask_clip_proj = nn.Dense(self.embed_dim, dtype=jnp.float32)
       self.text_clip_proj = nn.Dense(self.embed_dim, dtype=jnp.float32)
       self.text_clip_norm = ln()
       self.gamma = self.param("gamma", nn.initializers.constant(self.gamma_init), (self.embed_dim,))
+
+  @property
+  def has_similarity_heads(self) -> bool:
+    return self.text_queries and self.similarity_heads
 
   @property
   def num_text_queries(self) -> int:
@@ -269,7 +278,7 @@ class MaskTextDecoder(nn.Module):
       outs["logits"].append(logits)
       outs["masks"].append(masks)
       outs["mask_embed"].append(embed)
-      if self.text_queries:
+      if self.has_similarity_heads:
         m = self.mask_clip_proj(normed[:, : self.num_queries])
         t = self.text_clip_norm(self.text_clip_proj(normed[:, self.num_queries :]))
         outs["m_proj"].append(_l2_normalize(m))

@@ -36,11 +36,13 @@ class MTACLIP(nn.Module):
   """`(images [B,H,W,3] normalised, class_tokens [C+1, class_length] int32,
   train=False) -> {"logits", "masks"[, "m_proj", "t_proj"]}` stacked over the
   supervised layers (see docs/CONTRACT.md). BatchNorm statistics live in
-  `batch_stats`; with backbone_norm="bn" and train=True pass mutable=["batch_stats"]."""
+  `batch_stats`; with train=True pass mutable=["batch_stats"] (a ViT's adapters and a
+  ResNet with backbone_norm="bn" update them)."""
 
   backbone: str = "RN50"
   text_encoder: str = "RN50"
   backbone_norm: str = "frozen_bn"
+  adapter_norm: str = "group"  # ViT backbones' FPN adapters (clip.vit.ADAPTER_NORMS)
   num_classes: int = 150
   num_queries: int = 100
   hidden_dim: int = 256
@@ -54,6 +56,9 @@ class MTACLIP(nn.Module):
   dec_ffn_dim: int = 2048
   dec_heads: int = 8
   text_queries: bool = True
+  # With text queries, the heads of the similarity loss (decoder/mask_clip_proj,
+  # text_clip_proj, text_clip_norm, gamma) and the outputs m_proj / t_proj.
+  similarity_heads: bool = True
   joint_self_attn: bool = True
   num_contexts: int = 3
   context_length: int = 8
@@ -74,7 +79,7 @@ class MTACLIP(nn.Module):
     if images.ndim != 4 or images.shape[-1] != 3:
       raise ValueError(f"images must be [B, H, W, 3], got {images.shape}")
     feats = backbones.get(self.backbone).build(
-        dtype=self.dtype, norm=self.backbone_norm, name="backbone"
+        dtype=self.dtype, norm=self.backbone_norm, adapter_norm=self.adapter_norm, name="backbone"
     )(images, train=train)
     pix = PixelDecoder(
         conv_dim=self.hidden_dim,
@@ -130,6 +135,7 @@ class MTACLIP(nn.Module):
         num_layers=self.dec_layers,
         num_feature_levels=self.num_feature_levels,
         text_queries=self.text_queries,
+        similarity_heads=self.similarity_heads,
         joint_self_attn=self.joint_self_attn,
         embed_dim=text_arch.embed_dim,
         num_contexts=self.num_contexts,
@@ -174,6 +180,7 @@ def build_model(model_config) -> MTACLIP:
   assert "num_classes" in c, "config.model.num_classes is required"
   fields = (
       "backbone_norm",
+      "adapter_norm",
       "num_queries",
       "hidden_dim",
       "mask_dim",
@@ -186,6 +193,7 @@ def build_model(model_config) -> MTACLIP:
       "dec_ffn_dim",
       "dec_heads",
       "text_queries",
+      "similarity_heads",
       "joint_self_attn",
       "num_contexts",
       "context_length",

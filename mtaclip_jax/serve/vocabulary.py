@@ -35,6 +35,12 @@ def parse_classes(spec: str) -> list[str]:
 
 def open_vocab_tokens(config, names: Sequence[str]):
   """(class_tokens [C+1, L], columns of the named classes + "none" in them)."""
+  if not (config.model.get("text_queries", True) and config.model.get("similarity_heads", True)):
+    raise ValueError(
+        "--classes needs a model with text queries and the similarity heads "
+        "(config.model.text_queries=True, config.model.similarity_heads=True); this "
+        "one scores the classes it was trained on only"
+    )
   c = int(config.model.num_classes)
   if len(names) > c:
     raise ValueError(
@@ -56,7 +62,8 @@ def make_open_vocab_fn(model, variables, tokens, columns: Sequence[int], tau: fl
     out = inference.apply_model(model, variables, images, tokens, t0)
     if "m_proj" not in out:
       raise ValueError(
-          "--classes needs a model with text queries " "(config.model.text_queries=True)"
+          "--classes needs a model with text queries and the similarity heads "
+          "(config.model.text_queries=True, config.model.similarity_heads=True)"
       )
     masks = out["masks"][-1]
     b, q = masks.shape[:2]

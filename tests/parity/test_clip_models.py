@@ -18,6 +18,8 @@ from mtaclip_jax.models.clip.transformer import Transformer
 from mtaclip_jax.models.clip.transformer import causal_mask
 from mtaclip_jax.models.clip.vit import Fpn1
 from mtaclip_jax.models.clip.vit import Fpn2
+from mtaclip_jax.models.clip.vit import Fpn3
+from mtaclip_jax.models.clip.vit import Fpn4
 from tests.clip_reference import reference_clip
 from tests.clip_reference import rel_err
 
@@ -291,9 +293,9 @@ def test_vit_resized_positional_embedding_matches_torch():
 
 @pytest.mark.parity
 def test_fpn_adapters_match_torch():
-  """fpn1/fpn2 equal PyTorch's Sequential(ConvTranspose2d, BatchNorm2d, GELU,
-  ConvTranspose2d) / ConvTranspose2d with weights mapped like a conv (OIHW -> HWIO),
-  in eval and train mode."""
+  """With adapter_norm="none", fpn1/fpn2 equal PyTorch's Sequential(ConvTranspose2d,
+  BatchNorm2d, GELU, ConvTranspose2d) / ConvTranspose2d with weights mapped like a conv
+  (OIHW -> HWIO), in eval and train mode."""
 
   torch.manual_seed(0)
   w = 8
@@ -323,12 +325,90 @@ def test_fpn_adapters_match_torch():
   x = np.random.default_rng(0).standard_normal((2, 3, 5, w)).astype(np.float32)
   xt = torch.from_numpy(x).permute(0, 3, 1, 2)
   to_nhwc = lambda t: t.detach().permute(0, 2, 3, 1).numpy()
-  assert rel_err(Fpn2(w).apply({"params": {"0": conv(fpn2)}}, x), to_nhwc(fpn2(xt))) <= 1e-6
+  plain2 = Fpn2(w, norm="none")
+  assert rel_err(plain2.apply({"params": {"0": conv(fpn2)}}, x), to_nhwc(fpn2(xt))) <= 1e-6
+  plain1 = Fpn1(w, norm="none")
   fpn1.eval()
-  assert rel_err(Fpn1(w).apply(v1, x), to_nhwc(fpn1(xt))) <= 1e-6
+  assert rel_err(plain1.apply(v1, x), to_nhwc(fpn1(xt))) <= 1e-6
+  fpn1.train()
+  got, _ = plain1.apply(v1, x, train=True, mutable=["batch_stats"])
+  assert rel_err(got, to_nhwc(fpn1(xt))) <= 1e-5
+  assert Fpn3(norm="none").init(jax.random.key(0), x) == {}
+  assert Fpn4(norm="none").init(jax.random.key(0), x) == {}
+
+
+# float32, relative to the largest output (measured 2.7e-7 .. 8.2e-7 on CPU): both sum
+# GroupNorm's statistics in float32 over H x W x C (here 120 values).
+GROUP_NORM_TOL = 2e-6
+
+
+@pytest.mark.parity
+def test_group_norm_adapters_match_the_released_torch_adapters():
+  """adapter_norm="group" (the default): fpn3 is torch's GroupNorm(1, C) on the NCHW
+  tensor (random affine), and fpn1 / fpn2 / fpn4 equal the release's
+  Sequential(GroupNorm, ConvTranspose2d, BatchNorm2d, GELU, ConvTranspose2d) /
+  Sequential(GroupNorm, ConvTranspose2d) / Sequential(GroupNorm, MaxPool2d(2, 2)), with
+  each GroupNorm at `fpnN/group_norm`; fpn1 in eval and train mode."""
+  torch.manual_seed(0)
+  w = 8
+  gn = lambda: torch.nn.GroupNorm(1, w)  # eps 1e-5, as the release builds it
+  fpn1 = torch.nn.Sequential(
+      gn(),
+      torch.nn.ConvTranspose2d(w, w, 2, 2),
+      torch.nn.BatchNorm2d(w),
+      torch.nn.GELU(),
+      torch.nn.ConvTranspose2d(w, w, 2, 2),
+  )
+  fpn2 = torch.nn.Sequential(gn(), torch.nn.ConvTranspose2d(w, w, 2, 2))
+  fpn3 = gn()
+  fpn4 = torch.nn.Sequential(gn(), torch.nn.MaxPool2d(2, 2))
+  norms = (fpn1[0], fpn2[0], fpn3, fpn4[0])
+  with torch.no_grad():
+    for norm in norms:
+      norm.weight.normal_(1, 0.3), norm.bias.normal_(0, 0.3)
+    fpn1[2].weight.normal_(1, 0.2), fpn1[2].bias.normal_(0, 0.1)
+    fpn1[2].running_mean.normal_(0, 0.1), fpn1[2].running_var.uniform_(0.5, 1.5)
+  np_ = lambda t: t.detach().numpy()
+  group = lambda m: {"scale": np_(m.weight), "bias": np_(m.bias)}
+  conv = lambda m: {"kernel": np_(m.weight).transpose(2, 3, 1, 0), "bias": np_(m.bias)}
+  bn = fpn1[2]
+  v1 = {
+      "params": {
+          "group_norm": group(fpn1[0]),
+          "0": conv(fpn1[1]),
+          "1": {"scale": np_(bn.weight), "bias": np_(bn.bias)},
+          "3": conv(fpn1[4]),
+      },
+      "batch_stats": {"1": {"mean": bn.running_mean.numpy(), "var": bn.running_var.numpy()}},
+  }
+  v2 = {"params": {"group_norm": group(fpn2[0]), "0": conv(fpn2[1])}}
+  v3 = {"params": {"group_norm": group(fpn3)}}
+  v4 = {"params": {"group_norm": group(fpn4[0])}}
+  # Per-image offsets and scales, so that the per-image statistics matter.
+  rng = np.random.default_rng(0)
+  x = rng.standard_normal((2, 3, 5, w)) * np.array([0.5, 3.0]).reshape(2, 1, 1, 1)
+  x = (x + np.array([-2.0, 4.0]).reshape(2, 1, 1, 1)).astype(np.float32)
+  xt = torch.from_numpy(x).permute(0, 3, 1, 2)  # the same values, NCHW
+  to_nhwc = lambda t: t.detach().permute(0, 2, 3, 1).numpy()
+
+  # The shapes flax creates are the ones filled in above.
+  init = lambda m, *a: jax.tree.map(np.shape, m.init(jax.random.key(0), x, *a))
+  assert init(Fpn1(w), False) == jax.tree.map(np.shape, v1)
+  for module, v in ((Fpn2(w), v2), (Fpn3(), v3), (Fpn4(), v4)):
+    assert init(module) == jax.tree.map(np.shape, v)
+
+  errs = {
+      "fpn3 = GroupNorm(1, C)": rel_err(Fpn3().apply(v3, x), to_nhwc(fpn3(xt))),
+      "fpn2": rel_err(Fpn2(w).apply(v2, x), to_nhwc(fpn2(xt))),
+      "fpn4": rel_err(Fpn4().apply(v4, x), to_nhwc(fpn4(xt))),
+  }
+  fpn1.eval()
+  errs["fpn1 eval"] = rel_err(Fpn1(w).apply(v1, x), to_nhwc(fpn1(xt)))
+  print("\nGroupNorm adapters vs torch:", {k: f"{e:.1e}" for k, e in errs.items()})
+  assert max(errs.values()) <= GROUP_NORM_TOL, errs
   fpn1.train()
   got, _ = Fpn1(w).apply(v1, x, train=True, mutable=["batch_stats"])
-  assert rel_err(got, to_nhwc(fpn1(xt))) <= 1e-5
+  assert rel_err(got, to_nhwc(fpn1(xt))) <= 1e-5  # as the train-mode BN above
 
 
 def test_transformer_last_block_at_one_position_equals_the_whole():

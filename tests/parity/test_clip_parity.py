@@ -32,8 +32,14 @@ TOWER_TOL = 1e-4
 
 
 @functools.lru_cache(maxsize=None)
+# res4/res5 of a ViT are compared with the tapped tokens themselves: the adapters'
+# GroupNorms (compared with torch's in test_clip_models.py) are left out here.
+def _image_encoder(arch_name):
+  return clip.ImageEncoder(arch_name, adapter_norm="none")
+
+
 def _image_apply(arch_name):
-  enc = clip.ImageEncoder(arch_name)
+  enc = _image_encoder(arch_name)
 
   def fn(variables, images):
     out, inter = enc.apply(
@@ -101,9 +107,7 @@ def _run_reference(model, images_nchw):
 def _image_variables(arch_name, converted, size):
   if not clip.ARCHS[arch_name].is_vit:
     return converted
-  init = jax.jit(clip.ImageEncoder(arch_name).init)(
-      jax.random.key(0), jnp.zeros((1, size, size, 3))
-  )
+  init = jax.jit(_image_encoder(arch_name).init)(jax.random.key(0), jnp.zeros((1, size, size, 3)))
   return merge_into(init, converted)  # FPN adapters stay random
 
 

@@ -1,7 +1,7 @@
 """ImageNet ViT-S/16 backbone vs a random-init transformers ViTModel (every block, the
-final norm, res2..res5 through the registry against torch adapters), the timm-style key
-mapping against a pure-torch transcription of timm's VisionTransformer, and the
-conversion errors a user can cause."""
+final norm, res2..res5 through the registry against the released code's torch
+adapters), the timm-style key mapping against a pure-torch transcription of timm's
+VisionTransformer, and the conversion errors a user can cause."""
 
 import jax
 import jax.numpy as jnp
@@ -44,12 +44,17 @@ def backbone():
 
 
 def _variables(init, params, shape, seed=2):
-  """Init variables with `params` overlaid; the new adapters' BN stats randomised."""
+  """Init variables with `params` overlaid; the new adapters' BN stats and GroupNorm
+  affines randomised."""
   v = jax.tree.map(np.asarray, init(jax.random.key(seed), jnp.zeros(shape)))
   rng = np.random.default_rng(seed)
   bn = v["batch_stats"]["fpn1"]["1"]
   bn["mean"] = rng.standard_normal(bn["mean"].shape).astype(np.float32) * 0.1
   bn["var"] = rng.uniform(0.5, 2.0, bn["var"].shape).astype(np.float32)
+  for adapter in ("fpn1", "fpn2", "fpn3", "fpn4"):
+    gn = v["params"][adapter]["group_norm"]
+    gn["scale"] = (1 + 0.3 * rng.standard_normal(gn["scale"].shape)).astype(np.float32)
+    gn["bias"] = (0.3 * rng.standard_normal(gn["bias"].shape)).astype(np.float32)
   return {**v, "params": {**v["params"], **params}}
 
 
@@ -59,8 +64,15 @@ def _blocks(inter):
 
 
 def _torch_adapters(params, stats):
-  """clip_vit's adapters as the PyTorch modules they mirror, with our weights."""
+  """The adapters as the released code builds them in PyTorch (GroupNorm(1, C) first in
+  each), with our weights."""
   w = ARCH.hidden_size
+
+  def gn(p):
+    m = nn.GroupNorm(1, w)
+    m.weight.data = torch.from_numpy(np.array(p["group_norm"]["scale"]))
+    m.bias.data = torch.from_numpy(np.array(p["group_norm"]["bias"]))
+    return m
 
   def up(p):
     m = nn.ConvTranspose2d(w, w, 2, 2)
@@ -73,8 +85,12 @@ def _torch_adapters(params, stats):
   bn.bias.data = torch.from_numpy(np.array(params["fpn1"]["1"]["bias"]))
   bn.running_mean.data = torch.from_numpy(np.array(stats["fpn1"]["1"]["mean"]))
   bn.running_var.data = torch.from_numpy(np.array(stats["fpn1"]["1"]["var"]))
-  fpn1 = nn.Sequential(up(params["fpn1"]["0"]), bn, nn.GELU(), up(params["fpn1"]["3"]))
-  return fpn1.eval(), up(params["fpn2"]["0"]).eval()
+  fpn1 = nn.Sequential(
+      gn(params["fpn1"]), up(params["fpn1"]["0"]), bn, nn.GELU(), up(params["fpn1"]["3"])
+  )
+  fpn2 = nn.Sequential(gn(params["fpn2"]), up(params["fpn2"]["0"]))
+  fpn4 = nn.Sequential(gn(params["fpn4"]), nn.MaxPool2d(2, 2))
+  return [m.eval() for m in (fpn1, fpn2, gn(params["fpn3"]), fpn4)]
 
 
 @pytest.mark.parity
@@ -102,13 +118,13 @@ def test_every_block_and_tap_match_transformers(hf, backbone):
 
   gh, gw = h // 16, w // 16
   grid = lambda t: ref.hidden_states[t + 1][:, 1:].reshape(2, gh, gw, -1).permute(0, 3, 1, 2)
-  fpn1, fpn2 = _torch_adapters(variables["params"], variables["batch_stats"])
+  fpn1, fpn2, fpn3, fpn4 = _torch_adapters(variables["params"], variables["batch_stats"])
   with torch.no_grad():
     want = {
         "res2": fpn1(grid(3)),
         "res3": fpn2(grid(5)),
-        "res4": grid(7),
-        "res5": nn.functional.max_pool2d(grid(11), 2),
+        "res4": fpn3(grid(7)),
+        "res5": fpn4(grid(11)),
     }
   errs = {}
   for k, v in want.items():

@@ -112,7 +112,7 @@ def assert_loaded(loaded, folder, prefix, tower):
 def assert_trained_and_evaluated(results, workdir):
   assert results["loss"] > 0 and np.isfinite(results["loss"])
   assert 0.0 <= results["eval_mIoU"] <= 100.0
-  saved = report.results_path(str(workdir), 1, "slide", "class")
+  saved = report.results_path(str(workdir), 1, "slide", "class", max_images=1)
   with open(saved) as f:
     assert json.load(f)["num_images"] == 1
 
@@ -184,6 +184,11 @@ def test_vit_s16_file_to_a_trained_and_evaluated_paper_config(tmp_path, monkeypa
   assert assert_loaded(loaded, clip_folder, "text_encoder", "text") > 100
   # The CLIP image tower in that file is not this model's backbone.
   assert not any(k.startswith("backbone/transformer/") for k in loaded["params"])
+  # The adapters fpn1..fpn4 are in no checkpoint: each GroupNorm keeps its
+  # initialisation, scale 1 and bias 0.
+  for a in clip.vit.ADAPTERS:
+    np.testing.assert_array_equal(loaded["params"][f"backbone/{a}/group_norm/scale"], 1.0)
+    np.testing.assert_array_equal(loaded["params"][f"backbone/{a}/group_norm/bias"], 0.0)
 
   images = np.random.default_rng(0).standard_normal((1, 3, 224, 224)).astype(np.float32)
   with torch.no_grad():

@@ -1,7 +1,7 @@
 """The backbone registry: the image towers the model can be built on.
 
     bb = backbones.get("ViT-S/16")
-    module = bb.build(dtype=jnp.float32, norm="frozen_bn", name="backbone")
+    module = bb.build(dtype=jnp.float32, norm="frozen_bn", adapter_norm="group", name="backbone")
     feats = module.apply(variables, images, train=False)   # {"res2".."res5": NHWC}
 
 Every backbone returns res2..res5 at strides 4/8/16/32 with the channels it declares
@@ -17,7 +17,6 @@ Adding a backbone is one module file plus one `register(...)` line below
 """
 
 import dataclasses
-import functools
 from typing import Callable, Dict, Tuple
 
 import flax.linen as nn
@@ -40,7 +39,9 @@ class Backbone:
   family: str  # "clip" | "imagenet"
   channels: Tuple[int, int, int, int]  # res2..res5
   strides: Tuple[int, int, int, int]  # (4, 8, 16, 32)
-  # build(dtype=..., norm=..., name=...) -> module;
+  # build(dtype=..., norm=..., adapter_norm=..., name=...) -> module; `norm` applies to
+  # batch-normed backbones (CLIP ResNets), `adapter_norm` to the ViTs' FPN adapters;
+  # a backbone without either ignores it.
   # module(images [B,H,W,3], train=False) -> {"res2".."res5": NHWC}
   build: Callable[..., nn.Module]
 
@@ -78,30 +79,36 @@ def get(name: str) -> Backbone:
 def _clip_backbone(arch: clip.CLIPArch) -> Backbone:
   channels = tuple(arch.feature_channels[f"res{i}"] for i in range(2, 6))
 
-  def build(dtype=None, norm: str = "frozen_bn", name=None):
+  def build(dtype=None, norm: str = "frozen_bn", adapter_norm: str = "group", name=None):
     kwargs = {} if dtype is None else {"dtype": dtype}
-    return clip.ImageEncoder(arch, norm=norm, name=name, **kwargs)
+    return clip.ImageEncoder(arch, norm=norm, adapter_norm=adapter_norm, name=name, **kwargs)
 
   return Backbone(arch.name, "clip", channels, STRIDES, build)
 
 
 def _imagenet_vit(arch: vit_imagenet.ViTArch) -> Backbone:
-  def build(dtype=None, norm: str = "frozen_bn", name=None):
+  def build(dtype=None, norm: str = "frozen_bn", adapter_norm: str = "group", name=None):
     del norm  # layer norms; the FPN adapter's BN is always trainable (as CLIP ViT's)
-    return vit_imagenet.ImageNetViT(arch, jnp.float32 if dtype is None else dtype, name=name)
+    if adapter_norm not in clip.ADAPTER_NORMS:
+      raise ValueError(f"adapter_norm must be one of {clip.ADAPTER_NORMS}, got {adapter_norm!r}")
+    return vit_imagenet.ImageNetViT(
+        arch, jnp.float32 if dtype is None else dtype, adapter_norm, name=name
+    )
 
   return Backbone(arch.name, "imagenet", (arch.hidden_size,) * 4, STRIDES, build)
+
+
+def _mit(arch_name: str) -> Backbone:
+  def build(dtype=None, norm=None, adapter_norm=None, name=None):
+    del norm, adapter_norm  # layer norms only, no adapters
+    return mit.build(arch_name, dtype, name=name)
+
+  return Backbone(
+      arch_name, "imagenet", tuple(mit.MIT_ARCHS[arch_name]["hidden_sizes"]), STRIDES, build
+  )
 
 
 for _arch in clip.ARCHS.values():
   register(_clip_backbone(_arch))
 register(_imagenet_vit(vit_imagenet.ARCHS["ViT-S/16"]))
-register(
-    Backbone(
-        "MiT-B4",
-        "imagenet",
-        tuple(mit.MIT_ARCHS["MiT-B4"]["hidden_sizes"]),
-        STRIDES,
-        functools.partial(mit.build, "MiT-B4"),
-    )
-)
+register(_mit("MiT-B4"))

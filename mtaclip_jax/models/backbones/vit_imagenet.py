@@ -11,8 +11,9 @@ mlp.fc2}`, `layernorm`), so `convert_weights.vit_hf` is key rewriting. Pre-LN bl
 exact GELU, a class token, learned position embeddings resized bicubically (as
 `ViTModel(interpolate_pos_encoding=True)` and the CLIP ViT) to the input's patch grid.
 Dense features: patch tokens after blocks `clip.vit.TAPS` through the same adapters as
-the CLIP ViT (`clip.vit.Fpn1`/`Fpn2`, new modules, random init). "embedding" is the
-final `layernorm` of the class token (the segmentation model does not use it).
+the CLIP ViT (`clip.vit.feature_pyramid`: `fpn1`..`fpn4`, new modules, random init;
+`adapter_norm` as there). "embedding" is the final `layernorm` of the class token (the
+segmentation model does not use it).
 """
 
 import dataclasses
@@ -25,8 +26,7 @@ import jax.numpy as jnp
 from mtaclip_jax.models.clip.resize import resize_positional_embedding
 from mtaclip_jax.models.clip.transformer import LayerNorm
 from mtaclip_jax.models.clip.vit import TAPS
-from mtaclip_jax.models.clip.vit import Fpn1
-from mtaclip_jax.models.clip.vit import Fpn2
+from mtaclip_jax.models.clip.vit import feature_pyramid
 from mtaclip_jax.models.ops.conv import Conv2d
 
 
@@ -51,19 +51,19 @@ ARCHS: Dict[str, ViTArch] = {
 
 
 def dense_features(
-    tapped: Sequence[jax.Array], grid: Tuple[int, int], width: int, dtype, train: bool
+    tapped: Sequence[jax.Array],
+    grid: Tuple[int, int],
+    width: int,
+    dtype,
+    train: bool,
+    adapter_norm: str = "group",
 ) -> Dict[str, jax.Array]:
   """Token sequences [B, 1 + gh*gw, width] after the four tapped blocks -> res2..res5
   through the CLIP ViT's adapters. Call inside a compact module: it creates the
-  submodules "fpn1" and "fpn2" there."""
+  adapters `fpn1`..`fpn4` there."""
   b = tapped[0].shape[0]
   grids = [t[:, 1:].reshape(b, grid[0], grid[1], width) for t in tapped]
-  return {
-      "res2": Fpn1(width, dtype, name="fpn1")(grids[0], train),
-      "res3": Fpn2(width, dtype, name="fpn2")(grids[1]),
-      "res4": grids[2],
-      "res5": nn.max_pool(grids[3], (2, 2), strides=(2, 2), padding="VALID"),
-  }
+  return feature_pyramid(grids, width, dtype, adapter_norm, train)
 
 
 def _dense(features: int, dtype, name: str) -> nn.Dense:
@@ -168,6 +168,7 @@ class ImageNetViT(nn.Module):
 
   arch: ViTArch
   dtype: jnp.dtype = jnp.float32
+  adapter_norm: str = "group"  # clip.vit.ADAPTER_NORMS
 
   @nn.compact
   def __call__(self, images, train: bool = False):
@@ -181,6 +182,8 @@ class ImageNetViT(nn.Module):
       )
     x, grid = Embeddings(a, self.dtype, name="embeddings")(images)
     outputs = Layers(a, self.dtype, name="layers")(x)
-    feats = dense_features([outputs[t] for t in TAPS], grid, a.hidden_size, self.dtype, train)
+    feats = dense_features(
+        [outputs[t] for t in TAPS], grid, a.hidden_size, self.dtype, train, self.adapter_norm
+    )
     feats["embedding"] = LayerNorm(a.layer_norm_eps, name="layernorm")(outputs[-1][:, 0])
     return feats

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 from mtaclip_jax.models.clip.resnet import NORMS
 from mtaclip_jax.models.clip.resnet import ModifiedResNet
 from mtaclip_jax.models.clip.text import TextTransformer
+from mtaclip_jax.models.clip.vit import ADAPTER_NORMS
 from mtaclip_jax.models.clip.vit import VisionTransformer
 
 
@@ -87,15 +88,21 @@ def _dtype(dtype):
 
 
 def ImageEncoder(
-    arch: Union[str, CLIPArch], dtype=jnp.float32, norm: str = "frozen_bn", **module_kwargs
+    arch: Union[str, CLIPArch],
+    dtype=jnp.float32,
+    norm: str = "frozen_bn",
+    adapter_norm: str = "group",
+    **module_kwargs,
 ):
   """The CLIP image tower as a linen module: `(images [B,H,W,3], train=False) ->
   {"res2".."res5", "embedding"}`. `norm` ("frozen_bn" | "bn") applies to ResNets;
-  the ViT's FPN adapters always use a trainable BN. `module_kwargs` (e.g. `name`)
-  go to the module."""
+  `adapter_norm` ("group" | "none", vit.ADAPTER_NORMS) to the ViT's FPN adapters, whose
+  BN is always trainable. `module_kwargs` (e.g. `name`) go to the module."""
   arch = get_arch(arch)
   if norm not in NORMS:
     raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
+  if adapter_norm not in ADAPTER_NORMS:
+    raise ValueError(f"adapter_norm must be one of {ADAPTER_NORMS}, got {adapter_norm!r}")
   if arch.is_vit:
     return VisionTransformer(
         arch.image_resolution,
@@ -105,6 +112,7 @@ def ImageEncoder(
         arch.vision_heads,
         arch.embed_dim,
         dtype=_dtype(dtype),
+        adapter_norm=adapter_norm,
         **module_kwargs,
     )
   return ModifiedResNet(

@@ -2,12 +2,16 @@
 exactly the keys of its table row (docs/REPRODUCE.md), the paper configs evaluate as
 the released config does, and they refuse to train without pretrained weights."""
 
+import jax
+import jax.numpy as jnp
 import pytest
 
 from mtaclip_jax import errors
 from mtaclip_jax.config import recipes
 from mtaclip_jax.config import validate
 from mtaclip_jax.config import variants
+from mtaclip_jax.models import mtaclip
+from mtaclip_jax.train import optim
 from tests import train_fixtures
 
 
@@ -43,7 +47,10 @@ ROWS = [
     ("baseline", {"model.text_queries": False, "loss.similarity": False}),
     # Table 3 right "+ Text-Enhanced": before MTCL (no similarity loss) and before
     # MTPL (one prompt)
-    ("text_only", {"loss.similarity": False, "model.num_contexts": 1}),
+    (
+        "text_only",
+        {"loss.similarity": False, "model.similarity_heads": False, "model.num_contexts": 1},
+    ),
     # Table 3 right "+ Text-Enhanced + MTCL"; Table 4 right, one prompt
     ("sim,K=1", {"model.num_contexts": 1}),
     # Table 3 right "+ MTPL" = the full model
@@ -64,7 +71,7 @@ ROWS = [
     ("release_no_decay", {"optim.no_decay_rules": RELEASE_NO_DECAY}),
     ("bf16", {"model.dtype": "bfloat16"}),
     ("tau=0.07", {"loss.tau": 0.07}),
-    ("text_only,K=3", {"loss.similarity": False}),
+    ("text_only,K=3", {"loss.similarity": False, "model.similarity_heads": False}),
 ]
 
 
@@ -121,6 +128,40 @@ def test_released_defaults():
   assert c.optim.lr == 1e-4 and c.optim.warmup_start_factor == 0.1
   assert c.model.context_init == "trunc_normal"
   assert not c.init.allow_random
+  # CLIP ResNets' BatchNorm normalises with batch statistics in training; the ViTs'
+  # adapters start with GroupNorm(1, C).
+  assert c.model.backbone_norm == "bn" and c.model.adapter_norm == "group"
+  # The "none" class's text is the release's.
+  assert c.data.none_class_name == "none"
+  # The demo keeps the running statistics and the "none" text it was tuned with.
+  demo = train_fixtures.load_config("demo")
+  assert demo.model.backbone_norm == "frozen_bn" and demo.data.none_class_name == "background"
+
+
+# The decoder's heads of the similarity loss.
+SIMILARITY_HEADS = ("mask_clip_proj", "text_clip_proj", "text_clip_norm", "gamma")
+
+
+def _decoder_modules(arg):
+  """Top-level names under decoder/ of configs/ade20k_r50.py:arg's parameter tree
+  (jax.eval_shape: nothing is compiled or allocated)."""
+  c = recipes.paper_config("ade20k", "RN50", arg)
+  model = mtaclip.build_model(c.model)
+  tokens = jnp.zeros((c.model.num_classes + 1, c.model.class_length), jnp.int32)
+  shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 64, 64, 3)), tokens)
+  return {p.split("/")[1] for p in optim.flatten(shapes["params"]) if p.startswith("decoder/")}
+
+
+@pytest.mark.parametrize(
+    "arg,has_heads",
+    [("", True), ("text_only", False), ("text_only,sim=1", True), ("sim,K=1", True)],
+)
+def test_similarity_heads_exist_only_where_the_loss_uses_them(arg, has_heads):
+  """Table 3's "+ Text-Enhanced" (text_only) trains without the similarity loss, so
+  its decoder has none of that loss's heads; the text queries' own parts stay."""
+  names = _decoder_modules(arg)
+  assert {"text_proj", "text_norm", "text_pos_embed"} <= names
+  assert set(SIMILARITY_HEADS) & names == (set(SIMILARITY_HEADS) if has_heads else set())
 
 
 @pytest.mark.parametrize(

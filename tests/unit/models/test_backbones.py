@@ -24,6 +24,7 @@ from mtaclip_jax.config import recipes
 from mtaclip_jax.config import validate
 from mtaclip_jax.data import classes as data_classes
 from mtaclip_jax.models import backbones
+from mtaclip_jax.models import clip
 from mtaclip_jax.models import mtaclip
 from mtaclip_jax.train import optim
 from mtaclip_jax.train import pretrained
@@ -82,8 +83,9 @@ def test_declared_channels_and_strides(name):
   out = jax.eval_shape(module.apply, variables, images)
   for i, (c, s) in enumerate(zip(b.channels, b.strides)):
     assert out[f"res{i + 2}"].shape == (1, 64 // s, 96 // s, c), (name, i)
-  # ViT-S/16: transformers ViTModel without pooler (21,665,664) + FPN adapters.
-  counts = {"ViT-S/16": 23_437_056, "MiT-B4": 60_842_688}
+  # ViT-S/16: transformers ViTModel without pooler (21,665,664) + FPN adapters, their
+  # four GroupNorms (4 x 2 x 384) included.
+  counts = {"ViT-S/16": 23_440_128, "MiT-B4": 60_842_688}
   if name in counts:
     assert sum(v.size for v in jax.tree.leaves(variables["params"])) == counts[name]
 
@@ -300,10 +302,9 @@ def test_init_backbone_and_clip_text_tower(folders, backbone, tmp_path):
   for k, v in expect.items():
     np.testing.assert_array_equal(loaded[k], v, err_msg=k)
   kept = {k for k in loaded if k.startswith("backbone/") and k not in expect}
+  adapters = tuple(f"backbone/{a}/" for a in clip.vit.ADAPTERS)
   assert kept == (
-      {k for k in loaded if k.startswith(("backbone/fpn1/", "backbone/fpn2/"))}
-      if backbone == "ViT-S/16"
-      else set()
+      {k for k in loaded if k.startswith(adapters)} if backbone == "ViT-S/16" else set()
   )
 
 

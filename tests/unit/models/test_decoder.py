@@ -179,3 +179,20 @@ def test_fused_attention_path_matches_einsums(monkeypatch, dtype, tol):
   largest = max(float(jnp.abs(w).max()) for w in jax.tree.leaves(want_g))
   for g, w in zip(jax.tree.leaves(got_g), jax.tree.leaves(want_g)):
     assert float(jnp.abs(g - w).max()) <= tol * largest
+
+
+def test_without_similarity_heads_the_outputs_and_the_heads_are_absent(setup):
+  """similarity_heads=False (Table 3's "+ Text-Enhanced"): the text queries run as
+  before, with no m_proj / t_proj and none of the similarity loss's parameters; the
+  other parameters and the class and mask outputs are the full decoder's."""
+  full, params, ms, mf, t0 = setup
+  dec = _decoder(similarity_heads=False)
+  shapes = jax.eval_shape(dec.init, jax.random.PRNGKey(1), ms, mf, t0)["params"]
+  heads = {"mask_clip_proj", "text_clip_proj", "text_clip_norm", "gamma"}
+  assert set(shapes) == set(params) - heads
+  kept = {k: v for k, v in params.items() if k not in heads}
+  out = jax.jit(dec.apply)({"params": kept}, ms, mf, t0)
+  assert "m_proj" not in out and "t_proj" not in out
+  want = jax.jit(full.apply)({"params": params}, ms, mf, t0)
+  for key in ("logits", "masks"):
+    np.testing.assert_array_equal(out[key], want[key])
