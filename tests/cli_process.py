@@ -15,6 +15,8 @@ import dataclasses
 import multiprocessing
 import os
 import runpy
+import shutil
+import signal
 import sys
 import tempfile
 
@@ -78,3 +80,52 @@ def run(module: str, *args: str, cwd: str = train_fixtures.ROOT, timeout: float 
       raise TimeoutError(f"python -m {module} {' '.join(args)}: still running after {timeout} s")
     with open(out_path) as f_out, open(err_path) as f_err:
       return Completed(proc.exitcode, f_out.read(), f_err.read())
+
+
+class Started:
+  """A command started by `start`, running on its own: its pid, exit status (`poll`,
+  `wait`: negative for a signal, as subprocess's) and the stderr written so far."""
+
+  def __init__(self, module: str, args, cwd: str):
+    self._dir = tempfile.mkdtemp()
+    self._err = os.path.join(self._dir, "stderr")
+    out = os.path.join(self._dir, "stdout")
+    self._proc = _get_context().Process(target=_main, args=(module, args, cwd, out, self._err))
+    self._proc.start()
+    self.pid = self._proc.pid
+
+  def poll(self):
+    return self._proc.exitcode
+
+  def wait(self, timeout: float | None = None):
+    self._proc.join(timeout)
+    if self._proc.exitcode is None:
+      raise TimeoutError(f"process {self.pid} still running after {timeout} s")
+    return self._proc.exitcode
+
+  def stderr(self) -> str:
+    try:
+      with open(self._err) as f:
+        return f.read()
+    except FileNotFoundError:  # not opened yet by the new process
+      return ""
+
+  def signal(self, sig: int = signal.SIGKILL):
+    os.kill(self.pid, sig)
+
+  def close(self):
+    if self._proc.exitcode is None:
+      self._proc.kill()
+      self._proc.join()
+    shutil.rmtree(self._dir, ignore_errors=True)
+
+
+def start(module: str, *args: str, cwd: str = train_fixtures.ROOT) -> Started:
+  """Starts `python -m module *args` in `cwd` and returns at once; `close()` it."""
+  return Started(module, args, cwd)
+
+
+def module_args(cmd):
+  """(module, args) of a command line `[sys.executable, "-m", module, *args]`."""
+  assert cmd[:2] == [sys.executable, "-m"], cmd
+  return cmd[2], cmd[3:]

@@ -4,15 +4,14 @@ comparison of final states (tests/integration/test_faults_*.py)."""
 import json
 import os
 import signal
-import subprocess
 import sys
-import tempfile
 import time
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from tests import cli_process
 from tests import train_fixtures
 
 ROOT = train_fixtures.ROOT
@@ -38,7 +37,10 @@ def command(data_root, workdir, steps=STEPS, every=2):
 
 
 def run(cmd, timeout=600):
-  proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, check=False)
+  """Runs the command line `cmd` (`[python, "-m", module, ...]`) in a process of its
+  own forked from one that imported the CLI (tests/cli_process.py)."""
+  module, args = cli_process.module_args(cmd)
+  proc = cli_process.run(module, *args, timeout=timeout)
   assert proc.returncode == 0, proc.stderr[-4000:]
   return proc
 
@@ -49,22 +51,26 @@ def steps_on_disk(workdir):
 
 
 def kill9_when(cmd, ready, delay=0.0, timeout=300):
-  """Starts `cmd`, waits until `ready(stderr so far)` holds, sleeps `delay` seconds and
-  kills it with SIGKILL. Returns True if the kill landed (the run had not ended)."""
-  with tempfile.TemporaryFile("w+") as err:
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=err, text=True)
+  """Starts the command line `cmd` (as `run`), waits until `ready(stderr so far)` holds,
+  sleeps `delay` seconds and kills it with SIGKILL. Returns True if the kill landed
+  (the run had not ended).
+  """
+  module, args = cli_process.module_args(cmd)
+  proc = cli_process.start(module, *args)
+  try:
     deadline = time.time() + timeout
     while proc.poll() is None and time.time() < deadline:
-      err.seek(0)
-      if ready(err.read()):
+      if ready(proc.stderr()):
         time.sleep(delay)
         break
       time.sleep(0.02)
     if proc.poll() is not None:
       return False
-    os.kill(proc.pid, signal.SIGKILL)
+    proc.signal(signal.SIGKILL)
     proc.wait()
     return True
+  finally:
+    proc.close()
 
 
 def evaluating(stderr):

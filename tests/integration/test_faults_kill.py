@@ -5,13 +5,12 @@ import os
 import random
 import shutil
 import signal
-import subprocess
 import time
 
 import pytest
 
+from tests import cli_process
 from tests.integration.faults import EVAL_STEP
-from tests.integration.faults import ROOT
 from tests.integration.faults import STEPS
 from tests.integration.faults import assert_identical
 from tests.integration.faults import command
@@ -58,22 +57,20 @@ def test_sigterm_saves_and_exits_0_then_resumes(data_root, reference, tmp_path):
   continued to STEPS (more steps than the stopped run asked for) ends bit-identical to
   the uninterrupted one."""
   workdir = str(tmp_path / "preempted")
-  proc = subprocess.Popen(
-      command(data_root, workdir, steps=10_000, every=10_000),
-      cwd=ROOT,
-      stdout=subprocess.DEVNULL,
-      stderr=subprocess.PIPE,
-      text=True,
-  )
-  metrics = os.path.join(workdir, "metrics.jsonl")
-  deadline = time.time() + 300
-  while time.time() < deadline and proc.poll() is None:
-    if os.path.exists(metrics) and sum(1 for _ in open(metrics)) >= 3:
-      break
-    time.sleep(0.05)
-  proc.send_signal(signal.SIGTERM)
-  _, err = proc.communicate(timeout=300)
-  assert proc.returncode == 0, err[-3000:]
+  module, args = cli_process.module_args(command(data_root, workdir, steps=10_000, every=10_000))
+  proc = cli_process.start(module, *args)
+  try:
+    metrics = os.path.join(workdir, "metrics.jsonl")
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+      if os.path.exists(metrics) and sum(1 for _ in open(metrics)) >= 3:
+        break
+      time.sleep(0.05)
+    proc.signal(signal.SIGTERM)
+    returncode = proc.wait(timeout=300)
+    assert returncode == 0, proc.stderr()[-3000:]
+  finally:
+    proc.close()
   saved = steps_on_disk(workdir)
   assert len(saved) == 1 and 3 <= saved[0] < STEPS, saved
   resumed = run(command(data_root, workdir))
