@@ -10,13 +10,13 @@ import socket
 
 import jax
 import ml_collections
-from PIL import Image
 
 from convert_weights import clip_io
 from mtaclip_jax import errors
 from mtaclip_jax.config import keys
 from mtaclip_jax.data import classes as data_classes
 from mtaclip_jax.data import folder
+from mtaclip_jax.data import image_decode
 from mtaclip_jax.data import readers
 from mtaclip_jax.data import transforms
 from mtaclip_jax.models import backbones
@@ -35,11 +35,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   `optim.total_steps=-1` with `train.steps`, and a folder dataset's `num_classes=-1`
   (data and model) with the number of names in its classes.txt."""
   _fill_class_count(config)
-  flat = _flatten(config)
-  for key, value in flat.items():
-    expected = keys.problem(key, value)
-    if expected is not None:
-      raise errors.ConfigError(f"config.{key}={_show(value)}: expected {expected}")
+  _check_values(_flatten(config))
+  _check_data(config.data)
   _check_across_keys(config)
   if config.optim.total_steps == -1:
     config.optim.total_steps = config.train.steps
@@ -50,6 +47,23 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         config.optim.total_steps,
         config.train.steps,
     )
+
+
+def validate_data_config(config: ml_collections.ConfigDict) -> None:
+  """`validate_config` for a command that reads only the dataset (`python -m
+  mtaclip_jax.data.check`): every `data.*` key and the checks among them, so that a
+  config with a `data` section alone, or one of a model this machine cannot run, is
+  checked the same way. Fills `data.num_classes=-1` as `validate_config` does."""
+  _fill_class_count(config)
+  _check_values({f"data.{k}": v for k, v in _flatten(config.data).items()})
+  _check_data(config.data)
+
+
+def _check_values(flat: dict) -> None:
+  for key, value in flat.items():
+    expected = keys.problem(key, value)
+    if expected is not None:
+      raise errors.ConfigError(f"config.{key}={_show(value)}: expected {expected}")
 
 
 def _fill_class_count(config: ml_collections.ConfigDict) -> None:
@@ -78,13 +92,31 @@ def _show(value) -> str:
   return repr(tuple(value) if isinstance(value, list) else value)
 
 
-def _check_across_keys(c: ml_collections.ConfigDict) -> None:
-  names = data_classes.all_class_names(c.data)
-  if c.data.num_classes > len(names):
+def _check_data(d: ml_collections.ConfigDict) -> None:
+  """The checks among the `data.*` keys."""
+  names = data_classes.all_class_names(d)
+  if d.num_classes > len(names):
     raise errors.ConfigError(
-        f"config.data.num_classes={c.data.num_classes}: expected 1..{len(names)} for "
-        f"{c.data.name!r}"
+        f"config.data.num_classes={d.num_classes}: expected 1..{len(names)} for {d.name!r}"
     )
+  if d.name == folder.NAME:
+    _check_ignore_index(d, names)
+    _check_ignore_colour(d)
+  g = d.get("generate")
+  if g is not None and g.enabled:
+    for key in ("train", "val"):
+      if g[key] < 1:
+        raise errors.ConfigError(
+            f"config.data.generate.{key}={g[key]}: a generated dataset needs at least "
+            "one image per split (or config.data.generate.enabled=False)"
+        )
+    if min(g.size) < 1:
+      raise errors.ConfigError(
+          f"config.data.generate.size={_show(g.size)}: expected a pair (h, w) of ints >= 1"
+      )
+
+
+def _check_across_keys(c: ml_collections.ConfigDict) -> None:
   if c.model.num_classes != c.data.num_classes:
     raise errors.ConfigError(
         f"config.model.num_classes={c.model.num_classes} but "
@@ -101,6 +133,17 @@ def _check_across_keys(c: ml_collections.ConfigDict) -> None:
         "config.eval.head='similarity' needs config.model.text_queries=True "
         "(use config.eval.head='class' for the baseline)"
     )
+  if m.text_queries and not m.get("similarity_heads", True):
+    if c.loss.similarity:
+      raise errors.ConfigError(
+          "config.loss.similarity=True needs config.model.similarity_heads=True (the "
+          "loss compares the mask and text queries through those heads)"
+      )
+    if c.eval.head == "similarity":
+      raise errors.ConfigError(
+          "config.eval.head='similarity' needs config.model.similarity_heads=True "
+          "(use config.eval.head='class' for a model without the similarity heads)"
+      )
   if c.data.max_segments > m.num_queries:
     raise errors.ConfigError(
         f"config.data.max_segments={c.data.max_segments} exceeds "
@@ -131,9 +174,6 @@ def _check_across_keys(c: ml_collections.ConfigDict) -> None:
           "config.model.attention_impl='cudnn' needs an NVIDIA GPU; this process runs "
           f"on {jax.default_backend()!r} (use 'xla')"
       )
-  if c.data.name == folder.NAME:
-    _check_ignore_index(c.data, names)
-    _check_ignore_colour(c.data)
   splits = readers.split_table(c.data.name)
   if c.eval.split not in splits:
     raise errors.ConfigError(
@@ -146,18 +186,6 @@ def _check_across_keys(c: ml_collections.ConfigDict) -> None:
         f"config.train.micro_batches={micro}: the batch of {c.data.batch_size} "
         "(config.data.batch_size) must split into that many equal micro-batches"
     )
-  g = c.data.get("generate")
-  if g is not None and g.enabled:
-    for key in ("train", "val"):
-      if g[key] < 1:
-        raise errors.ConfigError(
-            f"config.data.generate.{key}={g[key]}: a generated dataset needs at least "
-            "one image per split (or config.data.generate.enabled=False)"
-        )
-    if min(g.size) < 1:
-      raise errors.ConfigError(
-          f"config.data.generate.size={_show(g.size)}: expected a pair (h, w) of ints >= 1"
-      )
 
 
 def _check_ignore_index(d: ml_collections.ConfigDict, names) -> None:
@@ -264,18 +292,24 @@ def check_checkpoints(workdir: str) -> None:
 def check_crop(config: ml_collections.ConfigDict) -> None:
   """With padding disabled (no pad after random_crop in config.data.transforms), every
   training image must be at least the crop after the resizes before it: checked from
-  the image headers of a raw dataset (a TFDS one is checked per image as it is read)."""
+  the image headers of a raw dataset (a TFDS one is checked per image as it is read).
+  A header that cannot be read, or that declares more pixels than the decoder accepts
+  (`image_decode.MAX_PIXELS`), is the reader's one-line `BadSampleError` naming the
+  file, here before anything is built (with `data.on_bad_sample="skip"` it is left to
+  the reader, which skips that image)."""
   ops = transforms.parse(list(config.data.transforms))
   last = transforms.unpadded_crop(ops)
   if last is None or config.data.get("source", "raw") != "raw":
     return
   size = tuple(transforms.op_arg("random_crop", ops[last][1], "size"))
+  skip = config.data.get("on_bad_sample", "error") == "skip"
   for sample in readers.list_samples(config.data.name, config.data.root, "train"):
     try:
-      with Image.open(sample.image_path) as im:
-        w, h = im.size
-    except OSError:
-      continue  # reported by the reader, naming the file, when it is read
+      w, h = image_decode.header_size(sample.image_path)
+    except errors.ImageReadError as e:
+      if skip:
+        continue
+      raise errors.BadSampleError(str(e)) from e
     small = (h, w)  # the smallest the image can be when it reaches the crop
     for name, kwargs in ops[:last]:
       if name in ("resize", "random_resize"):

@@ -3,25 +3,32 @@
     python -m mtaclip_jax.data.check --config configs/ade20k_r50.py \
         [--config.data.root=DIR] [--splits=train,val]
 
-Exit status 0 when every file is usable, 1 when some are bad, 2 when the
-dataset itself cannot be found.
+Exit status 0 when every file is usable, 1 when some are bad, 2 when the dataset
+itself cannot be found or the config is wrong: a missing config file, an unknown
+`--config.*` key or a bad `data.*` value (checked by `config/validate.py` as for
+training) is one `error:` line, as in the other command lines (cli/runner.py).
+
+A command line, so in the command-line layer (it imports the config checks and the
+runner) although it sits beside the readers it drives.
 """
 
 import sys
 
-from absl import app
 from absl import flags
 from ml_collections import config_flags
 import numpy as np
 
 from mtaclip_jax import errors
+from mtaclip_jax.cli import runner
+from mtaclip_jax.config import validate
 from mtaclip_jax.data import classes
 from mtaclip_jax.data import readers
 
 
 def _define_flags():
-  config_flags.DEFINE_config_file("config", None, "config file with .data")
+  config_flags.DEFINE_config_file("config", None, "config file with .data", lock_config=True)
   flags.DEFINE_list("splits", None, "splits to scan (default: all present)")
+  flags.mark_flags_as_required(["config"])
 
 
 def scan_split(name, root, split, num_classes, rules=None):
@@ -102,11 +109,13 @@ def report(data_config, result):
 
 
 def main(argv):
-  del argv
   config = flags.FLAGS.config
-  if config is None or "data" not in config:
-    raise app.UsageError("--config must name a config file with a .data section")
   try:
+    if len(argv) > 1:
+      raise ValueError(f"unexpected arguments: {argv[1:]}")
+    if "data" not in config:
+      raise ValueError("--config must name a config file with a .data section")
+    validate.validate_data_config(config)
     result = scan(config.data, flags.FLAGS.splits)
   except (FileNotFoundError, ValueError, errors.ClassListError) as e:
     print(f"error: {e}", file=sys.stderr)
@@ -117,4 +126,4 @@ def main(argv):
 
 if __name__ == "__main__":
   _define_flags()
-  app.run(main)
+  runner.run_app(main)

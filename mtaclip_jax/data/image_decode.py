@@ -142,6 +142,18 @@ def _to_rgb(im, path: str) -> np.ndarray:
   return np.asarray(im.convert("RGB"))
 
 
+def header_size(path: str) -> tuple[int, int]:
+  """(width, height) that the header of `path` declares, no pixel decoded. Raises
+  `errors.ImageReadError` as `decode` does for a file it would refuse before decoding
+  (missing, empty, a folder, not an image, more than `MAX_PIXELS` pixels)."""
+  _check_file(path)
+  with _open(path) as im:
+    w, h = im.size
+  if w * h > MAX_PIXELS:
+    raise _too_large(path, f"declares {w}x{h} (WxH) = {w * h} pixels")
+  return w, h
+
+
 def decode(path: str, apply_orientation: bool) -> Decoded:
   """Decodes the first frame of `path` to RGB; `apply_orientation` applies its EXIF
   orientation. Raises `errors.ImageReadError` naming the file."""

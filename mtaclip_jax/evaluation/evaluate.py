@@ -244,6 +244,9 @@ def evaluate_model(
   )
   results["head"] = head
   results["step"] = int(step)
+  # They set the result's name apart from the full validation result (report.py).
+  results["split"] = config.eval.get("split", report.DEFAULT_SPLIT)
+  results["max_images"] = int(config.eval.get("max_images", 0) or 0)
   if jax.process_index() == 0:
     print(report.format_table(results), flush=True)
   if workdir is not None:

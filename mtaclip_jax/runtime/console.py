@@ -4,7 +4,8 @@ When a checkpoint write fails (a full disk, a quota, permissions), orbax logs th
 failure from each of its background threads with a full traceback, and tensorstore's
 callbacks then hit the closed asyncio event loop hundreds of times ("RuntimeError:
 Event loop is closed"): over 4000 lines of stderr before the one line that says what
-happened and what to do (measured on the disk-full test, tests/integration/test_faults.py).
+happened and what to do (measured on the disk-full test,
+tests/integration/test_faults_disk.py).
 Also, depending on when the garbage collector runs, the failed writes' asyncio
 futures are collected with their exceptions never retrieved and asyncio logs each one
 with a traceback (300+ records in one test run); only the first is kept. `install()`

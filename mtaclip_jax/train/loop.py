@@ -38,25 +38,29 @@ def _host_metrics(metrics: dict) -> dict:
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Trains per `config`; returns the last logged metrics (and eval results)."""
   # Every process makes the checks; when one fails anywhere, all stop with its error.
+  # Those of the config and the data come before the workdir is created, so that a
+  # run they stop leaves nothing behind.
   with distributed.agreed("start-up checks"):
     validate.validate_config(config)
     validate.check_pretrained(config)
-    validate.check_paths(config)  # before the workdir is created: nothing left behind
-  with distributed.agreed("workdir checks"):
-    validate.check_workdir(workdir)
+    validate.check_paths(config)
     mesh = sharding.make_mesh(config.mesh)
     validate.check_batch(config, mesh)
-    rt = services.Runtime(config, workdir, mesh)  # process 0 generates a demo dataset
+    # Process 0 generates a demo dataset; the others wait for it at the block's end.
+    rt = services.Runtime(config, workdir, mesh)
   with distributed.agreed("dataset checks"):
     validate.check_crop(config)
     class_tokens = rt.class_tokens()
     data_iter = rt.train_iterator()  # a bad dataset is named before anything compiles
+  with distributed.agreed("workdir checks"):
+    validate.check_workdir(workdir)  # the first thing created in the workdir
 
   model = mtaclip.build_model(config.model)
   tx = optim.make_optimizer(config.optim)
   rng = jax.random.key(config.seed)
   with jax.set_mesh(mesh):
-    abstract = train_state.abstract_state(model, tx, config, class_tokens, rng)
+    traced_init = train_state.trace_init(model, tx, config, class_tokens, rng)
+    abstract = traced_init.abstract
     state_shard = train_state.state_shardings(abstract, config, mesh)
     # The step compiles in a thread while the state initialises (train/compile_ahead.py).
     step_fn = compile_ahead.AheadOfTimeStep(
@@ -69,7 +73,17 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     )
   try:
     return _train(
-        config, workdir, rt, mesh, model, tx, class_tokens, rng, state_shard, step_fn, data_iter
+        config,
+        workdir,
+        rt,
+        mesh,
+        model,
+        class_tokens,
+        rng,
+        traced_init,
+        state_shard,
+        step_fn,
+        data_iter,
     )
   finally:
     step_fn.wait()  # an error before the first step ends the process only after it
@@ -79,10 +93,20 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
 
 def _train(
-    config, workdir, rt, mesh, model, tx, class_tokens, rng, state_shard, step_fn, data_iter
+    config,
+    workdir,
+    rt,
+    mesh,
+    model,
+    class_tokens,
+    rng,
+    traced_init,
+    state_shard,
+    step_fn,
+    data_iter,
 ) -> dict:
   with jax.set_mesh(mesh):
-    state = train_state.init_state(model, tx, config, class_tokens, rng, state_shard)
+    state = traced_init.init(class_tokens, rng, state_shard)
     state = pretrained.load_pretrained(state, config, model)
   ckpt = checkpoint.Checkpointer(
       workdir, every=config.train.checkpoint_every, max_to_keep=config.train.max_to_keep

@@ -116,14 +116,15 @@ class Runtime:
         step=step,
         progress=self.is_main,
     )
-    mode, head = results["mode"], results["head"]
-    writer.write(step, {report.tag(mode, head, k): results[k] for k in ("mIoU", "mAcc", "aAcc")})
+    which = (results["mode"], results["head"])
+    subset = (results["split"], results["max_images"])
+    writer.write(
+        step, {report.tag(*which, k, *subset): results[k] for k in ("mIoU", "mAcc", "aAcc")}
+    )
     self.evaluated = True
     log.info(
-        "step %d, %s, %s head: mIoU %.2f mAcc %.2f aAcc %.2f",
-        step,
-        mode,
-        head,
+        "%s: mIoU %.2f mAcc %.2f aAcc %.2f",
+        report.title(dict(results, step=step)),
         results["mIoU"],
         results["mAcc"],
         results["aAcc"],
@@ -132,7 +133,15 @@ class Runtime:
 
   def has_eval_results(self, step) -> bool:
     e = self.config.eval
-    return os.path.exists(report.results_path(self.workdir, step, e.mode, e.get("head", "class")))
+    path = report.results_path(
+        self.workdir,
+        step,
+        e.mode,
+        e.get("head", "class"),
+        e.get("split", report.DEFAULT_SPLIT),
+        int(e.get("max_images", 0) or 0),
+    )
+    return os.path.exists(path)
 
   def print_summary(self, seconds):
     if not self.is_main:

@@ -177,3 +177,14 @@ def test_evaluate_model_with_a_contract_model(tmp_path, capsys):
   assert results["head"] == head and results["num_images"] == 2
   assert "| road" in capsys.readouterr().out
   assert os.path.exists(os.path.join(str(tmp_path), "eval", "step_7_slide_similarity.json"))
+  # Another split, the first image only: a result of its own, named so.
+  config.eval.update(dict(split="test", max_images=1))
+  results = evaluate.evaluate_model(
+      model, variables, tokens, data, config, NAMES, workdir=str(tmp_path), step=7, progress=False
+  )
+  assert (results["split"], results["max_images"], results["num_images"]) == ("test", 1, 1)
+  assert "step 7, slide, similarity head, test split, first 1 image:" in capsys.readouterr().out
+  assert sorted(os.listdir(tmp_path / "eval"))[-2:] == [
+      "step_7_slide_similarity.json",
+      "step_7_slide_similarity_test_max1.json",
+  ]

@@ -7,12 +7,13 @@ label of its plain 8-bit RGB twin (the same picture as an RGB PNG, in the same
 folder, so one predict call covers both); each broken file gets exactly one error
 line naming it, and the run goes on. Whole mode runs with a pixel-wise stub model
 (cheap); the tiny trained checkpoint runs once over the whole corpus (slide mode,
-one compile) and once as the CLI with --fail-fast.
+one compile) and as the CLI, with --fail-fast and without.
 """
 
 import builtins
 import io
 import os
+import shutil
 import struct
 import zlib
 
@@ -263,28 +264,52 @@ def test_fail_fast_writes_what_was_read_before_and_stops(corpus, tmp_path, capsy
   )
 
 
-def test_cli_fail_fast_exit_code_and_one_error_line(trained, corpus, tmp_path):
+def _predict_cli(trained, images, out, *flags):
   config, workdir, _ = trained
-  folder, _, _ = corpus
-  images = [str(folder / n) for n in ("rgb.png", "truncated.png", "grey.png")]
   tiny = os.path.join(train_fixtures.ROOT, "tests", "configs", "tiny.py")
   proc = cli_process.run(
       "mtaclip_jax.predict",
       *[
           f"--config={tiny}:{config.data.root}",
           f"--workdir={workdir}",
-          f"--out={tmp_path}",
+          f"--out={out}",
           "--mode=slide",
           "--batch=1",
           "--images",
           *images,
-          "--fail-fast",
+          *flags,
       ],
   )
-  assert proc.returncode == 1, proc.stderr
   errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+  return proc, errors
+
+
+def test_cli_fail_fast_exit_code_and_one_error_line(trained, corpus, tmp_path):
+  folder, _, _ = corpus
+  images = [str(folder / n) for n in ("rgb.png", "truncated.png", "grey.png")]
+  proc, errors = _predict_cli(trained, images, tmp_path, "--fail-fast")
+  assert proc.returncode == 1, proc.stderr
   assert len(errors) == 1, proc.stderr
   assert errors[0].startswith(f"error: {images[1]}: cannot decode image"), proc.stderr
   assert sorted(os.listdir(tmp_path)) == ["rgb.json", "rgb_label.png", "rgb_overlay.png"]
   assert "stopped at the first failure (--fail-fast): 1 image(s) not processed" in proc.stderr
+  assert "1 image(s) failed (the error lines above)" in proc.stderr
+
+
+def test_cli_without_fail_fast_writes_the_others_and_exits_1(trained, corpus, tmp_path):
+  folder, _, _ = corpus
+  photos = tmp_path / "photos"  # a folder with one broken image
+  photos.mkdir()
+  for name in ("rgb.png", "truncated.png", "grey.png"):
+    shutil.copy(folder / name, photos / name)
+  out = tmp_path / "out"
+  proc, errors = _predict_cli(trained, [str(photos)], out)
+  assert proc.returncode == 1, proc.stderr
+  assert len(errors) == 1, proc.stderr
+  assert errors[0].startswith(
+      f"error: {photos / 'truncated.png'}: cannot decode image"
+  ), proc.stderr
+  outputs = [f"{n}{e}" for n in ("grey", "rgb") for e in (".json", "_label.png", "_overlay.png")]
+  assert sorted(os.listdir(out)) == outputs
+  assert "--fail-fast" not in proc.stderr and "Traceback" not in proc.stderr
   assert "1 image(s) failed (the error lines above)" in proc.stderr

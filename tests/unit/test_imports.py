@@ -18,6 +18,7 @@ LAYERS = (
         "mtaclip_jax.export",
         "mtaclip_jax.summary",
         "mtaclip_jax.cli",
+        "mtaclip_jax.data.check",  # a command line beside the readers it drives
     ),
     ("mtaclip_jax.serve",),
     ("mtaclip_jax.train",),

@@ -1,7 +1,8 @@
 """validate_config is the one place a bad config value is named: every key of every
 config, given a bad value, gives a `ConfigError` naming that key (the CLIs print it
 as one `error:` line, tests/integration/test_cli_bad_values.py); the checks across
-keys; `optim.total_steps` following `train.steps`; paths checked up front."""
+keys; `optim.total_steps` following `train.steps`; the data section alone (the data
+check); paths, mesh, batch and crop checked before the workdir is created."""
 
 import atexit
 import functools
@@ -11,13 +12,19 @@ import shutil
 import tempfile
 
 from flax import traverse_util
+import jax
+import ml_collections
 import pytest
 
 from mtaclip_jax import errors
 from mtaclip_jax.config import keys
+from mtaclip_jax.config import recipes
 from mtaclip_jax.config import validate
 from mtaclip_jax.data import generate
+from mtaclip_jax.runtime import sharding
+from mtaclip_jax.train import loop
 from tests import train_fixtures
+from tests.unit.data import test_image_decode
 
 CONFIGS = sorted(
     os.path.basename(p)[:-3] for p in glob.glob(os.path.join(train_fixtures.ROOT, "configs/*.py"))
@@ -29,6 +36,7 @@ BAD = {
     "model.backbone": "RN49",
     "model.text_encoder": "MiT-B4",
     "model.backbone_norm": "layer_norm",
+    "model.adapter_norm": "batch",
     "model.num_classes": 0,
     "model.num_queries": 0,
     "model.hidden_dim": 0,
@@ -204,6 +212,14 @@ def test_every_config_and_its_variants_are_valid(name):
             "config.eval.head='similarity' needs config.model.text_queries=True",
         ),
         (
+            {"model.similarity_heads": False},
+            "config.loss.similarity=True needs config.model.similarity_heads=True",
+        ),
+        (
+            {"model.similarity_heads": False, "loss.similarity": False, "eval.head": "similarity"},
+            "config.eval.head='similarity' needs config.model.similarity_heads=True",
+        ),
+        (
             {"data.max_segments": 17},
             "config.data.max_segments=17 exceeds config.model.num_queries=16",
         ),
@@ -261,6 +277,73 @@ def test_paths_are_checked_before_anything_is_created(tmp_path):
   with pytest.raises(errors.CheckpointError, match="no such folder"):
     validate.check_checkpoints(str(workdir))
   assert not workdir.exists()
+
+
+def test_a_run_stopped_by_a_check_of_the_config_or_data_creates_no_workdir(tmp_path, monkeypatch):
+  """Mesh, batch, crop and the training images' headers are checked before anything
+  is created in the workdir (the paths too: above)."""
+  root = train_fixtures.make_dataset(tmp_path / "data", train=2, val=1)  # 64x80 images
+  workdir = tmp_path / "run"
+
+  def assert_stopped(config, error, match):
+    with pytest.raises(error, match=match):
+      loop.run(config, str(workdir))
+    assert not workdir.exists()
+
+  c = train_fixtures.tiny_config(root)
+  c.mesh.data = len(jax.devices()) + 1
+  assert_stopped(c, errors.MeshConfigError, "config.mesh.data=")
+
+  class ThreeDevices:  # a data axis the batch of 2 does not divide over
+    shape = {"data": 3, "model": 1}
+
+  with monkeypatch.context() as m:
+    m.setattr(sharding, "make_mesh", lambda cfg, devices=None: ThreeDevices())
+    assert_stopped(
+        train_fixtures.tiny_config(root, batch=2),
+        errors.ConfigError,
+        r"config.data.batch_size=2 is not divisible by the mesh's data axis \(3 devices\)",
+    )
+
+  c = train_fixtures.tiny_config(root)
+  no_pad = [t for t in c.data.transforms if not t.startswith("pad")]
+  c.data.transforms = [t.replace("(64, 64)", "(96, 96)") for t in no_pad]
+  assert_stopped(c, errors.ConfigError, r"random_crop\(size=\(96, 96\)\) has no pad")
+
+  # A header declaring more than twice PIL's MAX_IMAGE_PIXELS, which PIL refuses with
+  # a DecompressionBombError in Image.open: the reader's one line, before the workdir.
+  bomb = os.path.join(root, "images", "training", "ADE_train_00000099.jpg")
+  with open(bomb, "wb") as f:
+    f.write(test_image_decode.png_header(200_000, 100_000))
+  c.data.transforms = [t for t in no_pad if not t.startswith("random_resize")]  # fits
+  assert_stopped(c, errors.BadSampleError, f"^{bomb}: image too large: declares 20000000000 pixels")
+  c.data.on_bad_sample = "skip"
+  validate.check_crop(c)  # left to the reader, which skips it
+
+
+def test_the_data_section_alone_is_validated_as_in_a_run():
+  """What the data check validates: every `data.*` key named as validate_config names
+  it, on a config with a `data` section alone too; the model is not its concern."""
+  config = _load("demo")
+  bools = _bools(config)
+  data_keys = [k for k in _keys(config) if k.startswith("data.") and k not in bools]
+  for key in sorted(set(data_keys) - set(keys.FREE)):
+    c = config.copy_and_resolve_references()
+    _set(c, key, BAD[key])
+    with pytest.raises(errors.ConfigError) as e:
+      validate.validate_data_config(c)
+    assert f"config.{key}" in str(e.value), (key, str(e.value))
+  _set(config, "model.hidden_dim", 66)  # refused by validate_config alone
+  validate.validate_data_config(config)
+  alone = ml_collections.ConfigDict({"data": recipes.data_config("ade20k", "/data", num_classes=4)})
+  validate.validate_data_config(alone)
+  alone.data.num_classes = 151
+  with pytest.raises(errors.ConfigError, match="config.data.num_classes=151: expected 1..150"):
+    validate.validate_data_config(alone)
+  folder = ml_collections.ConfigDict({"data": _load("folder").data.to_dict()})
+  folder.data.num_classes = -1
+  validate.validate_data_config(folder)  # -1: the names of its classes.txt
+  assert folder.data.num_classes == 2
 
 
 def test_every_split_name_of_the_readers_is_accepted():

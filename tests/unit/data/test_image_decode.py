@@ -7,6 +7,7 @@ import logging
 import os
 import shutil
 import struct
+import warnings
 import zlib
 
 import cv2
@@ -173,6 +174,20 @@ def test_broken_files_one_error_naming_the_file(tmp_path, kind):
   path, match = _broken(tmp_path, kind)
   with pytest.raises(errors.ImageReadError, match=f"^{path}: {match}"):
     image_decode.read_rgb(str(path))
+
+
+@pytest.mark.parametrize("kind", BROKEN)
+def test_header_size_refuses_what_decoding_would_before_the_pixels(tmp_path, kind):
+  """The training crop check reads sizes this way (config/validate.py): the same
+  error, without PIL's DecompressionBombError or DecompressionBombWarning."""
+  path, match = _broken(tmp_path, kind)
+  if kind == "truncated":  # a whole header: the pixels fail when they are read
+    assert image_decode.header_size(str(path)) == (60, 40)
+    return
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    with pytest.raises(errors.ImageReadError, match=f"^{path}: {match}"):
+      image_decode.header_size(str(path))
 
 
 def test_unreadable_file_is_named(tmp_path, monkeypatch):
