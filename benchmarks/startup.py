@@ -43,12 +43,13 @@ def main():
   rng = jax.random.key(0)
   start = time.perf_counter()
   with jax.set_mesh(mesh):
-    abstract = train_state.abstract_state(model, tx, config, tokens, rng)
+    traced = train_state.trace_init(model, tx, config, tokens, rng)  # as the train loop
+    abstract = traced.abstract
     shard = train_state.state_shardings(abstract, config, mesh)
     step = train_state.jit_train_step(model, tx, config, shard, mesh)
     if a.overlap:  # as the train loop does
       step = compile_ahead.AheadOfTimeStep(step, abstract, shard, spec, tokens, mesh)
-    state = train_state.init_state(model, tx, config, tokens, rng, shard)
+    state = traced.init(tokens, rng, shard)
     jax.block_until_ready(state)
     bench.stamp("state initialised", start)
     if a.overlap:
