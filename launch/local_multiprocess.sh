@@ -4,7 +4,8 @@
 #
 #   launch/local_multiprocess.sh 2 configs/demo.py workdirs/demo2 [--config.x=y ...] [--mode=eval]
 #
-# Process 0 writes to this terminal; the others' lines are prefixed "[process I]".
+# Process 0's lines come as they are, the others' prefixed "[process I] "; each line is
+# written whole, so lines of two processes never run together.
 # SIGTERM to this script goes to every process (they save the same step and exit 0).
 # When a process fails, the others get GRACE seconds to stop with it, then SIGKILL;
 # the exit status is the first failure's (0 when all succeed).
@@ -30,9 +31,12 @@ if [ -n "${DEVICES_PER_PROCESS:-}" ]; then
   export XLA_FLAGS="${XLA_FLAGS:-} --xla_force_host_platform_device_count=$DEVICES_PER_PROCESS"
 fi
 GRACE=${GRACE:-10}
+# Their output goes through pipes: unbuffered, so lines arrive as they are printed.
+export PYTHONUNBUFFERED=1
 
-# Each line whole, in one write: `sed -u` writes a line and its newline separately, so
-# two processes' lines could run together on the terminal.
+# Each line whole, in one write. A process's own writes can't be trusted to be whole
+# lines (`print` under PYTHONUNBUFFERED writes the text and its newline apart; so does
+# `sed -u`), so every process, the first included, writes through this loop.
 prefix() {
   local line
   while IFS= read -r line || [ -n "$line" ]; do printf '%s%s\n' "$1" "$line"; done
@@ -42,11 +46,9 @@ pids=()
 for ((i = 0; i < N; i++)); do
   cmd=("$PY" -m mtaclip_jax.main --config "$CONFIG" --workdir "$WORKDIR"
     --coordinator_address="localhost:$PORT" --num_processes="$N" --process_id="$i" "$@")
-  if ((i == 0)); then
-    "${cmd[@]}" &
-  else
-    "${cmd[@]}" > >(prefix "[process $i] ") 2> >(prefix "[process $i] " >&2) &
-  fi
+  tag="[process $i] "
+  ((i > 0)) || tag=""
+  "${cmd[@]}" > >(prefix "$tag") 2> >(prefix "$tag" >&2) &
   pids+=($!)
 done
 forward() { kill -"$1" "${pids[@]}" 2>/dev/null || true; }

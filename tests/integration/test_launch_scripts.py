@@ -18,17 +18,21 @@ from tests import train_fixtures
 LAUNCH = os.path.join(train_fixtures.ROOT, "launch")
 TRICKY = ["--config.data.crop_size=(64, 64)", "--config.x='a b'", 'say "hi"', "$HOME", ""]
 
-# Prints its arguments, working folder and the variables the scripts set, as JSON;
-# exits with FAKE_EXIT_<JAX_PROCESS_ID or process id> if that is set.
+# Prints its arguments, working folder and the variables the scripts set, as one JSON
+# line written in two pieces (as `print` does unbuffered), so a launcher that passes the
+# processes' writes through as they come mixes up their lines; exits with
+# FAKE_EXIT_<JAX_PROCESS_ID or process id> if that is set.
 FAKE_PYTHON = """#!{python}
-import json, os, sys
+import json, os, sys, time
 args = sys.argv[1:]
 pid = os.environ.get("JAX_PROCESS_ID") or next(
     (a.split("=")[1] for a in args if a.startswith("--process_id=")), "0")
 keys = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID", "XLA_FLAGS",
         "PYTHONPATH")
-print(json.dumps({{"args": args, "cwd": os.getcwd(),
-                  "env": {{k: os.environ.get(k) for k in keys}}}}), flush=True)
+line = json.dumps({{"args": args, "cwd": os.getcwd(),
+                   "env": {{k: os.environ.get(k) for k in keys}}}})
+sys.stdout.write(line[:40]); sys.stdout.flush(); time.sleep(0.05)
+sys.stdout.write(line[40:] + "\\n"); sys.stdout.flush()
 sys.exit(int(os.environ.get("FAKE_EXIT_" + pid, "0")))
 """
 
@@ -144,7 +148,7 @@ def test_local_multiprocess_starts_n_and_returns_the_first_failure(env, tmp_path
     assert "--coordinator_address=localhost:4321" in r["args"]
     assert "--num_processes=3" in r["args"] and r["args"][-1] == "--config.k=(1, 2)"
     assert "--xla_force_host_platform_device_count=2" in r["env"]["XLA_FLAGS"]
-  proc, _ = _run(cmd, dict(env, FAKE_EXIT_1="3", GRACE="1"), tmp_path, code=3)
+  proc, _ = _run(cmd, dict(env, FAKE_EXIT_1="3", GRACE="1", MTACLIP_PORT="1"), tmp_path, code=3)
   assert "launch: process 1 exited with status 3" in proc.stderr
   proc, _ = _run(cmd[:2], env, tmp_path, code=2)
   assert "usage:" in proc.stderr
