@@ -43,6 +43,41 @@ xla_cpu.apply()
 xla_cpu.keep_freed_memory()
 
 
+def repair_compilation_cache() -> int:
+  """Removes the cache's half-written entries; returns how many.
+
+  JAX's size-limited cache writes an entry, then its "-atime" file, under a file lock.
+  A process killed between the two (the fault tests kill runs; a developer stops the
+  suite) leaves an entry without one, and from then on every write to the cache fails
+  (its eviction scan reads each entry's "-atime"): nothing new is cached and every
+  later run compiles again. Under the same lock, so no write is cut in half.
+  """
+  import filelock  # pylint: disable=g-import-not-at-top
+
+  path = os.environ["JAX_COMPILATION_CACHE_DIR"]
+  if not os.path.isdir(path):
+    return 0
+  removed = 0
+  with filelock.FileLock(os.path.join(path, ".lockfile"), timeout=60):
+    names = set(os.listdir(path))
+    for name in names:
+      key, _, suffix = name.rpartition("-")
+      twin = {"cache": f"{key}-atime", "atime": f"{key}-cache"}.get(suffix)
+      if twin is not None and twin not in names:
+        os.remove(os.path.join(path, name))
+        removed += 1
+  return removed
+
+
+def pytest_configure(config):  # pylint: disable=unused-argument
+  repair_compilation_cache()
+
+
+def pytest_runtest_teardown(item):  # pylint: disable=unused-argument
+  """After every test: a test that killed a run may have cut a cache write short."""
+  repair_compilation_cache()
+
+
 def pytest_xdist_auto_num_workers(config):  # pylint: disable=unused-argument
   """Workers for "-n auto" (pyproject's addopts): one per core, at most 4. Most of the
   tests' time is XLA compiling on one thread, so two workers on two cores nearly halve
