@@ -105,16 +105,25 @@ def _train(
     step_fn,
     data_iter,
 ) -> dict:
-  with jax.set_mesh(mesh):
-    state = traced_init.init(class_tokens, rng, state_shard)
-    state = pretrained.load_pretrained(state, config, model)
   ckpt = checkpoint.Checkpointer(
       workdir, every=config.train.checkpoint_every, max_to_keep=config.train.max_to_keep
   )
   start = 0
-  if ckpt.latest_step() is not None:
+  if ckpt.latest_step() is None:
+    with jax.set_mesh(mesh):
+      state = traced_init.init(class_tokens, rng, state_shard)
+      state = pretrained.load_pretrained(state, config, model)
+  else:
+    # A checkpoint holds every value of the state, so a resumed run neither initialises
+    # nor reads the pretrained weights: the arrays are read straight into this mesh's
+    # shardings (on a pod, no process compiles the init).
+    target = jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+        traced_init.abstract,
+        state_shard,
+    )
     try:
-      start, state, _ = ckpt.restore(state, config=config)
+      start, state, _ = ckpt.restore(target, config=config)
       rt.resume_data(ckpt, start, data_iter)
     except errors.CheckpointError:
       ckpt.close()  # let orbax's threads finish before the error ends the process

@@ -45,6 +45,8 @@ import pytest
 
 from mtaclip_jax.evaluation import evaluate
 from mtaclip_jax.train import loop
+from mtaclip_jax.train import pretrained
+from mtaclip_jax.train import train_state
 from tests import train_fixtures
 
 ROOT = train_fixtures.ROOT
@@ -356,9 +358,18 @@ def test_resume_one_process_on_two_and_evaluate_each_image_once(
   assert one["num_images"] == 3 and one["mIoU"] == pytest.approx(trained["mIoU"], abs=1e-9)
 
 
-def test_eight_devices_fsdp_resumed_on_one_device_without(reference, data_root, tmp_path):
+def test_eight_devices_fsdp_resumed_on_one_device_without(
+    reference, data_root, tmp_path, monkeypatch
+):
   """The reference's step 4 (8 devices, FSDP) resumed to the end by one device without
-  FSDP (this process)."""
+  FSDP (this process), reading the state straight from the checkpoint: nothing is
+  initialised and no pretrained weights are read."""
+
+  def not_on_resume(*args, **kwargs):
+    raise AssertionError("a resumed run initialised the state")
+
+  monkeypatch.setattr(train_state.TracedInit, "init", not_on_resume)
+  monkeypatch.setattr(pretrained, "load_pretrained", not_on_resume)
   run_dir = os.path.join(str(tmp_path), "run")
   os.makedirs(os.path.join(run_dir, "checkpoints"))
   shutil.copytree(
