@@ -79,11 +79,13 @@ def pytest_runtest_teardown(item):  # pylint: disable=unused-argument
 
 
 def pytest_xdist_auto_num_workers(config):  # pylint: disable=unused-argument
-  """Workers for "-n auto" (pyproject's addopts): one per core, at most 4. Most of the
-  tests' time is XLA compiling on one thread, so two workers on two cores nearly halve
-  it; each worker holds a few GB while compiling the tiny model's train step."""
+  """Workers for "-n auto" (pyproject's addopts): one more than the cores, at most 4.
+  Most of the tests' time is XLA compiling on one thread, so a worker per core nearly
+  halves it; the extra one fills the time a worker spends waiting on the runs it
+  started (a process waiting for its peer to compile, a heartbeat timeout; measured in
+  docs/BENCHMARKS.md). Each worker holds a few GB while compiling."""
   cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-  return max(1, min(cores or 1, 4))
+  return max(1, min((cores or 1) + 1, 4))
 
 
 def pytest_sessionfinish(session, exitstatus):  # pylint: disable=unused-argument

@@ -1,6 +1,6 @@
 """The weight path of docs/REPRODUCE.md, end to end: a random-weight checkpoint in the
 public format (OpenAI CLIP RN50 written by openai-clip's own model class; an ImageNet
-ViT-S/16 by transformers' ViTModel), converted by the `python -m convert_weights` CLI,
+ViT-S/16 by transformers' ViTModel), converted by the `python -m convert_weights` CLI's main,
 loaded by a paper config through `--config.init.clip` / `--config.init.backbone`,
 trained one step and evaluated (`train.loop.run`, what `python -m mtaclip_jax.main`
 runs; its evaluation at the end is the one `--mode eval` makes).
@@ -17,8 +17,6 @@ text features, as tests/parity/test_clip_parity.py).
 
 import json
 import os
-import subprocess
-import sys
 import time
 
 import jax
@@ -28,6 +26,7 @@ import pytest
 import torch
 
 import convert_weights
+from convert_weights.__main__ import main as convert_main
 from mtaclip_jax.config import recipes
 from mtaclip_jax.evaluation import report
 from mtaclip_jax.models import backbones
@@ -45,16 +44,10 @@ TOL = 1e-4
 
 
 def convert_cli(src, out):
-  """`python -m convert_weights --src SRC --out OUT`, as docs/REPRODUCE.md runs it."""
-  proc = subprocess.run(
-      [sys.executable, "-m", "convert_weights", "--src", str(src), "--out", str(out)],
-      capture_output=True,
-      text=True,
-      cwd=train_fixtures.ROOT,
-      timeout=300,
-      check=False,
-  )
-  assert proc.returncode == 0, proc.stderr
+  """`python -m convert_weights --src SRC --out OUT`, as docs/REPRODUCE.md runs it: its
+  main in this process (a new interpreter would import torch and jax again, ~5 s; the
+  entry point itself is run in tests/parity/test_convert_clip.py)."""
+  assert convert_main(["--src", str(src), "--out", str(out)]) == 0
   return str(out)
 
 
