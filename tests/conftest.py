@@ -6,6 +6,8 @@ import os
 import shutil
 import tempfile
 
+import filelock
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # Where tests keep what they train once for the whole session (train_fixtures.py):
 # made by the first process that loads this file, inherited by pytest-xdist's workers
@@ -52,8 +54,6 @@ def repair_compilation_cache() -> int:
   (its eviction scan reads each entry's "-atime"): nothing new is cached and every
   later run compiles again. Under the same lock, so no write is cut in half.
   """
-  import filelock  # pylint: disable=g-import-not-at-top
-
   path = os.environ["JAX_COMPILATION_CACHE_DIR"]
   if not os.path.isdir(path):
     return 0

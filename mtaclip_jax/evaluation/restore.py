@@ -79,8 +79,6 @@ def restore_variables(config, workdir: str, step: int | None = None):
   with jax.set_mesh(mesh):
     abstract = abstract_variables(model, tokens)
     shardings = sharding.tree_shardings(abstract, config.mesh, mesh)
-    target = jax.tree.map(
-        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
-    )
+    target = sharding.restore_target(abstract, shardings)
     step, variables, _ = checkpoint.restore_variables(workdir, target, step, config)
   return step, model, variables, tokens

@@ -123,6 +123,14 @@ def tree_shardings(abstract_tree: Any, cfg: ml_collections.ConfigDict, mesh: Mes
   return jax.tree_util.tree_map_with_path(one, abstract_tree)
 
 
+def restore_target(abstract_tree: Any, shardings: Any) -> Any:
+  """`abstract_tree`'s shapes and dtypes with `shardings`: what a checkpoint restore
+  reads the arrays straight into, resharding them for this mesh."""
+  return jax.tree.map(
+      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_tree, shardings
+  )
+
+
 def batch_sharding(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P("data"))
 

@@ -117,11 +117,7 @@ def _train(
     # A checkpoint holds every value of the state, so a resumed run neither initialises
     # nor reads the pretrained weights: the arrays are read straight into this mesh's
     # shardings (on a pod, no process compiles the init).
-    target = jax.tree.map(
-        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-        traced_init.abstract,
-        state_shard,
-    )
+    target = sharding.restore_target(traced_init.abstract, state_shard)
     try:
       start, state, _ = ckpt.restore(target, config=config)
       rt.resume_data(ckpt, start, data_iter)
